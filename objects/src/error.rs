@@ -1,0 +1,141 @@
+//! Errors of the object store. Every error names the path and the operation.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Anything that can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A system call on a store path or a source file failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What velo was doing, e.g. "open object".
+        op: &'static str,
+        /// The path it was doing it on.
+        path: PathBuf,
+        /// The system's answer.
+        #[source]
+        source: io::Error,
+    },
+    /// No store exists at the given path.
+    #[error("no velo store at {} (it is created by the first `velo snapshot`)", path.display())]
+    NoStore {
+        /// The store root.
+        path: PathBuf,
+    },
+    /// `meta.json` is unreadable as a store description.
+    #[error("store {}: meta.json is corrupt: {reason} (refusing to use this store)", path.display())]
+    CorruptMeta {
+        /// Path of meta.json.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The store was written by a newer, incompatible velo.
+    #[error(
+        "store {}: format version {found} (features {features:?}) is not supported by this velo \
+         (it supports version {supported}); use a newer velo or another store",
+        path.display()
+    )]
+    IncompatibleStore {
+        /// Path of meta.json.
+        path: PathBuf,
+        /// The version found.
+        found: u32,
+        /// Incompatible features this velo does not know.
+        features: Vec<String>,
+        /// The version this velo writes.
+        supported: u32,
+    },
+    /// A string that should be a digest is not one.
+    #[error("invalid digest {text:?}: {reason}")]
+    InvalidDigest {
+        /// The text given.
+        text: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A ref name is not acceptable.
+    #[error("invalid ref name {name:?}: {reason}")]
+    InvalidRef {
+        /// The name given.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// No such ref.
+    #[error("no ref {name:?} in store {}", store.display())]
+    RefNotFound {
+        /// The ref name.
+        name: String,
+        /// The store root.
+        store: PathBuf,
+    },
+    /// A ref file exists but does not hold a digest.
+    #[error("ref {name:?} ({}) is corrupt: {reason}", path.display())]
+    CorruptRef {
+        /// The ref name.
+        name: String,
+        /// The ref file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No image with that digest in the store.
+    #[error("image {digest} is not in store {}", store.display())]
+    ImageNotFound {
+        /// The digest asked for.
+        digest: String,
+        /// The store root.
+        store: PathBuf,
+    },
+    /// A source changed while velo copied it.
+    #[error("{}: changed while being read ({what}); snapshot it again when it is quiet", path.display())]
+    SourceChanged {
+        /// The source path.
+        path: PathBuf,
+        /// What changed.
+        what: String,
+    },
+    /// A store entry has the wrong type or permissions.
+    #[error("{}: {reason}", path.display())]
+    Unexpected {
+        /// The store path.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl StoreError {
+    /// Builds an [`StoreError::Io`] error.
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: impl Into<io::Error>) -> Self {
+        Self::Io {
+            op,
+            path: path.into(),
+            source: source.into(),
+        }
+    }
+
+    /// The OS error number, if this is an I/O error.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            Self::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+/// Result of store operations.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Adds the operation and path to a bare I/O result.
+pub(crate) trait IoContext<T> {
+    fn ctx(self, op: &'static str, path: impl Into<PathBuf>) -> Result<T>;
+}
+
+impl<T, E: Into<io::Error>> IoContext<T> for std::result::Result<T, E> {
+    fn ctx(self, op: &'static str, path: impl Into<PathBuf>) -> Result<T> {
+        self.map_err(|e| StoreError::io(op, path, e))
+    }
+}

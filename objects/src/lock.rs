@@ -1,0 +1,49 @@
+//! The store lock: writers and mounts hold it shared (they never block each other), garbage
+//! collection holds it exclusive, so GC never deletes what a writer is about to reference.
+
+use std::os::fd::OwnedFd;
+
+use rustix::fs::{FlockOperation, Mode, OFlags};
+use rustix::io::Errno;
+
+use crate::error::{IoContext, Result};
+use crate::fsutil::open_beneath;
+use crate::store::Store;
+
+/// A held store lock; released on drop.
+#[derive(Debug)]
+pub struct StoreLock {
+    _fd: OwnedFd,
+}
+
+impl Store {
+    fn lock_fd(&self) -> Result<OwnedFd> {
+        open_beneath(self.root_fd(), "lock", OFlags::CREATE | OFlags::RDWR, Mode::from_raw_mode(0o600))
+            .ctx("open lock", self.root().join("lock"))
+    }
+
+    /// Takes the lock shared (blocks while a GC runs).
+    pub fn lock_shared(&self) -> Result<StoreLock> {
+        let fd = self.lock_fd()?;
+        rustix::fs::flock(&fd, FlockOperation::LockShared).ctx("lock (shared)", self.root().join("lock"))?;
+        Ok(StoreLock { _fd: fd })
+    }
+
+    /// Takes the lock exclusive (blocks while writers or mounts are at work).
+    pub fn lock_exclusive(&self) -> Result<StoreLock> {
+        let fd = self.lock_fd()?;
+        rustix::fs::flock(&fd, FlockOperation::LockExclusive)
+            .ctx("lock (exclusive)", self.root().join("lock"))?;
+        Ok(StoreLock { _fd: fd })
+    }
+
+    /// Takes the lock exclusive if nobody holds it, else `None`.
+    pub fn try_lock_exclusive(&self) -> Result<Option<StoreLock>> {
+        let fd = self.lock_fd()?;
+        match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(Some(StoreLock { _fd: fd })),
+            Err(Errno::WOULDBLOCK) => Ok(None),
+            Err(e) => Err(crate::StoreError::io("lock (exclusive)", self.root().join("lock"), e)),
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! `mounts/<token>/`: one record per mount velo made (and, for a velo-managed `--cow`, its
+//! upper and work dirs). Records let `umount` clean up what the mount owned, and are the
+//! persistent pins that keep an image alive while it is mounted.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::error::{IoContext, Result, StoreError};
+use crate::fsutil::{self, open_beneath, open_dir_beneath};
+use crate::store::{Area, Store};
+
+/// What velo remembers about a mount it made.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MountRecord {
+    /// The mounted image.
+    pub image: Digest,
+    /// Where it was mounted.
+    pub target: PathBuf,
+    /// The kernel's unique (64-bit, never reused) mount ID, if the kernel reports one.
+    pub mnt_id_unique: Option<u64>,
+    /// The mount ID as `/proc/self/mountinfo` shows it.
+    pub mnt_id: u64,
+    /// The overlay upper dir, for writable mounts.
+    pub upper: Option<PathBuf>,
+    /// True if velo created the upper dir (in this slot) and removes it at umount.
+    pub managed_upper: bool,
+    /// "require" if the kernel checks fs-verity on every object, "off" if not.
+    pub verity: String,
+    /// Boot in which the mount was made (a record from another boot is stale).
+    pub boot_id: String,
+    /// Seconds since the epoch at mount time.
+    pub created: u64,
+}
+
+/// A fresh `mounts/<token>/` directory, for one mount.
+#[derive(Debug)]
+pub struct MountSlot {
+    /// Its name under `mounts/`.
+    pub token: String,
+    /// Its dirfd.
+    pub dir: OwnedFd,
+    /// Its absolute path.
+    pub path: PathBuf,
+}
+
+const RECORD: &str = "record.json";
+
+impl Store {
+    /// Creates an empty slot for a new mount.
+    pub fn create_mount_slot(&self) -> Result<MountSlot> {
+        let mounts = self.open_area(Area::Mounts)?;
+        let token = fsutil::unique_name("m-");
+        let path = self.area_path(Area::Mounts).join(&token);
+        rustix::fs::mkdirat(&mounts, token.as_str(), Mode::from_raw_mode(0o700))
+            .ctx("create mount slot", &path)?;
+        let dir = open_dir_beneath(mounts.as_fd(), &token).ctx("open mount slot", &path)?;
+        Ok(MountSlot { token, dir, path })
+    }
+
+    /// Writes (replaces) a slot's record.
+    pub fn write_mount_record(&self, slot: &MountSlot, record: &MountRecord) -> Result<()> {
+        let path = slot.path.join(RECORD);
+        let data = serde_json::to_vec_pretty(record).map_err(|e| StoreError::Unexpected {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let tmp = ".record.tmp";
+        {
+            let fd = open_beneath(
+                slot.dir.as_fd(),
+                tmp,
+                OFlags::CREATE | OFlags::TRUNC | OFlags::WRONLY,
+                Mode::from_raw_mode(0o600),
+            )
+            .ctx("create", &path)?;
+            fsutil::pwrite_all(fd.as_fd(), &data, 0).ctx("write", &path)?;
+        }
+        rustix::fs::renameat(&slot.dir, tmp, &slot.dir, RECORD).ctx("write", &path)?;
+        Ok(())
+    }
+
+    /// All slots with their records (or why a record can't be read: a slot whose mount failed
+    /// half-way has none).
+    pub fn list_mount_records(&self) -> Result<Vec<(String, Result<MountRecord>)>> {
+        let mounts = self.open_area(Area::Mounts)?;
+        let mut out = Vec::new();
+        for name in fsutil::list_dir(mounts.as_fd()).ctx("list", self.area_path(Area::Mounts))? {
+            let Some(token) = name.to_str() else { continue };
+            if token.starts_with('.') {
+                continue;
+            }
+            let path = self.area_path(Area::Mounts).join(token).join(RECORD);
+            let record = (|| {
+                let fd = open_beneath(
+                    mounts.as_fd(),
+                    format!("{token}/{RECORD}"),
+                    OFlags::RDONLY,
+                    Mode::empty(),
+                )
+                .ctx("open", &path)?;
+                let mut data = Vec::new();
+                std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut data)
+                    .ctx("read", &path)?;
+                serde_json::from_slice::<MountRecord>(&data).map_err(|e| StoreError::Unexpected {
+                    path: path.clone(),
+                    reason: format!("unreadable mount record: {e}"),
+                })
+            })();
+            out.push((token.to_owned(), record));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// Removes a slot and everything in it (a managed upper dir included).
+    pub fn remove_mount_slot(&self, token: &str) -> Result<()> {
+        if token.is_empty() || token.contains('/') || token.starts_with('.') {
+            return Err(StoreError::Unexpected {
+                path: token.into(),
+                reason: "invalid mount slot name".into(),
+            });
+        }
+        let mounts = self.open_area(Area::Mounts)?;
+        match fsutil::remove_tree_at(mounts.as_fd(), token.as_ref()) {
+            Ok(()) | Err(Errno::NOENT) => Ok(()),
+            Err(e) => Err(StoreError::io("remove mount slot", self.area_path(Area::Mounts).join(token), e)),
+        }
+    }
+}

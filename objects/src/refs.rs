@@ -1,0 +1,235 @@
+//! Refs: names for image digests (`refs/<name…>`), written atomically and durably.
+
+use std::os::fd::AsFd;
+
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+
+use crate::digest::Digest;
+use crate::error::{IoContext, Result, StoreError};
+use crate::fsutil::{self, open_beneath, open_dir_beneath};
+use crate::store::{Area, Store};
+
+/// Longest accepted ref name.
+pub const MAX_REF_LEN: usize = 240;
+
+/// Checks a ref name: components of `[A-Za-z0-9._+@-]` separated by single `/`, none empty or
+/// starting with `.` (so no `.`/`..`, no hidden or temporary names), no leading `/`, and not
+/// itself a digest (names and digests are accepted in the same places).
+pub fn validate_ref_name(name: &str) -> Result<()> {
+    let bad = |reason| {
+        Err(StoreError::InvalidRef {
+            name: name.to_owned(),
+            reason,
+        })
+    };
+    if name.is_empty() {
+        return bad("a ref name is not empty");
+    }
+    if name.len() > MAX_REF_LEN {
+        return bad("a ref name has at most 240 characters");
+    }
+    if name.starts_with('/') {
+        return bad("a ref name is relative, not an absolute path");
+    }
+    for comp in name.split('/') {
+        if comp.is_empty() {
+            return bad("a ref name has no empty component (no `//`, no trailing `/`)");
+        }
+        if comp == ".." || comp == "." {
+            return bad("a ref name has no `.` or `..` component");
+        }
+        if comp.starts_with('.') {
+            return bad("no component of a ref name starts with `.`");
+        }
+        if !comp
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'+' | b'@'))
+        {
+            return bad("a ref name has only letters, digits, `/` and `._+@-`");
+        }
+    }
+    if Digest::parse(name).is_ok() {
+        return bad("a ref name must not look like an image digest");
+    }
+    Ok(())
+}
+
+impl Store {
+    /// The digest a ref points at.
+    pub fn read_ref(&self, name: &str) -> Result<Digest> {
+        validate_ref_name(name)?;
+        let path = self.area_path(Area::Refs).join(name);
+        let refs = self.open_area(Area::Refs)?;
+        let fd = match open_beneath(refs.as_fd(), name, OFlags::RDONLY, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) | Err(Errno::NOTDIR) => {
+                return Err(StoreError::RefNotFound {
+                    name: name.to_owned(),
+                    store: self.root().to_owned(),
+                });
+            }
+            Err(e) => return Err(StoreError::io("open ref", path, e)),
+        };
+        let mut buf = [0u8; 128];
+        let n = fsutil::pread_full(fd.as_fd(), &mut buf, 0).ctx("read ref", &path)?;
+        let corrupt = |reason: String| StoreError::CorruptRef {
+            name: name.to_owned(),
+            path: path.clone(),
+            reason,
+        };
+        let text = std::str::from_utf8(&buf[..n]).map_err(|_| corrupt("not text".into()))?;
+        Digest::parse(text.trim_end_matches('\n')).map_err(|e| corrupt(e.to_string()))
+    }
+
+    /// Resolves what a user typed: a digest of an image in the store, or a ref name.
+    /// Either way the image must exist.
+    pub fn resolve(&self, name_or_digest: &str) -> Result<Digest> {
+        let digest = match Digest::parse(name_or_digest) {
+            Ok(d) => d,
+            Err(_) if name_or_digest.len() == 64 && name_or_digest.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                return Err(StoreError::InvalidDigest {
+                    text: name_or_digest.to_owned(),
+                    reason: "a digest has only lowercase hex digits 0-9 a-f",
+                });
+            }
+            Err(_) => self.read_ref(name_or_digest)?,
+        };
+        self.open_image(&digest)?;
+        Ok(digest)
+    }
+
+    /// Points `name` at `digest`, atomically (a reader sees the old or the new value) and
+    /// durably (fsync of the file and its directory). Callers that just wrote the image and
+    /// its objects go through [`crate::WriteSession::commit`], which syncs those first.
+    pub fn write_ref(&self, name: &str, digest: &Digest) -> Result<()> {
+        validate_ref_name(name)?;
+        let path = self.area_path(Area::Refs).join(name);
+        let refs = self.open_area(Area::Refs)?;
+        let (parent_rel, leaf) = match name.rsplit_once('/') {
+            Some((p, l)) => (p, l),
+            None => ("", name),
+        };
+        let parent = fsutil::mkdir_all_beneath(refs.as_fd(), parent_rel, Mode::from_raw_mode(0o700))
+            .ctx("create ref directory", path.parent().unwrap_or(&path))?;
+        let tmp_name = fsutil::unique_name("ref-");
+        let tmp = self.tmp_fd();
+        {
+            let fd = open_beneath(
+                tmp,
+                &tmp_name,
+                OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY,
+                Mode::from_raw_mode(0o600),
+            )
+            .ctx("create", self.area_path(Area::Tmp).join(&tmp_name))?;
+            fsutil::pwrite_all(fd.as_fd(), format!("{digest}\n").as_bytes(), 0)
+                .ctx("write ref", &path)?;
+            rustix::fs::fsync(&fd).ctx("fsync ref", &path)?;
+        }
+        let renamed = rustix::fs::renameat(tmp, tmp_name.as_str(), parent.as_fd(), leaf);
+        if let Err(e) = renamed {
+            let _ = rustix::fs::unlinkat(tmp, tmp_name.as_str(), rustix::fs::AtFlags::empty());
+            return Err(StoreError::io("write ref", path, e));
+        }
+        rustix::fs::fsync(&parent).ctx("fsync ref directory", &path)?;
+        Ok(())
+    }
+
+    /// Removes a ref. Its image stays until garbage collection.
+    pub fn remove_ref(&self, name: &str) -> Result<()> {
+        validate_ref_name(name)?;
+        let refs = self.open_area(Area::Refs)?;
+        let path = self.area_path(Area::Refs).join(name);
+        let (parent_rel, leaf) = name.rsplit_once('/').unwrap_or(("", name));
+        let parent = if parent_rel.is_empty() {
+            refs
+        } else {
+            match open_dir_beneath(refs.as_fd(), parent_rel) {
+                Ok(fd) => fd,
+                Err(Errno::NOENT) => {
+                    return Err(StoreError::RefNotFound {
+                        name: name.to_owned(),
+                        store: self.root().to_owned(),
+                    });
+                }
+                Err(e) => return Err(StoreError::io("open ref directory", path, e)),
+            }
+        };
+        match rustix::fs::unlinkat(&parent, leaf, rustix::fs::AtFlags::empty()) {
+            Ok(()) => Ok(()),
+            Err(Errno::NOENT) => Err(StoreError::RefNotFound {
+                name: name.to_owned(),
+                store: self.root().to_owned(),
+            }),
+            Err(e) => Err(StoreError::io("remove ref", path, e)),
+        }
+    }
+
+    /// All refs, sorted by name, with what they point at (or why they can't be read).
+    pub fn list_refs(&self) -> Result<Vec<(String, Result<Digest>)>> {
+        let refs = self.open_area(Area::Refs)?;
+        let mut out = Vec::new();
+        let mut stack = vec![(String::new(), refs)];
+        while let Some((prefix, dir)) = stack.pop() {
+            let names = fsutil::list_dir(dir.as_fd())
+                .ctx("list refs", self.area_path(Area::Refs).join(&prefix))?;
+            for name in names {
+                let Some(name) = name.to_str() else { continue };
+                let full = if prefix.is_empty() {
+                    name.to_owned()
+                } else {
+                    format!("{prefix}/{name}")
+                };
+                if validate_ref_name(&full).is_err() {
+                    continue;
+                }
+                match open_dir_beneath(dir.as_fd(), name) {
+                    Ok(sub) => stack.push((full, sub)),
+                    Err(Errno::NOTDIR) => {
+                        let target = self.read_ref(&full);
+                        out.push((full, target));
+                    }
+                    Err(e) => {
+                        return Err(StoreError::io(
+                            "open ref directory",
+                            self.area_path(Area::Refs).join(&full),
+                            e,
+                        ));
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ref_names() {
+        for good in ["myapp/deps", "deps/npm/0a1b", "a", "v1.2.3", "x_y-z+w@1"] {
+            validate_ref_name(good).unwrap();
+        }
+        for bad in [
+            "",
+            "/abs",
+            "a//b",
+            "a/",
+            "..",
+            "a/../b",
+            "./a",
+            ".hidden",
+            "a/.b",
+            "sp ace",
+            "back\\slash",
+            "new\nline",
+            &"ab".repeat(32),
+            &"x".repeat(241),
+        ] {
+            assert!(validate_ref_name(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+}

@@ -1,0 +1,407 @@
+//! Opening and creating a store: its root dirfd, `meta.json` and well-known directories.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+
+use crate::digest::Digest;
+use crate::error::{IoContext, Result, StoreError};
+use crate::fsutil::{self, open_beneath, open_dir_beneath};
+use crate::kverity;
+use crate::meta::{FORMAT_NAME, FORMAT_VERSION, Meta, VerityMode};
+
+/// The store's default location.
+pub const DEFAULT_STORE: &str = "/var/lib/velo";
+
+/// Directories every store has, created with the store.
+pub(crate) const DIRS: &[&str] = &[
+    "objects", "images", "refs", "tmp", "mounts", "cache", "quarantine",
+];
+
+/// An open store. All access goes through its root dirfd.
+#[derive(Debug)]
+pub struct Store {
+    root: PathBuf,
+    root_fd: OwnedFd,
+    objects_fd: OwnedFd,
+    images_fd: OwnedFd,
+    tmp_fd: OwnedFd,
+    fanout: Box<[OnceLock<OwnedFd>]>,
+    meta: Meta,
+    pub(crate) reflink: crate::ingest::ReflinkState,
+}
+
+/// The store's well-known directories.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Area {
+    /// `objects/`: file contents by digest (fan-out by the first two hex digits).
+    Objects,
+    /// `images/`: EROFS images by digest.
+    Images,
+    /// `refs/`: names → image digests.
+    Refs,
+    /// `tmp/`: staging; writer markers.
+    Tmp,
+    /// `mounts/`: one record (and, for `--cow`, the upper/work dirs) per live mount.
+    Mounts,
+    /// `cache/`: the stat cache and other rebuildable data.
+    Cache,
+    /// `quarantine/`: damaged objects moved aside by recovery or `fsck --repair`.
+    Quarantine,
+}
+
+impl Area {
+    /// Directory name under the store root.
+    pub fn dir_name(self) -> &'static str {
+        match self {
+            Area::Objects => "objects",
+            Area::Images => "images",
+            Area::Refs => "refs",
+            Area::Tmp => "tmp",
+            Area::Mounts => "mounts",
+            Area::Cache => "cache",
+            Area::Quarantine => "quarantine",
+        }
+    }
+}
+
+impl Store {
+    /// Opens an existing store; a missing one is [`StoreError::NoStore`].
+    pub fn open(root: impl AsRef<Path>) -> Result<Self> {
+        Self::open_inner(root.as_ref(), false)
+    }
+
+    /// Opens a store, creating it (mode 0700) if it does not exist yet.
+    pub fn open_or_create(root: impl AsRef<Path>) -> Result<Self> {
+        Self::open_inner(root.as_ref(), true)
+    }
+
+    fn open_inner(root: &Path, create: bool) -> Result<Self> {
+        let root = std::path::absolute(root).ctx("resolve store path", root)?;
+        if create {
+            match std::fs::symlink_metadata(&root) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    if let Some(parent) = root.parent() {
+                        std::fs::create_dir_all(parent).ctx("create store parent", parent)?;
+                    }
+                    match rustix::fs::mkdir(&root, Mode::from_raw_mode(0o700)) {
+                        Ok(()) | Err(Errno::EXIST) => {}
+                        Err(e) => return Err(StoreError::io("create store", &root, e)),
+                    }
+                }
+                Err(e) => return Err(StoreError::io("stat store", &root, e)),
+                Ok(_) => {}
+            }
+        }
+        let root_fd = match rustix::fs::open(
+            &root,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => return Err(StoreError::NoStore { path: root }),
+            Err(e) => return Err(StoreError::io("open store", &root, e)),
+        };
+        let meta = match read_meta(&root, root_fd.as_fd())? {
+            Some(meta) => meta,
+            None if create => init_store(&root, root_fd.as_fd())?,
+            None => return Err(StoreError::NoStore { path: root }),
+        };
+        let open = |area: Area| {
+            open_dir_beneath(root_fd.as_fd(), area.dir_name())
+                .ctx("open store directory", root.join(area.dir_name()))
+        };
+        let objects_fd = open(Area::Objects)?;
+        let images_fd = open(Area::Images)?;
+        let tmp_fd = open(Area::Tmp)?;
+        Ok(Self {
+            fanout: (0..256).map(|_| OnceLock::new()).collect(),
+            root,
+            root_fd,
+            objects_fd,
+            images_fd,
+            tmp_fd,
+            meta,
+            reflink: Default::default(),
+        })
+    }
+
+    /// The store root, absolute.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The store root's dirfd.
+    pub fn root_fd(&self) -> BorrowedFd<'_> {
+        self.root_fd.as_fd()
+    }
+
+    /// The contents of `meta.json`.
+    pub fn meta(&self) -> &Meta {
+        &self.meta
+    }
+
+    /// Whether objects here carry kernel fs-verity.
+    pub fn verity(&self) -> VerityMode {
+        self.meta.verity
+    }
+
+    /// The absolute path of a store area.
+    pub fn area_path(&self, area: Area) -> PathBuf {
+        self.root.join(area.dir_name())
+    }
+
+    /// A fresh dirfd of a store area.
+    pub fn open_area(&self, area: Area) -> Result<OwnedFd> {
+        open_dir_beneath(self.root_fd(), area.dir_name())
+            .ctx("open store directory", self.area_path(area))
+    }
+
+    pub(crate) fn objects_fd(&self) -> BorrowedFd<'_> {
+        self.objects_fd.as_fd()
+    }
+
+    pub(crate) fn images_fd(&self) -> BorrowedFd<'_> {
+        self.images_fd.as_fd()
+    }
+
+    pub(crate) fn tmp_fd(&self) -> BorrowedFd<'_> {
+        self.tmp_fd.as_fd()
+    }
+
+    /// The dirfd of an object's fan-out directory, opened once per store handle.
+    pub(crate) fn fanout_fd(&self, digest: &Digest) -> Result<BorrowedFd<'_>> {
+        let idx = digest.as_bytes()[0] as usize;
+        if let Some(fd) = self.fanout[idx].get() {
+            return Ok(fd.as_fd());
+        }
+        let name = digest.fanout();
+        let fd = match open_dir_beneath(self.objects_fd(), &name) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => {
+                match rustix::fs::mkdirat(self.objects_fd(), name.as_str(), Mode::from_raw_mode(0o700)) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => {
+                        return Err(StoreError::io("create fan-out dir", self.object_path(digest), e));
+                    }
+                }
+                open_dir_beneath(self.objects_fd(), &name)
+                    .ctx("open fan-out dir", self.area_path(Area::Objects).join(&name))?
+            }
+            Err(e) => {
+                return Err(StoreError::io(
+                    "open fan-out dir",
+                    self.area_path(Area::Objects).join(&name),
+                    e,
+                ));
+            }
+        };
+        Ok(self.fanout[idx].get_or_init(|| fd).as_fd())
+    }
+
+    /// The absolute path of an object (for messages and for the kernel).
+    pub fn object_path(&self, digest: &Digest) -> PathBuf {
+        self.area_path(Area::Objects).join(digest.object_rel_path())
+    }
+
+    /// The absolute path of an image.
+    pub fn image_path(&self, digest: &Digest) -> PathBuf {
+        self.area_path(Area::Images).join(digest.to_hex())
+    }
+
+    /// Opens an image read-only beneath the store; a missing one is [`StoreError::ImageNotFound`].
+    pub fn open_image(&self, digest: &Digest) -> Result<OwnedFd> {
+        match open_beneath(
+            self.images_fd(),
+            digest.to_hex(),
+            OFlags::RDONLY | OFlags::NOFOLLOW,
+            Mode::empty(),
+        ) {
+            Ok(fd) => Ok(fd),
+            Err(Errno::NOENT) => Err(StoreError::ImageNotFound {
+                digest: digest.to_hex(),
+                store: self.root.clone(),
+            }),
+            Err(e) => Err(StoreError::io("open image", self.image_path(digest), e)),
+        }
+    }
+
+    /// Opens an object read-only beneath the store.
+    pub fn open_object(&self, digest: &Digest) -> Result<OwnedFd> {
+        open_beneath(
+            self.fanout_fd(digest)?,
+            digest.object_file_name(),
+            OFlags::RDONLY | OFlags::NOFOLLOW,
+            Mode::empty(),
+        )
+        .ctx("open object", self.object_path(digest))
+    }
+
+    /// Digests of all images in the store.
+    pub fn list_images(&self) -> Result<Vec<Digest>> {
+        let names = fsutil::list_dir(self.images_fd())
+            .ctx("list images", self.area_path(Area::Images))?;
+        let mut out: Vec<Digest> = names
+            .iter()
+            .filter_map(|n| n.to_str().and_then(|s| Digest::parse(s).ok()))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Size in bytes of an image file.
+    pub fn image_size(&self, digest: &Digest) -> Result<u64> {
+        let fd = self.open_image(digest)?;
+        let st = rustix::fs::fstat(&fd).ctx("stat image", self.image_path(digest))?;
+        Ok(st.st_size as u64)
+    }
+}
+
+fn read_meta(root: &Path, root_fd: BorrowedFd<'_>) -> Result<Option<Meta>> {
+    let path = root.join("meta.json");
+    let fd = match open_beneath(root_fd, "meta.json", OFlags::RDONLY, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(StoreError::io("open", &path, e)),
+    };
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut text)
+        .map_err(|e| StoreError::CorruptMeta {
+            path: path.clone(),
+            reason: format!("unreadable: {e}"),
+        })?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| StoreError::CorruptMeta {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    // Check the version before the schema, so a newer store gets "too new", not "corrupt".
+    let format = value.get("format").and_then(|v| v.as_str());
+    if format != Some(FORMAT_NAME) {
+        return Err(StoreError::CorruptMeta {
+            path,
+            reason: format!("\"format\" is {format:?}, expected {FORMAT_NAME:?}"),
+        });
+    }
+    let version = value.get("version").and_then(|v| v.as_u64());
+    let Some(version) = version.and_then(|v| u32::try_from(v).ok()) else {
+        return Err(StoreError::CorruptMeta {
+            path,
+            reason: "\"version\" is missing or not a number".into(),
+        });
+    };
+    let meta: Meta = serde_json::from_value(value.clone()).map_err(|e| {
+        if version > FORMAT_VERSION {
+            StoreError::IncompatibleStore {
+                path: path.clone(),
+                found: version,
+                features: vec![],
+                supported: FORMAT_VERSION,
+            }
+        } else {
+            StoreError::CorruptMeta {
+                path: path.clone(),
+                reason: e.to_string(),
+            }
+        }
+    })?;
+    let unknown = meta.unknown_incompat();
+    if version > FORMAT_VERSION || !unknown.is_empty() {
+        return Err(StoreError::IncompatibleStore {
+            path,
+            found: version,
+            features: unknown,
+            supported: FORMAT_VERSION,
+        });
+    }
+    Ok(Some(meta))
+}
+
+/// Creates the store's directories and, last, its meta.json (a store exists once meta.json does).
+fn init_store(root: &Path, root_fd: BorrowedFd<'_>) -> Result<Meta> {
+    // The store may hold secrets (.npmrc, .env): nobody else may reach it.
+    rustix::fs::fchmod(root_fd, Mode::from_raw_mode(0o700)).ctx("chmod 0700", root)?;
+    for dir in DIRS {
+        match rustix::fs::mkdirat(root_fd, *dir, Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(StoreError::io("create store directory", root.join(dir), e)),
+        }
+    }
+    let lock = root.join("lock");
+    match open_beneath(root_fd, "lock", OFlags::CREATE | OFlags::RDWR, Mode::from_raw_mode(0o600)) {
+        Ok(_) => {}
+        Err(e) => return Err(StoreError::io("create", lock, e)),
+    }
+    let tmp_fd = open_dir_beneath(root_fd, "tmp").ctx("open", root.join("tmp"))?;
+    let meta = Meta::new(probe_verity(tmp_fd.as_fd()));
+    let text = serde_json::to_vec_pretty(&meta).map_err(|e| StoreError::CorruptMeta {
+        path: root.join("meta.json"),
+        reason: e.to_string(),
+    })?;
+    // Publish with link(2), which never replaces: if another process created the store at the
+    // same moment, its meta.json wins and we read it back.
+    let tmp_name = fsutil::unique_name("meta-");
+    let path = root.join("meta.json");
+    {
+        let fd = open_beneath(
+            tmp_fd.as_fd(),
+            &tmp_name,
+            OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY,
+            Mode::from_raw_mode(0o644),
+        )
+        .ctx("create", root.join("tmp").join(&tmp_name))?;
+        fsutil::pwrite_all(fd.as_fd(), &text, 0).ctx("write", &path)?;
+        rustix::fs::fsync(&fd).ctx("fsync", &path)?;
+    }
+    let linked = rustix::fs::linkat(
+        tmp_fd.as_fd(),
+        tmp_name.as_str(),
+        root_fd,
+        "meta.json",
+        rustix::fs::AtFlags::empty(),
+    );
+    let _ = rustix::fs::unlinkat(tmp_fd.as_fd(), tmp_name.as_str(), rustix::fs::AtFlags::empty());
+    match linked {
+        Ok(()) => {
+            rustix::fs::fsync(root_fd).ctx("fsync", root)?;
+            Ok(meta)
+        }
+        Err(Errno::EXIST) => read_meta(root, root_fd)?.ok_or(StoreError::NoStore {
+            path: root.to_owned(),
+        }),
+        Err(e) => Err(StoreError::io("publish", path, e)),
+    }
+}
+
+/// Whether fs-verity can be enabled on a file in this directory's filesystem.
+pub(crate) fn probe_verity(dir: BorrowedFd<'_>) -> VerityMode {
+    let name = fsutil::unique_name("verity-probe-");
+    let result = (|| -> rustix::io::Result<()> {
+        {
+            let fd = rustix::fs::openat(
+                dir,
+                name.as_str(),
+                OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )?;
+            fsutil::pwrite_all(fd.as_fd(), b"velo verity probe", 0)?;
+        }
+        let fd = rustix::fs::openat(dir, name.as_str(), OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+        kverity::enable(fd.as_fd())?;
+        kverity::measure(fd.as_fd()).map(|_| ())
+    })();
+    let _ = rustix::fs::unlinkat(dir, name.as_str(), rustix::fs::AtFlags::empty());
+    match result {
+        Ok(()) => VerityMode::Enabled,
+        Err(_) => VerityMode::Unavailable,
+    }
+}
+
+/// Probes whether the filesystem holding `dir` supports fs-verity, without a store.
+pub fn filesystem_supports_verity(dir: &Path) -> Result<bool> {
+    let fd = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+        .ctx("open", dir)?;
+    Ok(probe_verity(fd.as_fd()) == VerityMode::Enabled)
+}
