@@ -1,0 +1,118 @@
+//! The one place velo touches the `composefs` crate (pinned to an exact version in the
+//! workspace manifest): image bytes, and so image digests, depend on its writer.
+
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
+use std::path::Path;
+
+use composefs::erofs::format::FormatVersion;
+use composefs::fsverity::{FsVerityHashValue, Sha256HashValue};
+use composefs::tree;
+use velo_objects::Digest;
+
+use crate::error::{ImageError, Result};
+
+/// The composefs image format velo writes, passed explicitly so that a crate upgrade cannot
+/// silently change it: V1 is what C `mkcomposefs --min-version=1` writes.
+pub const IMAGE_FORMAT: FormatVersion = FormatVersion::V1;
+
+/// Files of at most this many bytes are stored inside the image, not as objects.
+pub const INLINE_MAX: u64 = composefs::INLINE_CONTENT_MAX_V0 as u64;
+
+/// A composefs tree whose regular files name velo objects.
+pub type FileSystem = tree::FileSystem<Sha256HashValue>;
+/// Metadata of one inode.
+pub type Stat = tree::Stat;
+/// A non-directory inode's content.
+pub type LeafContent = tree::LeafContent<Sha256HashValue>;
+/// A regular file's content.
+pub type RegularFile = tree::RegularFile<Sha256HashValue>;
+/// An inode: directory, or a leaf by index.
+pub type Inode = tree::Inode<Sha256HashValue>;
+/// A directory of the tree.
+pub type Directory = tree::Directory<Sha256HashValue>;
+
+/// Converts a velo digest to composefs's object id.
+pub fn object_id(digest: &Digest) -> Sha256HashValue {
+    Sha256HashValue::from_hex(digest.to_hex()).expect("a Digest is always 64 hex digits") // ok: invariant of Digest
+}
+
+/// Converts composefs's object id to a velo digest.
+pub fn digest_of(id: &Sha256HashValue) -> Digest {
+    Digest::parse(&id.to_hex()).expect("composefs object ids are 32-byte sha256 values") // ok: invariant of Sha256HashValue
+}
+
+/// Serialises a tree as a composefs EROFS image.
+pub fn write_image(fs: FileSystem) -> Result<Vec<u8>> {
+    let validated = composefs::erofs::writer::ValidatedFileSystem::new(fs).map_err(|e| {
+        ImageError::Format {
+            what: "being built".into(),
+            reason: format!("{e:#}"),
+        }
+    })?;
+    Ok(composefs::erofs::writer::mkfs_erofs_versioned(&validated, IMAGE_FORMAT).into_vec())
+}
+
+/// Parses an image back into a tree (untrusted input: every malformation is an error).
+pub fn read_image(bytes: &[u8], what: &str) -> Result<FileSystem> {
+    composefs::erofs::reader::erofs_to_filesystem::<Sha256HashValue>(bytes).map_err(|e| ImageError::Format {
+        what: what.to_owned(),
+        reason: format!("{e:#}"),
+    })
+}
+
+/// The composefs dumpfile text of a tree (one line per entry).
+pub fn dumpfile(fs: &FileSystem) -> Result<String> {
+    let mut out = Vec::new();
+    composefs::dumpfile::write_dumpfile(&mut out, fs).map_err(|e| ImageError::Format {
+        what: "dump".into(),
+        reason: format!("{e:#}"),
+    })?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Builds a [`Stat`].
+pub fn stat(mode: u32, uid: u32, gid: u32, mtime: (i64, u32), xattrs: Vec<(OsString, Vec<u8>)>) -> Stat {
+    Stat {
+        st_mode: mode & 0o7777,
+        st_uid: uid,
+        st_gid: gid,
+        st_mtim_sec: mtime.0,
+        st_mtim_nsec: mtime.1,
+        xattrs: xattrs
+            .into_iter()
+            .map(|(k, v)| (k.into_boxed_os_str(), v.into_boxed_slice()))
+            .collect::<BTreeMap<_, _>>(),
+    }
+}
+
+/// Inserts `inode` at `rel` (relative, parents already present).
+pub fn insert(fs: &mut FileSystem, rel: &Path, inode: Inode) -> Result<()> {
+    let bad = |e: tree::ImageError| ImageError::BadSource {
+        path: rel.to_owned(),
+        reason: format!("cannot place in image: {e}"),
+    };
+    let (dir, name) = fs.root.split_mut(rel.as_os_str()).map_err(bad)?;
+    dir.insert(name, inode);
+    Ok(())
+}
+
+/// Walks every entry of a tree depth-first, sorted by name, with its path (root excluded).
+pub fn for_each_entry(fs: &FileSystem, mut f: impl FnMut(&Path, &Inode)) {
+    fn walk(dir: &Directory, prefix: &Path, f: &mut dyn FnMut(&Path, &Inode)) {
+        for (name, inode) in dir.sorted_entries() {
+            let path = prefix.join(name);
+            f(&path, inode);
+            if let tree::Inode::Directory(sub) = inode {
+                walk(sub, &path, f);
+            }
+        }
+    }
+    walk(&fs.root, Path::new(""), &mut f);
+}
+
+/// True for a name that the image format stores as is (any byte but `/` and NUL).
+pub fn name_ok(name: &OsStr) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    !name.is_empty() && name.len() <= 255 && !name.as_bytes().iter().any(|&b| b == b'/' || b == 0)
+}
