@@ -44,20 +44,21 @@ pub fn digest_of(id: &Sha256HashValue) -> Digest {
 
 /// Serialises a tree as a composefs EROFS image.
 pub fn write_image(fs: FileSystem) -> Result<Vec<u8>> {
-    let validated = composefs::erofs::writer::ValidatedFileSystem::new(fs).map_err(|e| {
-        ImageError::Format {
+    let validated =
+        composefs::erofs::writer::ValidatedFileSystem::new(fs).map_err(|e| ImageError::Format {
             what: "being built".into(),
             reason: format!("{e:#}"),
-        }
-    })?;
+        })?;
     Ok(composefs::erofs::writer::mkfs_erofs_versioned(&validated, IMAGE_FORMAT).into_vec())
 }
 
 /// Parses an image back into a tree (untrusted input: every malformation is an error).
 pub fn read_image(bytes: &[u8], what: &str) -> Result<FileSystem> {
-    composefs::erofs::reader::erofs_to_filesystem::<Sha256HashValue>(bytes).map_err(|e| ImageError::Format {
-        what: what.to_owned(),
-        reason: format!("{e:#}"),
+    composefs::erofs::reader::erofs_to_filesystem::<Sha256HashValue>(bytes).map_err(|e| {
+        ImageError::Format {
+            what: what.to_owned(),
+            reason: format!("{e:#}"),
+        }
     })
 }
 
@@ -72,7 +73,13 @@ pub fn dumpfile(fs: &FileSystem) -> Result<String> {
 }
 
 /// Builds a [`Stat`].
-pub fn stat(mode: u32, uid: u32, gid: u32, mtime: (i64, u32), xattrs: Vec<(OsString, Vec<u8>)>) -> Stat {
+pub fn stat(
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: (i64, u32),
+    xattrs: Vec<(OsString, Vec<u8>)>,
+) -> Stat {
     Stat {
         st_mode: mode & 0o7777,
         st_uid: uid,
@@ -115,4 +122,17 @@ pub fn for_each_entry(fs: &FileSystem, mut f: impl FnMut(&Path, &Inode)) {
 pub fn name_ok(name: &OsStr) -> bool {
     use std::os::unix::ffi::OsStrExt;
     !name.is_empty() && name.len() <= 255 && !name.as_bytes().iter().any(|&b| b == b'/' || b == 0)
+}
+
+/// A tiny image (a root dir with one object-backed file) for probing what the kernel can mount.
+pub fn probe_image() -> Result<Vec<u8>> {
+    let root = stat(0o755, 0, 0, (0, 0), Vec::new());
+    let mut fs = FileSystem::new(root.clone());
+    let object = velo_objects::verity::VerityHasher::digest(&[0u8; 100]);
+    let leaf = fs.push_leaf(
+        root,
+        LeafContent::Regular(RegularFile::External(object_id(&object), 100)),
+    );
+    insert(&mut fs, Path::new("probe"), Inode::leaf(leaf))?;
+    write_image(fs)
 }

@@ -36,20 +36,26 @@ pub enum Content {
 }
 
 /// Stores one regular file's content.
-pub fn ingest(store: &Store, root: &Path, entry: &Entry, cache: &StatCache, racy_after: (i64, u32)) -> Result<Content> {
+pub fn ingest(
+    store: &Store,
+    root: &Path,
+    entry: &Entry,
+    cache: &StatCache,
+    racy_after: (i64, u32),
+) -> Result<Content> {
     let path = root.join(&entry.rel);
     let st = &entry.stat;
-    if st.size > INLINE_MAX && st.ctime < racy_after {
-        if let Some(digest) = cache.get(&Key::of(st)) {
-            if store.has(Kind::Object, &digest, st.size)? {
-                return Ok(Content::Object {
-                    digest,
-                    size: st.size,
-                    new: false,
-                    cached: true,
-                });
-            }
-        }
+    if st.size > INLINE_MAX
+        && st.ctime < racy_after
+        && let Some(digest) = cache.get(&Key::of(st))
+        && store.has(Kind::Object, &digest, st.size)?
+    {
+        return Ok(Content::Object {
+            digest,
+            size: st.size,
+            new: false,
+            cached: true,
+        });
     }
     let fd = open_source(&path)?;
     let before = fstat(&fd, &path)?;
@@ -70,10 +76,12 @@ pub fn ingest(store: &Store, root: &Path, entry: &Entry, cache: &StatCache, racy
             }
         }
     } else {
-        let s = store.store_file(Kind::Object, fd.as_fd(), &path).map_err(|e| match e {
-            StoreError::SourceChanged { path, what } => ImageError::Changed { path, what },
-            other => other.into(),
-        })?;
+        let s = store
+            .store_file(Kind::Object, fd.as_fd(), &path)
+            .map_err(|e| match e {
+                StoreError::SourceChanged { path, what } => ImageError::Changed { path, what },
+                other => other.into(),
+            })?;
         Content::Object {
             digest: s.digest,
             size: s.size,
@@ -103,7 +111,8 @@ fn open_source(path: &Path) -> Result<std::os::fd::OwnedFd> {
     match rustix::fs::open(path, flags | OFlags::NOATIME, Mode::empty()) {
         Ok(fd) => Ok(fd),
         // O_NOATIME is only allowed on one's own files (or with CAP_FOWNER).
-        Err(Errno::PERM) => rustix::fs::open(path, flags, Mode::empty()).map_err(|e| ImageError::io("open", path, e)),
+        Err(Errno::PERM) => rustix::fs::open(path, flags, Mode::empty())
+            .map_err(|e| ImageError::io("open", path, e)),
         Err(e) => Err(ImageError::io("open", path, e)),
     }
 }
@@ -117,7 +126,8 @@ fn fstat(fd: &std::os::fd::OwnedFd, path: &Path) -> Result<StatInfo> {
 /// Reads to end of file (one byte more than expected would show growth).
 fn read_all(fd: &std::os::fd::OwnedFd, path: &Path, expected: u64) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; expected as usize + 1];
-    let n = velo_objects::fsutil::pread_full(fd.as_fd(), &mut buf, 0).map_err(|e| ImageError::io("read", path, e))?;
+    let n = velo_objects::fsutil::pread_full(fd.as_fd(), &mut buf, 0)
+        .map_err(|e| ImageError::io("read", path, e))?;
     buf.truncate(n);
     Ok(buf)
 }

@@ -48,7 +48,11 @@ pub enum ImageError {
 }
 
 impl ImageError {
-    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: impl Into<std::io::Error>) -> Self {
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+        source: impl Into<std::io::Error>,
+    ) -> Self {
         Self::Io {
             op,
             path: path.into(),

@@ -46,7 +46,8 @@ pub fn read_image_bytes(store: &Store, digest: &Digest) -> Result<Vec<u8>> {
         });
     }
     let mut buf = vec![0u8; st.st_size as usize];
-    let n = velo_objects::fsutil::pread_full(fd.as_fd(), &mut buf, 0).map_err(|e| ImageError::io("read", &path, e))?;
+    let n = velo_objects::fsutil::pread_full(fd.as_fd(), &mut buf, 0)
+        .map_err(|e| ImageError::io("read", &path, e))?;
     buf.truncate(n);
     Ok(buf)
 }
@@ -75,7 +76,9 @@ pub fn summarize(fs: &FileSystem) -> ImageSummary {
                 LeafContent::Regular(r) => {
                     s.files += 1;
                     s.bytes += r.file_size();
-                    if let RegularFile::External(id, size) | RegularFile::ExternalNoVerity(id, size) = r {
+                    if let RegularFile::External(id, size)
+                    | RegularFile::ExternalNoVerity(id, size) = r
+                    {
                         objects.insert(cfs::digest_of(id), *size);
                     }
                 }
@@ -95,9 +98,9 @@ pub fn objects(fs: &FileSystem) -> Vec<(Digest, u64)> {
         .leaves
         .iter()
         .filter_map(|leaf| match &leaf.content {
-            LeafContent::Regular(RegularFile::External(id, size) | RegularFile::ExternalNoVerity(id, size)) => {
-                Some((cfs::digest_of(id), *size))
-            }
+            LeafContent::Regular(
+                RegularFile::External(id, size) | RegularFile::ExternalNoVerity(id, size),
+            ) => Some((cfs::digest_of(id), *size)),
             _ => None,
         })
         .collect();

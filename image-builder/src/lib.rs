@@ -14,6 +14,8 @@ mod scan;
 mod snapshot;
 mod statcache;
 
-pub use cfs::{FileSystem, IMAGE_FORMAT, INLINE_MAX, dumpfile, read_image, write_image};
+pub use cfs::{
+    FileSystem, IMAGE_FORMAT, INLINE_MAX, dumpfile, probe_image, read_image, write_image,
+};
 pub use error::{ImageError, Result};
 pub use snapshot::{NoProgress, Progress, SnapshotOptions, SnapshotReport, snapshot};

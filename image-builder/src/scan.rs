@@ -201,7 +201,8 @@ pub fn scan(root: &Path, progress: &dyn Fn(u64)) -> Result<Vec<Entry>> {
         } else if ft.is_file() {
             EntryKind::File
         } else if ft.is_symlink() {
-            let target = std::fs::read_link(path).map_err(|e| ImageError::io("read symlink", path, e))?;
+            let target =
+                std::fs::read_link(path).map_err(|e| ImageError::io("read symlink", path, e))?;
             if target.as_os_str().len() > 4095 {
                 return Err(ImageError::BadSource {
                     path: path.to_owned(),
@@ -224,7 +225,9 @@ pub fn scan(root: &Path, progress: &dyn Fn(u64)) -> Result<Vec<Entry>> {
             });
         };
         let xattrs = read_xattrs(path).map_err(|e| match e {
-            ImageError::Io { source, .. } if source.raw_os_error() == Some(Errno::NAMETOOLONG.raw_os_error()) => {
+            ImageError::Io { source, .. }
+                if source.raw_os_error() == Some(Errno::NAMETOOLONG.raw_os_error()) =>
+            {
                 ImageError::BadSource {
                     path: path.to_owned(),
                     reason: "path too long for the kernel (over 4096 bytes)".into(),
@@ -255,7 +258,9 @@ pub fn check_dirs_unchanged(root: &Path, entries: &[Entry]) -> Result<()> {
             what: format!("it can no longer be read: {err}"),
         })?;
         let now = StatInfo::from_metadata(&md);
-        if (now.dev, now.ino, now.mtime, now.ctime) != (e.stat.dev, e.stat.ino, e.stat.mtime, e.stat.ctime) {
+        if (now.dev, now.ino, now.mtime, now.ctime)
+            != (e.stat.dev, e.stat.ino, e.stat.mtime, e.stat.ctime)
+        {
             return Err(ImageError::Changed {
                 path,
                 what: "entries were added, removed or renamed in it".into(),

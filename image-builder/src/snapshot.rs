@@ -82,7 +82,12 @@ pub struct SnapshotReport {
 
 /// Snapshots `source` into `store`. Objects and the image are made durable (one `syncfs`)
 /// before the ref is written; on any error no ref is written or changed.
-pub fn snapshot(store: &Store, source: &Path, opts: &SnapshotOptions, progress: &dyn Progress) -> Result<SnapshotReport> {
+pub fn snapshot(
+    store: &Store,
+    source: &Path,
+    opts: &SnapshotOptions,
+    progress: &dyn Progress,
+) -> Result<SnapshotReport> {
     let started = Instant::now();
     if let Some(name) = &opts.ref_name {
         validate_ref_name(name)?;
@@ -106,15 +111,23 @@ pub fn snapshot(store: &Store, source: &Path, opts: &SnapshotOptions, progress: 
     let mut jobs = Vec::new();
     for (i, e) in entries.iter().enumerate() {
         if e.kind == EntryKind::File {
-            first_of_inode.entry((e.stat.dev, e.stat.ino)).or_insert_with(|| {
-                jobs.push(i);
-                i
-            });
+            first_of_inode
+                .entry((e.stat.dev, e.stat.ino))
+                .or_insert_with(|| {
+                    jobs.push(i);
+                    i
+                });
         }
     }
-    progress.storing(jobs.len() as u64, jobs.iter().map(|&i| entries[i].stat.size).sum());
+    progress.storing(
+        jobs.len() as u64,
+        jobs.iter().map(|&i| entries[i].stat.size).sum(),
+    );
     let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.jobs.unwrap_or_else(|| 2 * std::thread::available_parallelism().map_or(2, |n| n.get())))
+        .num_threads(
+            opts.jobs
+                .unwrap_or_else(|| 2 * std::thread::available_parallelism().map_or(2, |n| n.get())),
+        )
         .build()
         .map_err(|e| ImageError::BadSource {
             path: root.clone(),
@@ -181,17 +194,23 @@ pub fn snapshot(store: &Store, source: &Path, opts: &SnapshotOptions, progress: 
     report.digest = stored.digest;
     report.image_bytes = stored.size;
     report.new_image = stored.new;
-    let refs: Vec<(&str, Digest)> = opts.ref_name.iter().map(|n| (n.as_str(), stored.digest)).collect();
+    let refs: Vec<(&str, Digest)> = opts
+        .ref_name
+        .iter()
+        .map(|n| (n.as_str(), stored.digest))
+        .collect();
     session.commit(&refs)?;
     drop(session);
 
     StatCache::save(
         store,
         &root,
-        jobs.iter().filter(|i| entries[**i].stat.ctime < racy_after).filter_map(|i| match by_entry.get(i) {
-            Some(Content::Object { digest, .. }) => Some((Key::of(&entries[*i].stat), *digest)),
-            _ => None,
-        }),
+        jobs.iter()
+            .filter(|i| entries[**i].stat.ctime < racy_after)
+            .filter_map(|i| match by_entry.get(i) {
+                Some(Content::Object { digest, .. }) => Some((Key::of(&entries[*i].stat), *digest)),
+                _ => None,
+            }),
     );
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
@@ -213,7 +232,8 @@ fn check_source(store: &Store, source: &Path) -> Result<PathBuf> {
             reason: "not a directory (velo snapshots directory trees)".into(),
         });
     }
-    let store_root = std::fs::canonicalize(store.root()).map_err(|e| ImageError::io("resolve", store.root(), e))?;
+    let store_root = std::fs::canonicalize(store.root())
+        .map_err(|e| ImageError::io("resolve", store.root(), e))?;
     if root.starts_with(&store_root) || store_root.starts_with(&root) {
         return Err(ImageError::BadSource {
             path: source.to_owned(),
@@ -234,7 +254,15 @@ fn build_tree(
         Some(epoch) if m.0 >= epoch => (epoch, 0),
         _ => m,
     };
-    let stat_of = |e: &Entry| cfs::stat(e.stat.mode, e.stat.uid, e.stat.gid, mtime(e.stat.mtime), e.xattrs.clone());
+    let stat_of = |e: &Entry| {
+        cfs::stat(
+            e.stat.mode,
+            e.stat.uid,
+            e.stat.gid,
+            mtime(e.stat.mtime),
+            e.xattrs.clone(),
+        )
+    };
     let mut entries_iter = entries.iter().enumerate();
     let Some((_, root)) = entries_iter.next() else {
         return Err(ImageError::BadSource {
@@ -270,7 +298,12 @@ fn build_tree(
                                     report.bytes += data.len() as u64;
                                     RegularFile::Inline(data.clone().into_boxed_slice())
                                 }
-                                Content::Object { digest, size, new, cached } => {
+                                Content::Object {
+                                    digest,
+                                    size,
+                                    new,
+                                    cached,
+                                } => {
                                     report.bytes += size;
                                     if *new {
                                         report.new_objects += 1;

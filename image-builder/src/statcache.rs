@@ -45,7 +45,10 @@ pub struct StatCache {
 /// The cache entry name for a source root.
 fn entry_name(root: &Path) -> String {
     use std::os::unix::ffi::OsStrExt;
-    format!("stat-{}", &blake3::hash(root.as_os_str().as_bytes()).to_hex()[..32])
+    format!(
+        "stat-{}",
+        &blake3::hash(root.as_os_str().as_bytes()).to_hex()[..32]
+    )
 }
 
 impl StatCache {

@@ -12,7 +12,9 @@ use crate::store::{Area, Store};
 fn check_name(name: &str) -> Result<()> {
     if name.is_empty()
         || name.starts_with('.')
-        || !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
     {
         return Err(StoreError::Unexpected {
             path: name.into(),
@@ -34,7 +36,8 @@ impl Store {
             Err(e) => return Err(StoreError::io("open cache", path, e)),
         };
         let mut data = Vec::new();
-        std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut data).ctx("read cache", &path)?;
+        std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut data)
+            .ctx("read cache", &path)?;
         Ok(Some(data))
     }
 
@@ -55,7 +58,11 @@ impl Store {
             fsutil::pwrite_all(fd.as_fd(), data, 0).ctx("write cache", &path)?;
         }
         if let Err(e) = rustix::fs::renameat(self.tmp_fd(), tmp_name.as_str(), dir.as_fd(), name) {
-            let _ = rustix::fs::unlinkat(self.tmp_fd(), tmp_name.as_str(), rustix::fs::AtFlags::empty());
+            let _ = rustix::fs::unlinkat(
+                self.tmp_fd(),
+                tmp_name.as_str(),
+                rustix::fs::AtFlags::empty(),
+            );
             return Err(StoreError::io("write cache", path, e));
         }
         Ok(())

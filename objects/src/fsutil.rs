@@ -30,7 +30,10 @@ pub fn open_beneath(
 }
 
 /// Opens a directory beneath `dir` for reading (a real fd, usable with `syncfs` and `*at` calls).
-pub fn open_dir_beneath(dir: BorrowedFd<'_>, rel: impl AsRef<OsStr>) -> rustix::io::Result<OwnedFd> {
+pub fn open_dir_beneath(
+    dir: BorrowedFd<'_>,
+    rel: impl AsRef<OsStr>,
+) -> rustix::io::Result<OwnedFd> {
     open_beneath(
         dir,
         rel,
@@ -90,8 +93,7 @@ pub fn list_dir(dir: BorrowedFd<'_>) -> rustix::io::Result<Vec<std::ffi::OsStrin
         Mode::empty(),
     )?;
     let mut out = Vec::new();
-    let mut it = rustix::fs::Dir::read_from(&fd)?;
-    while let Some(entry) = it.next() {
+    for entry in rustix::fs::Dir::read_from(&fd)? {
         let entry = entry?;
         let name = entry.file_name().to_bytes();
         if name == b"." || name == b".." {
@@ -119,7 +121,11 @@ pub fn pwrite_all(fd: BorrowedFd<'_>, mut data: &[u8], mut offset: u64) -> rusti
 }
 
 /// Reads until `buf` is full or end of file; returns the number of bytes read.
-pub fn pread_full(fd: BorrowedFd<'_>, buf: &mut [u8], mut offset: u64) -> rustix::io::Result<usize> {
+pub fn pread_full(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    mut offset: u64,
+) -> rustix::io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
         match rustix::io::pread(fd, &mut buf[got..], offset) {

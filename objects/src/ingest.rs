@@ -93,11 +93,19 @@ impl Store {
                     store: self,
                 })
             }
-            Err(e) => Err(StoreError::io("create staging file", self.area_path(Area::Tmp), e)),
+            Err(e) => Err(StoreError::io(
+                "create staging file",
+                self.area_path(Area::Tmp),
+                e,
+            )),
         }
     }
 
-    pub(crate) fn final_dir(&self, kind: Kind, digest: &Digest) -> Result<(BorrowedFd<'_>, String)> {
+    pub(crate) fn final_dir(
+        &self,
+        kind: Kind,
+        digest: &Digest,
+    ) -> Result<(BorrowedFd<'_>, String)> {
         Ok(match kind {
             Kind::Object => (self.fanout_fd(digest)?, digest.object_file_name()),
             Kind::Image => (self.images_fd(), digest.to_hex()),
@@ -139,8 +147,7 @@ impl Store {
             });
         }
         let staged = self.stage()?;
-        fsutil::pwrite_all(staged.fd.as_fd(), data, 0)
-            .ctx("write", self.path_of(kind, &digest))?;
+        fsutil::pwrite_all(staged.fd.as_fd(), data, 0).ctx("write", self.path_of(kind, &digest))?;
         self.publish(kind, staged, digest, size)
     }
 
@@ -156,7 +163,12 @@ impl Store {
             copy_hashing(staged.fd.as_fd(), None, path, st.st_size as u64)?
         } else {
             let sparse = (st.st_blocks as u64) * 512 < st.st_size as u64;
-            copy_hashing(src, Some(staged.fd.as_fd()), path, if sparse { st.st_size as u64 } else { 0 })?
+            copy_hashing(
+                src,
+                Some(staged.fd.as_fd()),
+                path,
+                if sparse { st.st_size as u64 } else { 0 },
+            )?
         };
         let size = hasher.len();
         let digest = hasher.finalize();
@@ -206,7 +218,13 @@ impl Store {
         let path = self.path_of(kind, &digest);
         let linked = match &staged.name {
             None => link_tmpfile(staged.fd.as_fd(), dir, &name),
-            Some(tmp) => rustix::fs::linkat(self.tmp_fd(), tmp.as_str(), dir, name.as_str(), AtFlags::empty()),
+            Some(tmp) => rustix::fs::linkat(
+                self.tmp_fd(),
+                tmp.as_str(),
+                dir,
+                name.as_str(),
+                AtFlags::empty(),
+            ),
         };
         match linked {
             Ok(()) => {}
@@ -282,7 +300,13 @@ fn link_tmpfile(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &str) -> rustix::
         Err(Errno::NOENT) | Err(Errno::PERM) => {
             use std::os::fd::AsRawFd;
             let proc_path = format!("/proc/self/fd/{}", fd.as_raw_fd());
-            rustix::fs::linkat(rustix::fs::CWD, proc_path.as_str(), dir, name, AtFlags::SYMLINK_FOLLOW)
+            rustix::fs::linkat(
+                rustix::fs::CWD,
+                proc_path.as_str(),
+                dir,
+                name,
+                AtFlags::SYMLINK_FOLLOW,
+            )
         }
         other => other,
     }

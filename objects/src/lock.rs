@@ -18,14 +18,20 @@ pub struct StoreLock {
 
 impl Store {
     fn lock_fd(&self) -> Result<OwnedFd> {
-        open_beneath(self.root_fd(), "lock", OFlags::CREATE | OFlags::RDWR, Mode::from_raw_mode(0o600))
-            .ctx("open lock", self.root().join("lock"))
+        open_beneath(
+            self.root_fd(),
+            "lock",
+            OFlags::CREATE | OFlags::RDWR,
+            Mode::from_raw_mode(0o600),
+        )
+        .ctx("open lock", self.root().join("lock"))
     }
 
     /// Takes the lock shared (blocks while a GC runs).
     pub fn lock_shared(&self) -> Result<StoreLock> {
         let fd = self.lock_fd()?;
-        rustix::fs::flock(&fd, FlockOperation::LockShared).ctx("lock (shared)", self.root().join("lock"))?;
+        rustix::fs::flock(&fd, FlockOperation::LockShared)
+            .ctx("lock (shared)", self.root().join("lock"))?;
         Ok(StoreLock { _fd: fd })
     }
 
@@ -43,7 +49,11 @@ impl Store {
         match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => Ok(Some(StoreLock { _fd: fd })),
             Err(Errno::WOULDBLOCK) => Ok(None),
-            Err(e) => Err(crate::StoreError::io("lock (exclusive)", self.root().join("lock"), e)),
+            Err(e) => Err(crate::StoreError::io(
+                "lock (exclusive)",
+                self.root().join("lock"),
+                e,
+            )),
         }
     }
 }

@@ -128,7 +128,11 @@ impl Store {
         let mounts = self.open_area(Area::Mounts)?;
         match fsutil::remove_tree_at(mounts.as_fd(), token.as_ref()) {
             Ok(()) | Err(Errno::NOENT) => Ok(()),
-            Err(e) => Err(StoreError::io("remove mount slot", self.area_path(Area::Mounts).join(token), e)),
+            Err(e) => Err(StoreError::io(
+                "remove mount slot",
+                self.area_path(Area::Mounts).join(token),
+                e,
+            )),
         }
     }
 }

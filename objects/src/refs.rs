@@ -87,7 +87,10 @@ impl Store {
     pub fn resolve(&self, name_or_digest: &str) -> Result<Digest> {
         let digest = match Digest::parse(name_or_digest) {
             Ok(d) => d,
-            Err(_) if name_or_digest.len() == 64 && name_or_digest.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Err(_)
+                if name_or_digest.len() == 64
+                    && name_or_digest.bytes().all(|b| b.is_ascii_hexdigit()) =>
+            {
                 return Err(StoreError::InvalidDigest {
                     text: name_or_digest.to_owned(),
                     reason: "a digest has only lowercase hex digits 0-9 a-f",
@@ -110,8 +113,9 @@ impl Store {
             Some((p, l)) => (p, l),
             None => ("", name),
         };
-        let parent = fsutil::mkdir_all_beneath(refs.as_fd(), parent_rel, Mode::from_raw_mode(0o700))
-            .ctx("create ref directory", path.parent().unwrap_or(&path))?;
+        let parent =
+            fsutil::mkdir_all_beneath(refs.as_fd(), parent_rel, Mode::from_raw_mode(0o700))
+                .ctx("create ref directory", path.parent().unwrap_or(&path))?;
         let tmp_name = fsutil::unique_name("ref-");
         let tmp = self.tmp_fd();
         {

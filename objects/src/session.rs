@@ -122,19 +122,26 @@ impl Store {
                 Err(e) => return Err(StoreError::io("lock writer marker", path, e)),
             }
             let mut data = Vec::new();
-            let marker: Option<Marker> = std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut data)
-                .ok()
-                .and_then(|_| serde_json::from_slice(&data).ok());
+            let marker: Option<Marker> =
+                std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut data)
+                    .ok()
+                    .and_then(|_| serde_json::from_slice(&data).ok());
             match marker {
-                Some(m) if !this_boot.is_empty() && m.boot_id == this_boot => report.killed_writers += 1,
+                Some(m) if !this_boot.is_empty() && m.boot_id == this_boot => {
+                    report.killed_writers += 1
+                }
                 other => {
                     report.crashed_writers += 1;
                     // An unreadable marker was torn by the crash: use its own timestamp.
                     let since = match other {
                         Some(m) => m.started_ns,
-                        None => rustix::fs::statat(self.tmp_fd(), name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
-                            .map(|st| st.st_mtime as i128 * 1_000_000_000)
-                            .unwrap_or(0),
+                        None => rustix::fs::statat(
+                            self.tmp_fd(),
+                            name,
+                            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+                        )
+                        .map(|st| st.st_mtime as i128 * 1_000_000_000)
+                        .unwrap_or(0),
                     };
                     recheck_since = Some(recheck_since.map_or(since, |s: i128| s.min(since)));
                 }
@@ -147,7 +154,8 @@ impl Store {
             rustix::fs::syncfs(self.root_fd()).ctx("syncfs", self.root())?;
         }
         for name in dead {
-            let _ = rustix::fs::unlinkat(self.tmp_fd(), name.as_str(), rustix::fs::AtFlags::empty());
+            let _ =
+                rustix::fs::unlinkat(self.tmp_fd(), name.as_str(), rustix::fs::AtFlags::empty());
         }
         Ok(report)
     }
@@ -155,20 +163,24 @@ impl Store {
     fn recheck_written_since(&self, since_ns: i128, report: &mut Recovery) -> Result<()> {
         let recent = |dir: std::os::fd::BorrowedFd<'_>, name: &str| -> bool {
             rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
-                .map(|st| (st.st_ctime as i128) * 1_000_000_000 + st.st_ctime_nsec as i128 >= since_ns)
+                .map(|st| {
+                    (st.st_ctime as i128) * 1_000_000_000 + st.st_ctime_nsec as i128 >= since_ns
+                })
                 .unwrap_or(false)
         };
         let mut suspects: Vec<(Kind, Digest)> = Vec::new();
         let objects = self.area_path(Area::Objects);
         for fan in fsutil::list_dir(self.objects_fd()).ctx("list", &objects)? {
             let Some(fan) = fan.to_str() else { continue };
-            let Ok(dir) = fsutil::open_dir_beneath(self.objects_fd(), fan) else { continue };
+            let Ok(dir) = fsutil::open_dir_beneath(self.objects_fd(), fan) else {
+                continue;
+            };
             for name in fsutil::list_dir(dir.as_fd()).ctx("list", objects.join(fan))? {
                 let Some(name) = name.to_str() else { continue };
-                if let Ok(d) = Digest::parse(&format!("{fan}{name}")) {
-                    if recent(dir.as_fd(), name) {
-                        suspects.push((Kind::Object, d));
-                    }
+                if let Ok(d) = Digest::parse(&format!("{fan}{name}"))
+                    && recent(dir.as_fd(), name)
+                {
+                    suspects.push((Kind::Object, d));
                 }
             }
         }

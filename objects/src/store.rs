@@ -18,7 +18,13 @@ pub const DEFAULT_STORE: &str = "/var/lib/velo";
 
 /// Directories every store has, created with the store.
 pub(crate) const DIRS: &[&str] = &[
-    "objects", "images", "refs", "tmp", "mounts", "cache", "quarantine",
+    "objects",
+    "images",
+    "refs",
+    "tmp",
+    "mounts",
+    "cache",
+    "quarantine",
 ];
 
 /// An open store. All access goes through its root dirfd.
@@ -182,14 +188,24 @@ impl Store {
         let fd = match open_dir_beneath(self.objects_fd(), &name) {
             Ok(fd) => fd,
             Err(Errno::NOENT) => {
-                match rustix::fs::mkdirat(self.objects_fd(), name.as_str(), Mode::from_raw_mode(0o700)) {
+                match rustix::fs::mkdirat(
+                    self.objects_fd(),
+                    name.as_str(),
+                    Mode::from_raw_mode(0o700),
+                ) {
                     Ok(()) | Err(Errno::EXIST) => {}
                     Err(e) => {
-                        return Err(StoreError::io("create fan-out dir", self.object_path(digest), e));
+                        return Err(StoreError::io(
+                            "create fan-out dir",
+                            self.object_path(digest),
+                            e,
+                        ));
                     }
                 }
-                open_dir_beneath(self.objects_fd(), &name)
-                    .ctx("open fan-out dir", self.area_path(Area::Objects).join(&name))?
+                open_dir_beneath(self.objects_fd(), &name).ctx(
+                    "open fan-out dir",
+                    self.area_path(Area::Objects).join(&name),
+                )?
             }
             Err(e) => {
                 return Err(StoreError::io(
@@ -242,8 +258,8 @@ impl Store {
 
     /// Digests of all images in the store.
     pub fn list_images(&self) -> Result<Vec<Digest>> {
-        let names = fsutil::list_dir(self.images_fd())
-            .ctx("list images", self.area_path(Area::Images))?;
+        let names =
+            fsutil::list_dir(self.images_fd()).ctx("list images", self.area_path(Area::Images))?;
         let mut out: Vec<Digest> = names
             .iter()
             .filter_map(|n| n.to_str().and_then(|s| Digest::parse(s).ok()))
@@ -268,15 +284,17 @@ fn read_meta(root: &Path, root_fd: BorrowedFd<'_>) -> Result<Option<Meta>> {
         Err(e) => return Err(StoreError::io("open", &path, e)),
     };
     let mut text = String::new();
-    std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut text)
-        .map_err(|e| StoreError::CorruptMeta {
+    std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut text).map_err(|e| {
+        StoreError::CorruptMeta {
             path: path.clone(),
             reason: format!("unreadable: {e}"),
-        })?;
-    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| StoreError::CorruptMeta {
-        path: path.clone(),
-        reason: e.to_string(),
+        }
     })?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| StoreError::CorruptMeta {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
     // Check the version before the schema, so a newer store gets "too new", not "corrupt".
     let format = value.get("format").and_then(|v| v.as_str());
     if format != Some(FORMAT_NAME) {
@@ -330,7 +348,12 @@ fn init_store(root: &Path, root_fd: BorrowedFd<'_>) -> Result<Meta> {
         }
     }
     let lock = root.join("lock");
-    match open_beneath(root_fd, "lock", OFlags::CREATE | OFlags::RDWR, Mode::from_raw_mode(0o600)) {
+    match open_beneath(
+        root_fd,
+        "lock",
+        OFlags::CREATE | OFlags::RDWR,
+        Mode::from_raw_mode(0o600),
+    ) {
         Ok(_) => {}
         Err(e) => return Err(StoreError::io("create", lock, e)),
     }
@@ -362,7 +385,11 @@ fn init_store(root: &Path, root_fd: BorrowedFd<'_>) -> Result<Meta> {
         "meta.json",
         rustix::fs::AtFlags::empty(),
     );
-    let _ = rustix::fs::unlinkat(tmp_fd.as_fd(), tmp_name.as_str(), rustix::fs::AtFlags::empty());
+    let _ = rustix::fs::unlinkat(
+        tmp_fd.as_fd(),
+        tmp_name.as_str(),
+        rustix::fs::AtFlags::empty(),
+    );
     match linked {
         Ok(()) => {
             rustix::fs::fsync(root_fd).ctx("fsync", root)?;
@@ -388,7 +415,12 @@ pub(crate) fn probe_verity(dir: BorrowedFd<'_>) -> VerityMode {
             )?;
             fsutil::pwrite_all(fd.as_fd(), b"velo verity probe", 0)?;
         }
-        let fd = rustix::fs::openat(dir, name.as_str(), OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+        let fd = rustix::fs::openat(
+            dir,
+            name.as_str(),
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
         kverity::enable(fd.as_fd())?;
         kverity::measure(fd.as_fd()).map(|_| ())
     })();
@@ -401,7 +433,11 @@ pub(crate) fn probe_verity(dir: BorrowedFd<'_>) -> VerityMode {
 
 /// Probes whether the filesystem holding `dir` supports fs-verity, without a store.
 pub fn filesystem_supports_verity(dir: &Path) -> Result<bool> {
-    let fd = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-        .ctx("open", dir)?;
+    let fd = rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ctx("open", dir)?;
     Ok(probe_verity(fd.as_fd()) == VerityMode::Enabled)
 }

@@ -71,7 +71,8 @@ pub fn hash_fd(fd: std::os::fd::BorrowedFd<'_>, path: &std::path::Path) -> Resul
             Extent::Data(mut pos, end) => {
                 while pos < end {
                     let want = ((end - pos) as usize).min(buf.len());
-                    let n = crate::fsutil::pread_full(fd, &mut buf[..want], pos).ctx("read", path)?;
+                    let n =
+                        crate::fsutil::pread_full(fd, &mut buf[..want], pos).ctx("read", path)?;
                     if n == 0 {
                         return Ok(hasher); // shorter than stat said: the digest will not match
                     }

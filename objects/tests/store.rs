@@ -19,7 +19,15 @@ fn creates_layout_with_private_root() {
     let root = store.root();
     let mode = fs::metadata(root).unwrap().permissions().mode() & 0o7777;
     assert_eq!(mode, 0o700, "store root must be private");
-    for d in ["objects", "images", "refs", "tmp", "mounts", "cache", "quarantine"] {
+    for d in [
+        "objects",
+        "images",
+        "refs",
+        "tmp",
+        "mounts",
+        "cache",
+        "quarantine",
+    ] {
         assert!(root.join(d).is_dir(), "{d} missing");
     }
     let meta: serde_json::Value =
@@ -48,7 +56,10 @@ fn refuses_newer_and_corrupt_meta() {
 
     fs::write(&meta_path, good.replace("\"version\": 1", "\"version\": 7")).unwrap();
     let err = Store::open(&root).unwrap_err();
-    assert!(matches!(err, StoreError::IncompatibleStore { found: 7, .. }), "{err}");
+    assert!(
+        matches!(err, StoreError::IncompatibleStore { found: 7, .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("version 7"), "{err}");
 
     let mut v: serde_json::Value = serde_json::from_str(&good).unwrap();
@@ -118,7 +129,10 @@ fn store_file_keeps_holes_and_hashes_bytes_stored() {
         "object should stay sparse, has {} blocks",
         md.blocks()
     );
-    assert_eq!(store.verify(Kind::Object, &s.digest).unwrap(), Verdict::Good);
+    assert_eq!(
+        store.verify(Kind::Object, &s.digest).unwrap(),
+        Verdict::Good
+    );
     // Same content again: dedup.
     let f = fs::File::open(&src).unwrap();
     assert!(!store.store_file(Kind::Object, f.as_fd(), &src).unwrap().new);
@@ -152,10 +166,19 @@ fn refs_round_trip_and_validate() {
     let refs = store.list_refs().unwrap();
     assert_eq!(refs.len(), 1);
     assert_eq!(refs[0].0, "myapp/deps");
-    assert!(matches!(store.read_ref("nope"), Err(StoreError::RefNotFound { .. })));
-    assert!(matches!(store.write_ref("../evil", &img.digest), Err(StoreError::InvalidRef { .. })));
+    assert!(matches!(
+        store.read_ref("nope"),
+        Err(StoreError::RefNotFound { .. })
+    ));
+    assert!(matches!(
+        store.write_ref("../evil", &img.digest),
+        Err(StoreError::InvalidRef { .. })
+    ));
     let missing = Digest::from_bytes([0xab; 32]);
-    assert!(matches!(store.resolve(&missing.to_hex()), Err(StoreError::ImageNotFound { .. })));
+    assert!(matches!(
+        store.resolve(&missing.to_hex()),
+        Err(StoreError::ImageNotFound { .. })
+    ));
     assert!(matches!(
         store.resolve(&missing.to_hex().to_uppercase()),
         Err(StoreError::InvalidDigest { .. })
@@ -172,7 +195,11 @@ fn ref_through_symlink_is_refused() {
     std::os::unix::fs::symlink(&outside, store.root().join("refs/evil")).unwrap();
     let img = store.store_bytes(Kind::Image, b"x").unwrap();
     assert!(store.write_ref("evil/name", &img.digest).is_err());
-    assert_eq!(fs::read_dir(&outside).unwrap().count(), 0, "nothing written outside the store");
+    assert_eq!(
+        fs::read_dir(&outside).unwrap().count(),
+        0,
+        "nothing written outside the store"
+    );
 }
 
 fn write_marker(store: &Store, boot_id: &str, started_ns: i128) {
@@ -216,7 +243,10 @@ fn recovery_after_kill_in_same_boot_trusts_objects() {
     write_marker(&store, boot.trim(), 0);
     let report = store.recover().unwrap();
     assert_eq!(report.killed_writers, 1);
-    assert_eq!(report.rechecked, 0, "a killed writer lost nothing: no re-hash");
+    assert_eq!(
+        report.rechecked, 0,
+        "a killed writer lost nothing: no re-hash"
+    );
     assert!(store.object_path(&obj.digest).exists());
 }
 

@@ -1,0 +1,484 @@
+//! Mounting an image of the store: the EROFS image as a detached file-backed mount, stacked
+//! under overlayfs with the store's objects as a data-only lower layer, attached at the target.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{Mode, OFlags, Timestamps};
+use rustix::io::Errno;
+use rustix::mount::{MountAttrFlags, MoveMountFlags};
+use serde::Serialize;
+use velo_objects::{Area, Digest, MountRecord, MountSlot, Store, VerityMode};
+
+use crate::error::{MountError, Result};
+use crate::kernel::{self, FsContext, proc_fd_path};
+use crate::mountinfo;
+use crate::target::open_target;
+
+/// Every mount velo makes has the source `velo:<image digest>`.
+pub const SOURCE_PREFIX: &str = "velo:";
+
+/// What happens to writes under the mount.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Writes {
+    /// Read-only.
+    ReadOnly,
+    /// Copy-on-write into a fresh upper dir that velo keeps in the store and removes at umount.
+    CowManaged,
+    /// Copy-on-write into this directory, which persists after umount.
+    CowUpper(PathBuf),
+}
+
+/// A mount to make.
+#[derive(Debug, Clone)]
+pub struct MountRequest {
+    /// The image (already resolved from a ref; it must be in the store).
+    pub image: Digest,
+    /// Where to mount it.
+    pub target: PathBuf,
+    /// Read-only or copy-on-write.
+    pub writes: Writes,
+    /// Create the target directory if it is missing.
+    pub create_target: bool,
+}
+
+/// How the layers reached overlayfs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LayerPassing {
+    /// As file descriptors (Linux 6.13+): nothing is ever visible in the filesystem.
+    Fds,
+    /// As `/proc/self/fd/N` paths to the same detached mounts and directories.
+    Paths,
+}
+
+/// What a mount did.
+#[derive(Debug, Clone, Serialize)]
+pub struct MountReport {
+    /// The image mounted.
+    pub image: Digest,
+    /// Where.
+    pub target: PathBuf,
+    /// True for copy-on-write mounts.
+    pub writable: bool,
+    /// The upper dir of a writable mount.
+    pub upper: Option<PathBuf>,
+    /// True if velo manages (and umount removes) the upper dir.
+    pub managed_upper: bool,
+    /// "require": the kernel checks every object's fs-verity digest on open; "off": it does not
+    /// (this store's filesystem has no fs-verity), so reads are not verified by the kernel.
+    pub verity: &'static str,
+    /// Whether the EROFS image is read with direct I/O (no second copy in the page cache).
+    pub erofs_directio: bool,
+    /// How the layers were passed to overlayfs.
+    pub layers: LayerPassing,
+    /// The mount's ID in mountinfo.
+    pub mnt_id: u64,
+    /// The kernel's never-reused mount ID, where available.
+    pub mnt_id_unique: Option<u64>,
+}
+
+/// Mounts an image. Requires root (checked). On any error nothing stays mounted and no slot
+/// or managed upper dir is left in the store.
+pub fn mount_image(store: &Store, req: &MountRequest) -> Result<MountReport> {
+    crate::privilege::require_root("velo mount")?;
+    let _lock = store.lock_shared()?;
+    let target_fd = open_target(&req.target, req.create_target)?;
+    let target = std::fs::canonicalize(&req.target)
+        .map_err(|e| MountError::io("resolve", &req.target, e))?;
+    refuse_if_velo_mount(target_fd.as_fd(), &target)?;
+
+    let image_fd = store.open_image(&req.image)?;
+    let verity = store.verity();
+    if verity == VerityMode::Enabled {
+        check_image_verity(store, image_fd.as_fd(), &req.image)?;
+    }
+    let objects_fd = store.open_area(Area::Objects)?;
+
+    let slot = store.create_mount_slot()?;
+    let result = (|| {
+        let (erofs, directio) = erofs_mount(image_fd.as_fd(), &req.image)?;
+        let upper = prepare_upper(store, &slot, &req.writes, &target, erofs.as_fd())?;
+        let layers = Layers {
+            meta: erofs.as_fd(),
+            data: objects_fd.as_fd(),
+            upper: upper
+                .as_ref()
+                .map(|u| (u.upper_fd.as_fd(), u.work_fd.as_fd())),
+        };
+        let (ovl, passing) = overlay_mount(&req.image, &layers, verity)?;
+        rustix::mount::move_mount(
+            ovl.as_fd(),
+            "",
+            target_fd.as_fd(),
+            "",
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+        )
+        .map_err(|e| MountError::io("attach mount at", &target, e))?;
+        let (mnt_id, mnt_id_unique, _) = kernel::mount_ids(ovl.as_fd())
+            .map_err(|e| MountError::io("read mount id of", &target, e))?;
+        let report = MountReport {
+            image: req.image,
+            target: target.clone(),
+            writable: upper.is_some(),
+            upper: upper.as_ref().map(|u| u.path.clone()),
+            managed_upper: upper.as_ref().is_some_and(|u| u.managed),
+            verity: verity_option(verity),
+            erofs_directio: directio,
+            layers: passing,
+            mnt_id,
+            mnt_id_unique,
+        };
+        let record = MountRecord {
+            image: req.image,
+            target: target.clone(),
+            mnt_id_unique,
+            mnt_id,
+            upper: report.upper.clone(),
+            managed_upper: report.managed_upper,
+            verity: report.verity.to_owned(),
+            boot_id: velo_objects::fsutil::boot_id(),
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        if let Err(e) = store.write_mount_record(&slot, &record) {
+            let _ = detach(ovl.as_fd());
+            return Err(e.into());
+        }
+        Ok(report)
+    })();
+    if result.is_err() {
+        let _ = store.remove_mount_slot(&slot.token);
+    }
+    result
+}
+
+fn verity_option(mode: VerityMode) -> &'static str {
+    match mode {
+        VerityMode::Enabled => "require",
+        VerityMode::Unavailable => "off",
+    }
+}
+
+/// Unmounts the mount whose root `fd` is (used when a later step fails).
+fn detach(fd: BorrowedFd<'_>) -> rustix::io::Result<()> {
+    rustix::mount::unmount(
+        proc_fd_path(fd).as_str(),
+        rustix::mount::UnmountFlags::DETACH,
+    )
+}
+
+fn refuse_if_velo_mount(target_fd: BorrowedFd<'_>, target: &Path) -> Result<()> {
+    let Ok((id, _, true)) = kernel::mount_ids(target_fd) else {
+        return Ok(());
+    };
+    let mounts =
+        mountinfo::read().map_err(|e| MountError::io("read", "/proc/self/mountinfo", e))?;
+    if mounts.iter().any(|m| m.id == id && m.is_velo()) {
+        return Err(MountError::BadTarget {
+            path: target.to_owned(),
+            reason: "is already a velo mount; `velo umount` it first".into(),
+        });
+    }
+    Ok(())
+}
+
+/// In a verity store the image is checked against its name before the kernel parses it.
+fn check_image_verity(store: &Store, fd: BorrowedFd<'_>, digest: &Digest) -> Result<()> {
+    match velo_objects::kverity::measure(fd) {
+        Ok(measured) if measured == *digest => Ok(()),
+        Ok(measured) => Err(MountError::ImageRefused {
+            digest: digest.to_hex(),
+            reason: format!(
+                "its fs-verity digest is {measured}: {} was replaced or tampered with",
+                store.image_path(digest).display()
+            ),
+        }),
+        Err(e) => Err(MountError::ImageRefused {
+            digest: digest.to_hex(),
+            reason: format!(
+                "the store requires fs-verity but {} has none ({e})",
+                store.image_path(digest).display()
+            ),
+        }),
+    }
+}
+
+/// A detached, read-only, file-backed EROFS mount of the image; `directio` where supported.
+fn erofs_mount(image: BorrowedFd<'_>, digest: &Digest) -> Result<(OwnedFd, bool)> {
+    let ctx = FsContext::open("erofs")?;
+    ctx.set("source", &proc_fd_path(image))?;
+    let _ = ctx.try_flag("ro");
+    // Direct I/O keeps the image out of the page cache a second time (Linux 6.14+).
+    let directio = ctx.try_flag("directio").is_ok();
+    let attrs = MountAttrFlags::MOUNT_ATTR_RDONLY
+        | MountAttrFlags::MOUNT_ATTR_NOSUID
+        | MountAttrFlags::MOUNT_ATTR_NODEV;
+    let fd = ctx.mount(attrs).map_err(|e| match e {
+        MountError::Kernel { detail, .. } => MountError::Kernel {
+            what: format!("mount image {digest} (file-backed EROFS needs Linux 6.12+)"),
+            detail,
+        },
+        other => other,
+    })?;
+    Ok((fd, directio))
+}
+
+struct Layers<'a> {
+    meta: BorrowedFd<'a>,
+    data: BorrowedFd<'a>,
+    upper: Option<(BorrowedFd<'a>, BorrowedFd<'a>)>,
+}
+
+/// The overlay mount, detached. Layers go in as fds where the kernel takes them, else as
+/// `/proc/self/fd` paths; which one works is found at run time, so one binary serves old and
+/// new kernels.
+fn overlay_mount(
+    digest: &Digest,
+    layers: &Layers<'_>,
+    verity: VerityMode,
+) -> Result<(OwnedFd, LayerPassing)> {
+    match overlay_with(digest, layers, verity, LayerPassing::Fds) {
+        Ok(fd) => Ok((fd, LayerPassing::Fds)),
+        Err(fd_err) => match overlay_with(digest, layers, verity, LayerPassing::Paths) {
+            Ok(fd) => Ok((fd, LayerPassing::Paths)),
+            Err(path_err) => {
+                tracing::debug!("overlay with fds failed: {fd_err}");
+                Err(path_err)
+            }
+        },
+    }
+}
+
+fn overlay_with(
+    digest: &Digest,
+    layers: &Layers<'_>,
+    verity: VerityMode,
+    how: LayerPassing,
+) -> Result<OwnedFd> {
+    let ctx = FsContext::open("overlay")?;
+    ctx.set("source", &format!("{SOURCE_PREFIX}{digest}"))?;
+    ctx.set("metacopy", "on")?;
+    ctx.set("redirect_dir", "on")?;
+    ctx.set("verity", verity_option(verity))?;
+    let fail = |what: &str, e: Errno| MountError::Kernel {
+        what: format!("pass the {what} to overlayfs"),
+        detail: format!("{e} ({})", ctx.log()),
+    };
+    match how {
+        LayerPassing::Fds => {
+            ctx.try_set_fd("lowerdir+", layers.meta)
+                .map_err(|e| fail("image layer", e))?;
+            ctx.try_set_fd("datadir+", layers.data)
+                .map_err(|e| fail("object store", e))?;
+            if let Some((upper, work)) = layers.upper {
+                ctx.try_set_fd("upperdir", upper)
+                    .map_err(|e| fail("upper dir", e))?;
+                ctx.try_set_fd("workdir", work)
+                    .map_err(|e| fail("work dir", e))?;
+            }
+        }
+        LayerPassing::Paths => {
+            let lower = format!(
+                "{}::{}",
+                proc_fd_path(layers.meta),
+                proc_fd_path(layers.data)
+            );
+            ctx.try_set("lowerdir", &lower)
+                .map_err(|e| fail("layers (data-only lowers need Linux 6.5+)", e))?;
+            if let Some((upper, work)) = layers.upper {
+                ctx.try_set("upperdir", &proc_fd_path(upper))
+                    .map_err(|e| fail("upper dir", e))?;
+                ctx.try_set("workdir", &proc_fd_path(work))
+                    .map_err(|e| fail("work dir", e))?;
+            }
+        }
+    }
+    let mut attrs = MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV;
+    if layers.upper.is_none() {
+        attrs |= MountAttrFlags::MOUNT_ATTR_RDONLY;
+    }
+    ctx.mount(attrs)
+}
+
+struct Upper {
+    path: PathBuf,
+    upper_fd: OwnedFd,
+    work_fd: OwnedFd,
+    managed: bool,
+}
+
+fn prepare_upper(
+    store: &Store,
+    slot: &MountSlot,
+    writes: &Writes,
+    target: &Path,
+    image_root: BorrowedFd<'_>,
+) -> Result<Option<Upper>> {
+    match writes {
+        Writes::ReadOnly => Ok(None),
+        Writes::CowManaged => {
+            let mk = |name: &str| -> Result<OwnedFd> {
+                let path = slot.path.join(name);
+                rustix::fs::mkdirat(&slot.dir, name, Mode::from_raw_mode(0o755))
+                    .map_err(|e| MountError::io("create", &path, e))?;
+                velo_objects::fsutil::open_dir_beneath(slot.dir.as_fd(), name)
+                    .map_err(|e| MountError::io("open", &path, e))
+            };
+            let upper_fd = mk("upper")?;
+            let work_fd = mk("work")?;
+            copy_root_metadata(image_root, upper_fd.as_fd(), &slot.path.join("upper"))?;
+            Ok(Some(Upper {
+                path: slot.path.join("upper"),
+                upper_fd,
+                work_fd,
+                managed: true,
+            }))
+        }
+        Writes::CowUpper(dir) => user_upper(store, dir, target, image_root).map(Some),
+    }
+}
+
+/// A user-chosen upper dir. The overlay work dir goes beside it (same filesystem), named
+/// `.<name>.velo-work`.
+fn user_upper(
+    store: &Store,
+    dir: &Path,
+    target: &Path,
+    image_root: BorrowedFd<'_>,
+) -> Result<Upper> {
+    let bad = |reason: String| MountError::BadUpper {
+        path: dir.to_owned(),
+        reason,
+    };
+    let fresh = match std::fs::symlink_metadata(dir) {
+        Ok(md) if md.file_type().is_symlink() => return Err(bad("is a symlink".into())),
+        Ok(md) if !md.is_dir() => return Err(bad("is not a directory".into())),
+        Ok(_) => false,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).map_err(|e| MountError::io("create upper dir", dir, e))?;
+            true
+        }
+        Err(e) => return Err(MountError::io("stat upper dir", dir, e)),
+    };
+    let path = std::fs::canonicalize(dir).map_err(|e| MountError::io("resolve", dir, e))?;
+    let store_root = std::fs::canonicalize(store.root())
+        .map_err(|e| MountError::io("resolve", store.root(), e))?;
+    if path.starts_with(&store_root) || store_root.starts_with(&path) {
+        return Err(bad(format!("overlaps the store {}", store_root.display())));
+    }
+    if path.starts_with(target) || target.starts_with(&path) {
+        return Err(bad(format!(
+            "overlaps the mount target {}",
+            target.display()
+        )));
+    }
+    let mounts =
+        mountinfo::read().map_err(|e| MountError::io("read", "/proc/self/mountinfo", e))?;
+    if let Some(m) = mounts.iter().find(|m| {
+        m.fstype == "overlay"
+            && m.super_option("upperdir")
+                .is_some_and(|u| Path::new(&u) == path)
+    }) {
+        return Err(bad(format!(
+            "is already the upper dir of the mount at {}; one upper dir is never mounted twice",
+            m.mount_point.display()
+        )));
+    }
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(bad("cannot be the root directory".into()));
+    };
+    let work = parent.join(work_dir_name(name));
+    match std::fs::create_dir(&work) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(MountError::io("create work dir", &work, e)),
+    }
+    let open_dir = |p: &Path| {
+        rustix::fs::open(
+            p,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| MountError::io("open", p, e))
+    };
+    let upper_fd = open_dir(&path)?;
+    let work_fd = open_dir(&work)?;
+    if fresh {
+        copy_root_metadata(image_root, upper_fd.as_fd(), &path)?;
+    }
+    Ok(Upper {
+        path,
+        upper_fd,
+        work_fd,
+        managed: false,
+    })
+}
+
+/// The overlay work dir velo uses for a user-chosen upper dir named `name`.
+pub fn work_dir_name(name: &OsStr) -> std::ffi::OsString {
+    let mut w = std::ffi::OsString::from(".");
+    w.push(name);
+    w.push(".velo-work");
+    w
+}
+
+/// The merged root directory takes its metadata from the upper dir: give a fresh upper dir
+/// the image root's mode, owner and mtime so the mount's root looks like the snapshot's.
+fn copy_root_metadata(
+    image_root: BorrowedFd<'_>,
+    upper: BorrowedFd<'_>,
+    path: &Path,
+) -> Result<()> {
+    let st = rustix::fs::fstat(image_root)
+        .map_err(|e| MountError::io("stat image root for", path, e))?;
+    rustix::fs::fchown(
+        upper,
+        Some(rustix::fs::Uid::from_raw(st.st_uid)),
+        Some(rustix::fs::Gid::from_raw(st.st_gid)),
+    )
+    .map_err(|e| MountError::io("chown", path, e))?;
+    rustix::fs::fchmod(upper, Mode::from_raw_mode(st.st_mode & 0o7777))
+        .map_err(|e| MountError::io("chmod", path, e))?;
+    let ts = Timestamps {
+        last_access: rustix::fs::Timespec {
+            tv_sec: st.st_atime,
+            tv_nsec: st.st_atime_nsec as _,
+        },
+        last_modification: rustix::fs::Timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec as _,
+        },
+    };
+    rustix::fs::futimens(upper, &ts).map_err(|e| MountError::io("set times of", path, e))?;
+    Ok(())
+}
+
+/// What [`probe`] found the kernel can do.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeReport {
+    /// EROFS takes `directio` for file-backed mounts.
+    pub erofs_directio: bool,
+    /// How overlayfs took the layers.
+    pub layers: LayerPassing,
+}
+
+/// Builds (and drops) the whole mount stack for `image` over `data` without attaching it
+/// anywhere: proves file-backed EROFS and overlayfs with a data-only lower work here.
+pub fn probe(image: BorrowedFd<'_>, data: BorrowedFd<'_>, digest: &Digest) -> Result<ProbeReport> {
+    crate::privilege::require_root("the mount probe")?;
+    let (erofs, erofs_directio) = erofs_mount(image, digest)?;
+    let layers = Layers {
+        meta: erofs.as_fd(),
+        data,
+        upper: None,
+    };
+    let (_ovl, layers) = overlay_mount(digest, &layers, VerityMode::Unavailable)?;
+    Ok(ProbeReport {
+        erofs_directio,
+        layers,
+    })
+}

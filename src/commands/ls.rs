@@ -1,0 +1,187 @@
+//! `velo ls` and `velo inspect`.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use serde::Serialize;
+use velo_image::inspect;
+use velo_objects::{Digest, Store};
+
+use super::Ctx;
+use crate::output;
+
+#[derive(Serialize)]
+struct RefRow {
+    name: String,
+    digest: Option<Digest>,
+    error: Option<String>,
+}
+
+#[derive(Serialize)]
+struct ImageRow {
+    digest: Digest,
+    refs: Vec<String>,
+    #[serde(flatten)]
+    summary: Option<inspect::ImageSummary>,
+    error: Option<String>,
+}
+
+#[derive(Serialize)]
+struct MountRow {
+    target: String,
+    image: Digest,
+    writable: bool,
+    verity: String,
+}
+
+#[derive(Serialize)]
+struct Listing {
+    store: String,
+    refs: Vec<RefRow>,
+    images: Vec<ImageRow>,
+    mounts: Vec<MountRow>,
+}
+
+pub fn ls(ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    let store = Store::open(&ctx.store)?;
+    let mut refs_of: BTreeMap<Digest, Vec<String>> = BTreeMap::new();
+    let refs: Vec<RefRow> = store
+        .list_refs()?
+        .into_iter()
+        .map(|(name, target)| match target {
+            Ok(d) => {
+                refs_of.entry(d).or_default().push(name.clone());
+                RefRow {
+                    name,
+                    digest: Some(d),
+                    error: None,
+                }
+            }
+            Err(e) => RefRow {
+                name,
+                digest: None,
+                error: Some(e.to_string()),
+            },
+        })
+        .collect();
+    let images: Vec<ImageRow> = store
+        .list_images()?
+        .into_iter()
+        .map(|digest| {
+            let (summary, error) = match inspect::load(&store, &digest) {
+                Ok(fs) => {
+                    let mut s = inspect::summarize(&fs);
+                    s.image_bytes = store.image_size(&digest).unwrap_or(0);
+                    (Some(s), None)
+                }
+                Err(e) => (None, Some(e.to_string())),
+            };
+            ImageRow {
+                refs: refs_of.get(&digest).cloned().unwrap_or_default(),
+                digest,
+                summary,
+                error,
+            }
+        })
+        .collect();
+    let mounts: Vec<MountRow> = store
+        .list_mount_records()?
+        .into_iter()
+        .filter_map(|(_, r)| r.ok())
+        .map(|r| MountRow {
+            target: r.target.display().to_string(),
+            image: r.image,
+            writable: r.upper.is_some(),
+            verity: r.verity,
+        })
+        .collect();
+    let listing = Listing {
+        store: store.root().display().to_string(),
+        refs,
+        images,
+        mounts,
+    };
+    if ctx.json {
+        output::json(&listing)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    ctx.say(format!("store {}", listing.store));
+    ctx.say("refs:");
+    if listing.refs.is_empty() {
+        ctx.say("  (none)");
+    }
+    for r in &listing.refs {
+        match (&r.digest, &r.error) {
+            (Some(d), _) => ctx.say(format!("  {:<40} {}", r.name, d)),
+            (None, Some(e)) => ctx.say(format!("  {:<40} BROKEN: {e}", r.name)),
+            _ => {}
+        }
+    }
+    ctx.say("images:");
+    if listing.images.is_empty() {
+        ctx.say("  (none)");
+    }
+    for i in &listing.images {
+        match (&i.summary, &i.error) {
+            (Some(s), _) => ctx.say(format!(
+                "  {}  {:>9} image, {:>7} files, {:>9} content{}",
+                i.digest,
+                output::bytes(s.image_bytes),
+                s.files,
+                output::bytes(s.bytes),
+                if i.refs.is_empty() {
+                    String::new()
+                } else {
+                    format!("  ({})", i.refs.join(", "))
+                }
+            )),
+            (None, Some(e)) => ctx.say(format!("  {}  UNREADABLE: {e}", i.digest)),
+            _ => {}
+        }
+    }
+    if !listing.mounts.is_empty() {
+        ctx.say("mounts:");
+        for m in &listing.mounts {
+            ctx.say(format!(
+                "  {}  {}  {}, verity {}",
+                m.target,
+                m.image,
+                if m.writable { "cow" } else { "ro" },
+                m.verity
+            ));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn inspect(ctx: &Ctx, image: &str, dump: bool) -> anyhow::Result<ExitCode> {
+    let store = Store::open(&ctx.store)?;
+    let digest = store.resolve(image)?;
+    let fs = inspect::load(&store, &digest)?;
+    let mut summary = inspect::summarize(&fs);
+    summary.digest = Some(digest);
+    summary.image_bytes = store.image_size(&digest)?;
+    if dump {
+        print!("{}", velo_image::dumpfile(&fs)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if ctx.json {
+        output::json(&summary)?;
+    } else {
+        ctx.say(format!(
+            "image {digest} ({})",
+            output::bytes(summary.image_bytes)
+        ));
+        ctx.say(format!(
+            "  {} files ({}), {} dirs, {} symlinks, {} other; {} objects ({})",
+            summary.files,
+            output::bytes(summary.bytes),
+            summary.dirs,
+            summary.symlinks,
+            summary.specials,
+            summary.objects,
+            output::bytes(summary.object_bytes)
+        ));
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,57 @@
+//! One module per command family; each parses nothing and prints its result.
+
+mod doctor;
+mod ls;
+mod mount;
+mod snapshot;
+
+use std::process::ExitCode;
+
+use crate::cli::{Cli, Command};
+
+/// Runs the command the user asked for.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let ctx = Ctx {
+        store: cli.store,
+        json: cli.json,
+        quiet: cli.quiet,
+    };
+    match cli.command {
+        Command::Snapshot {
+            dir,
+            ref_name,
+            reproducible,
+            jobs,
+        } => snapshot::snapshot(&ctx, &dir, ref_name, reproducible, jobs),
+        Command::Mount {
+            image,
+            target,
+            cow,
+            upper,
+            no_mkdir,
+        } => mount::mount(&ctx, &image, &target, cow, upper, no_mkdir),
+        Command::Umount { target, lazy } => mount::umount(&ctx, &target, lazy),
+        Command::Ls => ls::ls(&ctx),
+        Command::Inspect { image, dump } => ls::inspect(&ctx, &image, dump),
+        Command::Doctor => doctor::doctor(&ctx),
+    }
+}
+
+/// What every command gets.
+pub struct Ctx {
+    /// The store path.
+    pub store: std::path::PathBuf,
+    /// JSON output.
+    pub json: bool,
+    /// Only errors.
+    pub quiet: bool,
+}
+
+impl Ctx {
+    /// Prints a human line unless quiet or JSON.
+    pub fn say(&self, line: impl AsRef<str>) {
+        if !self.quiet && !self.json {
+            println!("{}", line.as_ref());
+        }
+    }
+}
