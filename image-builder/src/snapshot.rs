@@ -15,6 +15,11 @@ use crate::error::{ImageError, Result};
 use crate::scan::{self, Entry, EntryKind};
 use crate::statcache::{Key, StatCache};
 
+/// A file whose ctime is this close to the snapshot's start may still change within the same
+/// timestamp tick without its ctime moving (coarse kernel clocks tick every 1-10 ms), so its
+/// digest is not cached.
+const RACY_WINDOW: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// How to snapshot.
 #[derive(Debug, Clone, Default)]
 pub struct SnapshotOptions {
@@ -95,12 +100,10 @@ pub fn snapshot(
     let root = check_source(store, source)?;
     let session = store.begin_write()?;
     let racy_after = {
-        // Files changed within the last moment may change again within one timestamp tick
-        // without their ctime moving: hash them now and do not cache their digests.
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
-            .saturating_sub(std::time::Duration::from_millis(100));
+            .saturating_sub(RACY_WINDOW);
         (now.as_secs() as i64, now.subsec_nanos())
     };
     let entries = scan::scan(&root, &|n| progress.scanned(n))?;
