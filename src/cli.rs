@@ -57,6 +57,10 @@ pub enum Command {
         /// Fail if TARGET does not exist instead of creating it.
         #[arg(long)]
         no_mkdir: bool,
+        /// First re-hash in userspace the image and every object it needs (for stores without
+        /// fs-verity); refuse to mount if any is bad.
+        #[arg(long)]
+        verify: bool,
     },
     /// Unmount a velo mount (root only).
     Umount {
@@ -78,4 +82,14 @@ pub enum Command {
     },
     /// Check privileges, kernel features and the store, in plain words.
     Doctor,
+    /// Check the whole store: objects and images against their names, references, refs.
+    /// Exit 0 when there is no damage (leftovers of interrupted work are reclaimable, not damage).
+    Fsck {
+        /// Move damaged objects/images to quarantine/ and remove leftovers (when no writer runs).
+        #[arg(long)]
+        repair: bool,
+        /// Hashing threads (default: one per CPU).
+        #[arg(long, short = 'j')]
+        jobs: Option<usize>,
+    },
 }

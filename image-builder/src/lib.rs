@@ -9,6 +9,7 @@
 mod cfs;
 mod content;
 mod error;
+pub mod fsck;
 pub mod inspect;
 mod scan;
 mod snapshot;

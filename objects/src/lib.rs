@@ -21,6 +21,7 @@
 mod cache;
 mod digest;
 mod error;
+mod fsck;
 pub mod fsutil;
 mod ingest;
 pub mod kverity;
@@ -35,6 +36,7 @@ pub mod verity;
 
 pub use digest::Digest;
 pub use error::{Result, StoreError};
+pub use fsck::{Finding, FsckProgress};
 pub use ingest::{Kind, Stored};
 pub use lock::StoreLock;
 pub use meta::{FORMAT_VERSION, Meta, VerityMode};

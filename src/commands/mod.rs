@@ -1,6 +1,7 @@
 //! One module per command family; each parses nothing and prints its result.
 
 mod doctor;
+mod fsck;
 mod ls;
 mod mount;
 mod snapshot;
@@ -29,11 +30,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cow,
             upper,
             no_mkdir,
-        } => mount::mount(&ctx, &image, &target, cow, upper, no_mkdir),
+            verify,
+        } => mount::mount(&ctx, &image, &target, cow, upper, no_mkdir, verify),
         Command::Umount { target, lazy } => mount::umount(&ctx, &target, lazy),
         Command::Ls => ls::ls(&ctx),
         Command::Inspect { image, dump } => ls::inspect(&ctx, &image, dump),
         Command::Doctor => doctor::doctor(&ctx),
+        Command::Fsck { repair, jobs } => fsck::fsck(&ctx, repair, jobs),
     }
 }
 

@@ -16,10 +16,37 @@ pub fn mount(
     cow: bool,
     upper: Option<PathBuf>,
     no_mkdir: bool,
+    verify: bool,
 ) -> anyhow::Result<ExitCode> {
     velo_mount::privilege::require_root("velo mount")?;
     let store = Store::open(&ctx.store)?;
     let digest = store.resolve(image)?;
+    let checked = if verify {
+        let pool = velo_image::fsck::pool(None)?;
+        let v = velo_image::fsck::verify_image(&store, &digest, &pool)?;
+        if !v.bad.is_empty() {
+            for f in &v.bad {
+                eprintln!(
+                    "{} {} expected={} found={}",
+                    f.kind,
+                    f.path.display(),
+                    f.expected,
+                    f.found
+                );
+            }
+            if ctx.json {
+                output::json(&serde_json::json!({ "error": "verification failed", "bad": v.bad }))?;
+            }
+            anyhow::bail!(
+                "refusing to mount {digest}: {} of its {} objects failed verification (listed above)",
+                v.bad.len(),
+                v.objects
+            );
+        }
+        Some(v)
+    } else {
+        None
+    };
     let writes = match (cow, upper) {
         (_, Some(dir)) => Writes::CowUpper(dir),
         (true, None) => Writes::CowManaged,
@@ -33,17 +60,25 @@ pub fn mount(
     };
     let r = velo_mount::mount_image(&store, &req)?;
     if ctx.json {
-        output::json(&r)?;
+        let mut v = serde_json::to_value(&r)?;
+        v["userspace_verified"] = serde_json::json!(checked.as_ref().map(|c| serde_json::json!({
+            "objects": c.objects, "bytes": c.bytes, "seconds": c.seconds
+        })));
+        output::json(&v)?;
     } else {
         let mode = match (&r.upper, r.managed_upper) {
             (None, _) => "read-only".to_owned(),
             (Some(_), true) => "copy-on-write (upper removed at umount)".to_owned(),
             (Some(u), false) => format!("copy-on-write into {}", u.display()),
         };
-        let verity = if r.verity == "require" {
-            "verified by the kernel (fs-verity)"
-        } else {
-            "unverified: this store's filesystem has no fs-verity"
+        let verity = match (r.verity, &checked) {
+            ("require", _) => "verified by the kernel on every read (fs-verity)".to_owned(),
+            (_, Some(c)) => format!(
+                "not verified by the kernel (no fs-verity here); the image and its {} objects ({}) were re-hashed in userspace before mounting",
+                c.objects,
+                output::bytes(c.bytes)
+            ),
+            (_, None) => "unverified: this store's filesystem has no fs-verity (use --verify to re-hash before mounting)".to_owned(),
         };
         ctx.say(format!(
             "mounted {} at {}: {mode}, {verity}",

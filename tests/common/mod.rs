@@ -21,7 +21,11 @@ pub fn can_mount(test: &str) -> bool {
         && std::fs::read_to_string("/proc/filesystems")
             .is_ok_and(|t| t.contains("erofs") && t.contains("overlay"));
     if !have {
-        let why = if root { "the kernel lacks erofs or overlay" } else { "not running as root" };
+        let why = if root {
+            "the kernel lacks erofs or overlay"
+        } else {
+            "not running as root"
+        };
         if std::env::var("VELO_REQUIRE_MOUNT_TESTS").as_deref() == Ok("1") {
             panic!("{test}: cannot run ({why}) but VELO_REQUIRE_MOUNT_TESTS=1");
         }
@@ -38,7 +42,10 @@ pub struct Env {
 
 impl Env {
     pub fn new() -> Self {
-        let dir = tempfile::Builder::new().prefix("velo-test-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("velo-test-")
+            .tempdir()
+            .expect("tempdir");
         let store = dir.path().join("store");
         Self { dir, store }
     }
@@ -58,7 +65,11 @@ impl Env {
     /// Runs velo, expecting success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.velo(args).output().expect("run velo");
-        assert!(out.status.success(), "velo {args:?} failed:\n{}", describe(&out));
+        assert!(
+            out.status.success(),
+            "velo {args:?} failed:\n{}",
+            describe(&out)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -67,13 +78,18 @@ impl Env {
         let mut a = vec!["--json"];
         a.extend_from_slice(args);
         let out = self.ok(&a);
-        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("velo {args:?}: bad JSON {e}: {out}"))
+        serde_json::from_str(out.trim())
+            .unwrap_or_else(|e| panic!("velo {args:?}: bad JSON {e}: {out}"))
     }
 
     /// Runs velo, expecting failure; returns stderr.
     pub fn fails(&self, args: &[&str]) -> String {
         let out = self.velo(args).output().expect("run velo");
-        assert!(!out.status.success(), "velo {args:?} should have failed:\n{}", describe(&out));
+        assert!(
+            !out.status.success(),
+            "velo {args:?} should have failed:\n{}",
+            describe(&out)
+        );
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
 
@@ -92,7 +108,11 @@ impl Env {
             target: target.to_owned(),
             store: self.store.clone(),
         };
-        assert!(out.status.success(), "velo {args:?} failed:\n{}", describe(&out));
+        assert!(
+            out.status.success(),
+            "velo {args:?} failed:\n{}",
+            describe(&out)
+        );
         guard
     }
 
@@ -120,7 +140,9 @@ pub fn listing(root: &Path) -> BTreeMap<PathBuf, (u64, u32, String)> {
 }
 
 fn fxhash(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf29ce484222325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+    data.iter().fold(0xcbf29ce484222325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
 }
 
 /// A mount made by a test; unmounted (lazily if busy) on drop.
@@ -130,6 +152,14 @@ pub struct Mounted {
 }
 
 impl Mounted {
+    /// Takes responsibility for a mount made some other way.
+    pub fn adopt(target: &Path, store: &Path) -> Self {
+        Self {
+            target: target.to_owned(),
+            store: store.to_owned(),
+        }
+    }
+
     /// Unmounts now, asserting success.
     pub fn umount(self) -> serde_json::Value {
         let out = Command::new(velo_bin())
@@ -161,14 +191,23 @@ impl Drop for Mounted {
 
 /// True if `path` is a mount point (per mountinfo).
 pub fn is_mount_point(path: &Path) -> bool {
-    let Ok(abs) = std::fs::canonicalize(path) else { return false };
+    let Ok(abs) = std::fs::canonicalize(path) else {
+        return false;
+    };
     std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|t| {
-        t.lines().any(|l| l.split(' ').nth(4).is_some_and(|mp| Path::new(&unescape(mp)) == abs))
+        t.lines().any(|l| {
+            l.split(' ')
+                .nth(4)
+                .is_some_and(|mp| Path::new(&unescape(mp)) == abs)
+        })
     })
 }
 
 fn unescape(s: &str) -> String {
-    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
 }
 
 pub fn path_str(p: &Path) -> &str {
@@ -189,7 +228,9 @@ pub fn walkdir(root: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_owned()];
     while let Some(dir) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for e in rd.flatten() {
             let p = e.path();
             if e.file_type().is_ok_and(|t| t.is_dir()) {
@@ -227,8 +268,14 @@ pub fn xattrs(path: &Path) -> BTreeMap<OsString, Vec<u8>> {
 /// numbers, xattrs and hardlink identity. Returns the differences found (empty = identical).
 pub fn compare_trees(a: &Path, b: &Path) -> Vec<String> {
     let mut diffs = Vec::new();
-    let la: Vec<PathBuf> = walkdir(a).into_iter().map(|p| p.strip_prefix(a).unwrap_or(&p).to_owned()).collect();
-    let lb: Vec<PathBuf> = walkdir(b).into_iter().map(|p| p.strip_prefix(b).unwrap_or(&p).to_owned()).collect();
+    let la: Vec<PathBuf> = walkdir(a)
+        .into_iter()
+        .map(|p| p.strip_prefix(a).unwrap_or(&p).to_owned())
+        .collect();
+    let lb: Vec<PathBuf> = walkdir(b)
+        .into_iter()
+        .map(|p| p.strip_prefix(b).unwrap_or(&p).to_owned())
+        .collect();
     if la != lb {
         diffs.push(format!("entries differ:\n  {la:?}\n  {lb:?}"));
         return diffs;
@@ -239,19 +286,41 @@ pub fn compare_trees(a: &Path, b: &Path) -> Vec<String> {
     for rel in std::iter::once(PathBuf::new()).chain(la.iter().cloned()) {
         let pa = a.join(&rel);
         let pb = b.join(&rel);
-        let (ma, mb) = (std::fs::symlink_metadata(&pa).expect("lstat a"), std::fs::symlink_metadata(&pb).expect("lstat b"));
+        let (ma, mb) = (
+            std::fs::symlink_metadata(&pa).expect("lstat a"),
+            std::fs::symlink_metadata(&pb).expect("lstat b"),
+        );
         let what = |f: &str| format!("{}: {f} differs", rel.display());
         if ma.mode() != mb.mode() {
-            diffs.push(format!("{} ({:o} vs {:o})", what("mode"), ma.mode(), mb.mode()));
+            diffs.push(format!(
+                "{} ({:o} vs {:o})",
+                what("mode"),
+                ma.mode(),
+                mb.mode()
+            ));
         }
         if (ma.uid(), ma.gid()) != (mb.uid(), mb.gid()) {
             diffs.push(what("owner"));
         }
-        if (ma.mtime(), ma.mtime_nsec()) != (mb.mtime(), mb.mtime_nsec()) && !rel.as_os_str().is_empty() {
-            diffs.push(format!("{} ({}.{} vs {}.{})", what("mtime"), ma.mtime(), ma.mtime_nsec(), mb.mtime(), mb.mtime_nsec()));
+        if (ma.mtime(), ma.mtime_nsec()) != (mb.mtime(), mb.mtime_nsec())
+            && !rel.as_os_str().is_empty()
+        {
+            diffs.push(format!(
+                "{} ({}.{} vs {}.{})",
+                what("mtime"),
+                ma.mtime(),
+                ma.mtime_nsec(),
+                mb.mtime(),
+                mb.mtime_nsec()
+            ));
         }
         if xattrs(&pa) != xattrs(&pb) {
-            diffs.push(format!("{} ({:?} vs {:?})", what("xattrs"), xattrs(&pa), xattrs(&pb)));
+            diffs.push(format!(
+                "{} ({:?} vs {:?})",
+                what("xattrs"),
+                xattrs(&pa),
+                xattrs(&pb)
+            ));
         }
         let ft = ma.file_type();
         if ft.is_file() {
@@ -260,8 +329,14 @@ pub fn compare_trees(a: &Path, b: &Path) -> Vec<String> {
             } else if ma.len() < (64 << 20) && std::fs::read(&pa).ok() != std::fs::read(&pb).ok() {
                 diffs.push(what("content"));
             }
-            groups_a.entry((ma.dev(), ma.ino())).or_default().push(rel.clone());
-            groups_b.entry((mb.dev(), mb.ino())).or_default().push(rel.clone());
+            groups_a
+                .entry((ma.dev(), ma.ino()))
+                .or_default()
+                .push(rel.clone());
+            groups_b
+                .entry((mb.dev(), mb.ino()))
+                .or_default()
+                .push(rel.clone());
         } else if ft.is_symlink() {
             if std::fs::read_link(&pa).ok() != std::fs::read_link(&pb).ok() {
                 diffs.push(what("symlink target"));
