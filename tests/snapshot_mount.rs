@@ -573,3 +573,125 @@ fn without_root_mounting_is_refused_and_unreadable_files_are_named() {
         "a refused mount must not create its target"
     );
 }
+
+#[test]
+fn a_tree_changing_during_the_snapshot_fails_clearly_and_writes_no_ref() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..200 {
+        fs::write(src.join(format!("f{i}")), "x".repeat(1000)).unwrap();
+    }
+    fs::write(src.join("growing.log"), "start\n").unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, path) = (stop.clone(), src.join("growing.log"));
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut f = fs::OpenOptions::new().append(true).open(path).unwrap();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                f.write_all(b"another line of log output\n").unwrap();
+            }
+        })
+    };
+    let out = env
+        .velo(&["snapshot", path_str(&src), "--ref", "moving"])
+        .output()
+        .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    assert!(
+        !out.status.success(),
+        "a file that grew during the snapshot must fail it"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("growing.log") && err.contains("changed while being snapshotted"),
+        "{err}"
+    );
+    assert!(
+        !env.store.join("refs/moving").exists(),
+        "no ref after a failed snapshot"
+    );
+}
+
+#[test]
+fn a_path_too_long_for_the_kernel_is_named() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    // 30 levels of 200-byte names: over PATH_MAX (4096), built fd-relative.
+    let mut dir = rustix::fs::open(
+        &src,
+        rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::RDONLY,
+        rustix::fs::Mode::empty(),
+    )
+    .unwrap();
+    let name = "n".repeat(200);
+    for _ in 0..30 {
+        rustix::fs::mkdirat(&dir, name.as_str(), rustix::fs::Mode::from_raw_mode(0o755)).unwrap();
+        dir = rustix::fs::openat(
+            &dir,
+            name.as_str(),
+            rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::RDONLY,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap();
+    }
+    let err = env.fails(&["snapshot", path_str(&src), "--ref", "long"]);
+    assert!(err.contains(&name) && err.contains("too long"), "{err}");
+    assert!(!env.store.join("refs/long").exists());
+    // Clean up the deep tree from the inside (paths are too long for remove_dir_all).
+    drop(dir);
+    let _ = Command::new("rm").arg("-rf").arg(&src).status();
+}
+
+#[test]
+fn ls_and_doctor_report_in_json() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), "y".repeat(1000)).unwrap();
+    let digest = env.snapshot(&src, "app/deps");
+    let ls = env.json(&["ls"]);
+    assert_eq!(ls["refs"][0]["name"], "app/deps");
+    assert_eq!(ls["refs"][0]["digest"], digest.as_str());
+    assert_eq!(ls["images"][0]["digest"], digest.as_str());
+    assert_eq!(ls["images"][0]["files"], 1);
+    assert_eq!(ls["images"][0]["bytes"], 1000);
+    assert!(ls["images"][0]["image_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(ls["images"][0]["refs"][0], "app/deps");
+
+    let out = env.velo(&["--json", "doctor"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let check = |name: &str| {
+        v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(check("store")["status"], "ok");
+    assert_eq!(check("store mode")["status"], "ok");
+    let verity = check("fs-verity");
+    let kernel_has_verity = velo_store_supports_verity(&env.store);
+    assert_eq!(verity["status"] == "ok", kernel_has_verity, "{verity}");
+    if !kernel_has_verity {
+        assert!(
+            verity["detail"].as_str().unwrap().contains("not supported"),
+            "{verity}"
+        );
+    }
+    if can_mount("ls_and_doctor_report_in_json (mount probe)") {
+        assert_eq!(check("mount stack")["status"], "ok", "{v}");
+        assert!(out.status.success(), "{}", common::describe(&out));
+    }
+}
+
+fn velo_store_supports_verity(store: &Path) -> bool {
+    let meta: serde_json::Value =
+        serde_json::from_slice(&fs::read(store.join("meta.json")).unwrap()).unwrap();
+    meta["verity"] == "enabled"
+}

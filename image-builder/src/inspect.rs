@@ -15,6 +15,7 @@ pub const MAX_IMAGE_BYTES: u64 = 1 << 30;
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ImageSummary {
     /// The image digest.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub digest: Option<Digest>,
     /// Size of the image file.
     pub image_bytes: u64,
