@@ -14,8 +14,7 @@ pub enum ImageError {
         op: &'static str,
         /// The path it was doing it on.
         path: PathBuf,
-        /// The system's answer.
-        #[source]
+        /// The system's answer (shown in the message, so not also chained as a source).
         source: std::io::Error,
     },
     /// The store refused or failed.

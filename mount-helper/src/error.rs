@@ -22,8 +22,7 @@ pub enum MountError {
         op: &'static str,
         /// The path concerned.
         path: PathBuf,
-        /// The system's answer.
-        #[source]
+        /// The system's answer (shown in the message, so not also chained as a source).
         source: std::io::Error,
     },
     /// The target is not acceptable.

@@ -54,6 +54,7 @@ enum Command {
 }
 
 fn run(cli: Cli) -> anyhow::Result<String> {
+    velo_mount::privilege::require_root("velo-mount")?;
     let store = Store::open(&cli.store)?;
     Ok(match cli.command {
         Command::Mount {

@@ -13,8 +13,7 @@ pub enum StoreError {
         op: &'static str,
         /// The path it was doing it on.
         path: PathBuf,
-        /// The system's answer.
-        #[source]
+        /// The system's answer (shown in the message, so not also chained as a source).
         source: io::Error,
     },
     /// No store exists at the given path.
