@@ -82,6 +82,31 @@ pub enum Command {
     },
     /// Check privileges, kernel features and the store, in plain words.
     Doctor,
+    /// Tenants: named copy-on-write layers over one image, kept in the store.
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
+    /// Remove images no ref, tenant or live mount needs, then objects no image references.
+    Gc {
+        /// Report what would go, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also expire `deps/*` refs not used (mounted, run) for this long, e.g. 30d, 12h.
+        #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+        unused_for: Option<std::time::Duration>,
+        /// Keep at least this many previous images of each ref.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        keep_last: usize,
+        /// Also keep previous images of refs replaced less than this long ago.
+        #[arg(long, value_name = "DUR", default_value = "7d", value_parser = parse_duration)]
+        older_than: std::time::Duration,
+    },
+    /// Refs: list, remove, history.
+    Ref {
+        #[command(subcommand)]
+        command: RefCommand,
+    },
     /// Check the whole store: objects and images against their names, references, refs.
     /// Exit 0 when there is no damage (leftovers of interrupted work are reclaimable, not damage).
     Fsck {
@@ -92,4 +117,97 @@ pub enum Command {
         #[arg(long, short = 'j')]
         jobs: Option<usize>,
     },
+}
+
+/// `velo tenant …`
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Create a tenant over an image (by ref or digest), optionally mounting it.
+    Create {
+        /// Tenant name (letters, digits, `._-`).
+        name: String,
+        /// The image it is built on.
+        #[arg(long)]
+        image: String,
+        /// Mount it here right away.
+        #[arg(long, value_name = "DIR")]
+        mount: Option<PathBuf>,
+    },
+    /// List tenants with their image, mount point and upper-dir size.
+    Ls,
+    /// Mount a tenant (root only); its writes persist in the store.
+    Mount {
+        /// Tenant name.
+        name: String,
+        /// Where to mount it.
+        dir: PathBuf,
+    },
+    /// Unmount a tenant (root only).
+    Umount {
+        /// Tenant name.
+        name: String,
+    },
+    /// Files the tenant added, changed or deleted relative to its image.
+    Diff {
+        /// Tenant name.
+        name: String,
+    },
+    /// Drop all of a tenant's writes (it must not be mounted).
+    Reset {
+        /// Tenant name.
+        name: String,
+    },
+    /// Remove a tenant and its writes (it must not be mounted).
+    Rm {
+        /// Tenant name.
+        name: String,
+    },
+    /// Snapshot the tenant's merged view into a new image and ref (root only); unchanged
+    /// files cost no new objects.
+    Commit {
+        /// Tenant name.
+        name: String,
+        /// The ref to point at the new image.
+        #[arg(long = "ref", value_name = "NAME")]
+        ref_name: String,
+    },
+}
+
+/// `velo ref …`
+#[derive(Debug, Subcommand)]
+pub enum RefCommand {
+    /// List refs with their images and last use.
+    Ls,
+    /// Remove a ref (its image stays until `velo gc`, kept as history by the keep policy).
+    Rm {
+        /// Ref name.
+        name: String,
+    },
+    /// Images a ref pointed at before, newest first.
+    History {
+        /// Ref name.
+        name: String,
+    },
+}
+
+/// Parses `90s`, `15m`, `12h`, `30d`, `2w` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let t = text.trim();
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 30d, 12h, 15m, 90s"))?;
+    let secs = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use s, m, h, d or w)"
+            ));
+        }
+    };
+    Ok(std::time::Duration::from_secs(n.saturating_mul(secs)))
 }

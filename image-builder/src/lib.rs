@@ -8,10 +8,11 @@
 
 mod cfs;
 mod content;
+pub mod diff;
 mod error;
 pub mod fsck;
 pub mod inspect;
-mod scan;
+pub(crate) mod scan;
 mod snapshot;
 mod statcache;
 

@@ -22,8 +22,8 @@ mod umount;
 
 pub use error::{MountError, Result};
 pub use mount::{
-    LayerPassing, MountReport, MountRequest, ProbeReport, SOURCE_PREFIX, Writes, mount_image,
-    probe, work_dir_name,
+    LayerPassing, MountReport, MountRequest, ProbeReport, SOURCE_PREFIX, Writes,
+    enter_private_namespace, liveness, mount_image, probe, tenant_mount_point, work_dir_name,
 };
 pub use target::open_target;
 pub use umount::{UmountReport, umount};

@@ -74,6 +74,7 @@ fn run(cli: Cli) -> anyhow::Result<String> {
                 target,
                 writes,
                 create_target: !no_mkdir,
+                owner: None,
             };
             let r = velo_mount::mount_image(&store, &req)?;
             if cli.json {

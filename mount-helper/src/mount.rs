@@ -28,6 +28,9 @@ pub enum Writes {
     CowManaged,
     /// Copy-on-write into this directory, which persists after umount.
     CowUpper(PathBuf),
+    /// Copy-on-write into a tenant's upper dir in the store (the tenant's own image only, and
+    /// never twice at once).
+    Tenant(String),
 }
 
 /// A mount to make.
@@ -41,6 +44,8 @@ pub struct MountRequest {
     pub writes: Writes,
     /// Create the target directory if it is missing.
     pub create_target: bool,
+    /// For mounts in a private namespace: the process whose life the pin follows.
+    pub owner: Option<u32>,
 }
 
 /// How the layers reached overlayfs.
@@ -96,6 +101,10 @@ pub fn mount_image(store: &Store, req: &MountRequest) -> Result<MountReport> {
     }
     let objects_fd = store.open_area(Area::Objects)?;
 
+    let _tenant_lock = match &req.writes {
+        Writes::Tenant(name) => Some(check_tenant(store, name, &req.image)?),
+        _ => None,
+    };
     let slot = store.create_mount_slot()?;
     let result = (|| {
         let (erofs, directio) = erofs_mount(image_fd.as_fd(), &req.image)?;
@@ -143,6 +152,14 @@ pub fn mount_image(store: &Store, req: &MountRequest) -> Result<MountReport> {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            tenant: match &req.writes {
+                Writes::Tenant(name) => Some(name.clone()),
+                _ => None,
+            },
+            mnt_ns: velo_objects::current_mnt_ns(),
+            owner: req
+                .owner
+                .and_then(|pid| velo_objects::process_start_time(pid).map(|start| (pid, start))),
         };
         if let Err(e) = store.write_mount_record(&slot, &record) {
             let _ = detach(ovl.as_fd());
@@ -339,6 +356,112 @@ fn prepare_upper(
             }))
         }
         Writes::CowUpper(dir) => user_upper(store, dir, target, image_root).map(Some),
+        Writes::Tenant(name) => {
+            let dirs = store.tenant_dirs(name)?;
+            Ok(Some(Upper {
+                path: dirs.upper_path,
+                upper_fd: dirs.upper,
+                work_fd: dirs.work,
+                managed: false,
+            }))
+        }
+    }
+}
+
+/// Refuses a tenant mount over another image than the tenant's, or while the tenant is mounted
+/// anywhere (overlayfs itself only warns about a reused upper dir, then misbehaves). Returns
+/// the tenant lock, to hold until the new mount's record is written.
+fn check_tenant(store: &Store, name: &str, image: &Digest) -> Result<OwnedFd> {
+    let tenant = store.tenant(name)?;
+    if tenant.image != *image {
+        return Err(MountError::BadUpper {
+            path: store.area_path(Area::Tenants).join(name),
+            reason: format!(
+                "tenant {name:?} was created on image {}; it is never mounted over another image ({image})",
+                tenant.image
+            ),
+        });
+    }
+    let dirs = store.tenant_dirs(name)?;
+    rustix::fs::flock(&dirs.dir, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| MountError::io("lock tenant", &dirs.upper_path, e))?;
+    if let Some(at) = tenant_mount_point(store, name)? {
+        return Err(MountError::BadUpper {
+            path: dirs.upper_path.clone(),
+            reason: format!(
+                "tenant {name:?} is already mounted at {}; one tenant is never mounted twice at once",
+                at.display()
+            ),
+        });
+    }
+    Ok(dirs.dir)
+}
+
+/// Where a tenant is mounted, if it is (here, or pinned by a live mount elsewhere).
+pub fn tenant_mount_point(store: &Store, name: &str) -> Result<Option<PathBuf>> {
+    let dirs = store.tenant_dirs(name)?;
+    let mounts =
+        mountinfo::read().map_err(|e| MountError::io("read", "/proc/self/mountinfo", e))?;
+    if let Some(m) = mounts.iter().find(|m| {
+        m.fstype == "overlay"
+            && m.super_option("upperdir")
+                .is_some_and(|u| Path::new(&u) == dirs.upper_path)
+    }) {
+        return Ok(Some(m.mount_point.clone()));
+    }
+    Ok(store
+        .list_mount_records()?
+        .into_iter()
+        .filter_map(|(_, r)| r.ok())
+        .find(|r| r.tenant.as_deref() == Some(name) && liveness(r) != velo_objects::Liveness::Gone)
+        .map(|r| r.target))
+}
+
+/// Moves this thread (and the threads it starts later) into a private mount namespace, where
+/// mounts vanish with the process and nothing propagates to or from the host.
+pub fn enter_private_namespace() -> Result<()> {
+    // SAFETY: only CLONE_NEWNS is unshared; the unsafety of unshare(2) concerns CLONE_FILES
+    // (file descriptor tables), which this does not touch.
+    unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }.map_err(
+        |e| MountError::Kernel {
+            what: "create a private mount namespace".into(),
+            detail: e.to_string(),
+        },
+    )?;
+    rustix::mount::mount_change(
+        "/",
+        rustix::mount::MountPropagationFlags::REC | rustix::mount::MountPropagationFlags::PRIVATE,
+    )
+    .map_err(|e| MountError::io("make mounts private in the new namespace", "/", e))
+}
+
+/// Whether the mount a record describes still exists (see [`velo_objects::Liveness`]).
+pub fn liveness(record: &MountRecord) -> velo_objects::Liveness {
+    use velo_objects::Liveness;
+    if record.boot_id != velo_objects::fsutil::boot_id() {
+        return Liveness::Gone;
+    }
+    if let Some((pid, start)) = record.owner {
+        return if velo_objects::process_start_time(pid) == Some(start) {
+            Liveness::Alive
+        } else {
+            Liveness::Gone
+        };
+    }
+    if record.mnt_ns.is_some() && record.mnt_ns != velo_objects::current_mnt_ns() {
+        return Liveness::Unknown;
+    }
+    let source = format!("{SOURCE_PREFIX}{}", record.image);
+    match mountinfo::read() {
+        Ok(mounts)
+            if mounts.iter().any(|m| {
+                m.id == record.mnt_id && m.mount_point == record.target && m.source == source
+            }) =>
+        {
+            Liveness::Alive
+        }
+        Ok(_) => Liveness::Gone,
+        Err(_) => Liveness::Unknown,
     }
 }
 

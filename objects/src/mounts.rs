@@ -35,6 +35,43 @@ pub struct MountRecord {
     pub boot_id: String,
     /// Seconds since the epoch at mount time.
     pub created: u64,
+    /// The tenant whose upper dir this mount uses, if any.
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// Inode number of the mount namespace the mount was made in (`/proc/self/ns/mnt`).
+    #[serde(default)]
+    pub mnt_ns: Option<u64>,
+    /// For mounts inside a private namespace (`velo run`): the process that owns it, as
+    /// (pid, start time in clock ticks since boot); the pin lives as long as that process.
+    #[serde(default)]
+    pub owner: Option<(u32, u64)>,
+}
+
+/// Whether the mount a record describes still exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Liveness {
+    /// It does.
+    Alive,
+    /// It is gone: the record is stale.
+    Gone,
+    /// It cannot be seen from here (another mount namespace): assumed alive.
+    Unknown,
+}
+
+/// This process's mount namespace inode.
+pub fn current_mnt_ns() -> Option<u64> {
+    std::fs::metadata("/proc/self/ns/mnt")
+        .ok()
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+}
+
+/// A process's start time (clock ticks since boot), to tell it from a later one with its pid.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: skip past its last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
 }
 
 /// A fresh `mounts/<token>/` directory, for one mount.

@@ -116,6 +116,10 @@ impl Store {
         let parent =
             fsutil::mkdir_all_beneath(refs.as_fd(), parent_rel, Mode::from_raw_mode(0o700))
                 .ctx("create ref directory", path.parent().unwrap_or(&path))?;
+        match self.read_ref(name) {
+            Ok(old) if old != *digest => self.append_history(name, &old)?,
+            _ => {}
+        }
         let tmp_name = fsutil::unique_name("ref-");
         let tmp = self.tmp_fd();
         {
@@ -159,6 +163,9 @@ impl Store {
                 Err(e) => return Err(StoreError::io("open ref directory", path, e)),
             }
         };
+        if let Ok(old) = self.read_ref(name) {
+            self.append_history(name, &old)?;
+        }
         match rustix::fs::unlinkat(&parent, leaf, rustix::fs::AtFlags::empty()) {
             Ok(()) => Ok(()),
             Err(Errno::NOENT) => Err(StoreError::RefNotFound {
@@ -167,6 +174,158 @@ impl Store {
             }),
             Err(e) => Err(StoreError::io("remove ref", path, e)),
         }
+    }
+
+    /// Records that `name` pointed at `old` until now (`history/<name>`, one line per change).
+    fn append_history(&self, name: &str, old: &Digest) -> Result<()> {
+        let path = self.area_path(Area::History).join(name);
+        let dir = self.open_area(Area::History)?;
+        let parent_rel = name.rsplit_once('/').map_or("", |(p, _)| p);
+        let leaf = name.rsplit_once('/').map_or(name, |(_, l)| l);
+        let parent = fsutil::mkdir_all_beneath(dir.as_fd(), parent_rel, Mode::from_raw_mode(0o700))
+            .ctx("create history directory", &path)?;
+        let fd = open_beneath(
+            parent.as_fd(),
+            leaf,
+            OFlags::CREATE | OFlags::WRONLY | OFlags::APPEND,
+            Mode::from_raw_mode(0o600),
+        )
+        .ctx("open ref history", &path)?;
+        let line = format!("{} {old}\n", fsutil::now_ns() / 1_000_000_000);
+        rustix::io::write(&fd, line.as_bytes()).ctx("append ref history", &path)?;
+        rustix::fs::fsync(&fd).ctx("fsync ref history", &path)?;
+        Ok(())
+    }
+
+    /// A ref's earlier images, oldest first, with the time (seconds) each stopped being current.
+    pub fn ref_history(&self, name: &str) -> Result<Vec<(u64, Digest)>> {
+        validate_ref_name(name)?;
+        let dir = self.open_area(Area::History)?;
+        let path = self.area_path(Area::History).join(name);
+        let fd = match open_beneath(dir.as_fd(), name, OFlags::RDONLY, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) | Err(Errno::NOTDIR) => return Ok(Vec::new()),
+            Err(e) => return Err(StoreError::io("open ref history", path, e)),
+        };
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut text)
+            .ctx("read ref history", &path)?;
+        Ok(text
+            .lines()
+            .filter_map(|l| {
+                let (t, d) = l.split_once(' ')?;
+                Some((t.parse().ok()?, Digest::parse(d).ok()?))
+            })
+            .collect())
+    }
+
+    /// Replaces a ref's history (used by GC to drop expired entries); empty removes it.
+    pub fn set_ref_history(&self, name: &str, entries: &[(u64, Digest)]) -> Result<()> {
+        validate_ref_name(name)?;
+        let dir = self.open_area(Area::History)?;
+        let path = self.area_path(Area::History).join(name);
+        let parent_rel = name.rsplit_once('/').map_or("", |(p, _)| p);
+        let leaf = name.rsplit_once('/').map_or(name, |(_, l)| l);
+        let parent = fsutil::mkdir_all_beneath(dir.as_fd(), parent_rel, Mode::from_raw_mode(0o700))
+            .ctx("create history directory", &path)?;
+        if entries.is_empty() {
+            return match rustix::fs::unlinkat(&parent, leaf, rustix::fs::AtFlags::empty()) {
+                Ok(()) | Err(Errno::NOENT) => Ok(()),
+                Err(e) => Err(StoreError::io("remove ref history", path, e)),
+            };
+        }
+        let text: String = entries.iter().map(|(t, d)| format!("{t} {d}\n")).collect();
+        let tmp_name = fsutil::unique_name("history-");
+        {
+            let fd = open_beneath(
+                self.tmp_fd(),
+                &tmp_name,
+                OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY,
+                Mode::from_raw_mode(0o600),
+            )
+            .ctx("create", self.area_path(Area::Tmp).join(&tmp_name))?;
+            fsutil::pwrite_all(fd.as_fd(), text.as_bytes(), 0).ctx("write ref history", &path)?;
+        }
+        rustix::fs::renameat(self.tmp_fd(), tmp_name.as_str(), &parent, leaf)
+            .ctx("write ref history", &path)?;
+        Ok(())
+    }
+
+    /// Names of all refs with a history.
+    pub fn refs_with_history(&self) -> Result<Vec<String>> {
+        let dir = self.open_area(Area::History)?;
+        let mut out = Vec::new();
+        let mut stack = vec![(String::new(), dir)];
+        while let Some((prefix, dir)) = stack.pop() {
+            for name in fsutil::list_dir(dir.as_fd())
+                .ctx("list", self.area_path(Area::History).join(&prefix))?
+            {
+                let Some(name) = name.to_str() else { continue };
+                let full = if prefix.is_empty() {
+                    name.to_owned()
+                } else {
+                    format!("{prefix}/{name}")
+                };
+                if validate_ref_name(&full).is_err() {
+                    continue;
+                }
+                match open_dir_beneath(dir.as_fd(), name) {
+                    Ok(sub) => stack.push((full, sub)),
+                    Err(_) => out.push(full),
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Records that a ref was used now (a mount or run of it), for LRU expiry.
+    pub fn touch_ref_used(&self, name: &str) -> Result<()> {
+        validate_ref_name(name)?;
+        let dir = self.open_area(Area::Usage)?;
+        let path = self.area_path(Area::Usage).join(name);
+        let parent_rel = name.rsplit_once('/').map_or("", |(p, _)| p);
+        let leaf = name.rsplit_once('/').map_or(name, |(_, l)| l);
+        let parent = fsutil::mkdir_all_beneath(dir.as_fd(), parent_rel, Mode::from_raw_mode(0o700))
+            .ctx("create usage directory", &path)?;
+        let fd = open_beneath(
+            parent.as_fd(),
+            leaf,
+            OFlags::CREATE | OFlags::WRONLY,
+            Mode::from_raw_mode(0o600),
+        )
+        .ctx("open", &path)?;
+        let now = rustix::fs::Timestamps {
+            last_access: rustix::fs::Timespec {
+                tv_sec: 0,
+                tv_nsec: rustix::fs::UTIME_NOW,
+            },
+            last_modification: rustix::fs::Timespec {
+                tv_sec: 0,
+                tv_nsec: rustix::fs::UTIME_NOW,
+            },
+        };
+        rustix::fs::futimens(&fd, &now).ctx("touch", &path)?;
+        Ok(())
+    }
+
+    /// When a ref was last used (mounted, run), or else written, in seconds since the epoch.
+    pub fn ref_last_used(&self, name: &str) -> Result<u64> {
+        validate_ref_name(name)?;
+        let stat = |area: Area| {
+            let dir = self.open_area(area).ok()?;
+            let fd = open_beneath(
+                dir.as_fd(),
+                name,
+                OFlags::PATH | OFlags::NOFOLLOW,
+                Mode::empty(),
+            )
+            .ok()?;
+            rustix::fs::fstat(&fd).ok()
+        };
+        let used = stat(Area::Usage).map(|st| st.st_mtime as u64);
+        let written = stat(Area::Refs).map(|st| st.st_mtime as u64);
+        Ok(used.max(written).unwrap_or(0))
     }
 
     /// All refs, sorted by name, with what they point at (or why they can't be read).

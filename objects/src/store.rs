@@ -57,6 +57,12 @@ pub enum Area {
     Cache,
     /// `quarantine/`: damaged objects moved aside by recovery or `fsck --repair`.
     Quarantine,
+    /// `history/<ref>`: images a ref pointed at before (kept until GC's keep policy drops them).
+    History,
+    /// `usage/<ref>`: its mtime is the ref's last use (for LRU expiry of `deps/*` refs).
+    Usage,
+    /// `tenants/<name>/`: a tenant's upper and work dirs and its meta.json.
+    Tenants,
 }
 
 impl Area {
@@ -70,6 +76,9 @@ impl Area {
             Area::Mounts => "mounts",
             Area::Cache => "cache",
             Area::Quarantine => "quarantine",
+            Area::History => "history",
+            Area::Usage => "usage",
+            Area::Tenants => "tenants",
         }
     }
 }
@@ -111,6 +120,8 @@ impl Store {
             Err(Errno::NOENT) => return Err(StoreError::NoStore { path: root }),
             Err(e) => return Err(StoreError::io("open store", &root, e)),
         };
+        // Canonical, so that paths velo compares with mountinfo's (upper dirs) match.
+        let root = std::fs::canonicalize(&root).unwrap_or(root);
         let meta = match read_meta(&root, root_fd.as_fd())? {
             Some(meta) => meta,
             None if create => init_store(&root, root_fd.as_fd())?,
@@ -160,10 +171,29 @@ impl Store {
         self.root.join(area.dir_name())
     }
 
-    /// A fresh dirfd of a store area.
+    /// A fresh dirfd of a store area (created if this store predates it).
     pub fn open_area(&self, area: Area) -> Result<OwnedFd> {
-        open_dir_beneath(self.root_fd(), area.dir_name())
-            .ctx("open store directory", self.area_path(area))
+        match open_dir_beneath(self.root_fd(), area.dir_name()) {
+            Err(Errno::NOENT) => {
+                match rustix::fs::mkdirat(
+                    self.root_fd(),
+                    area.dir_name(),
+                    Mode::from_raw_mode(0o700),
+                ) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => {
+                        return Err(StoreError::io(
+                            "create store directory",
+                            self.area_path(area),
+                            e,
+                        ));
+                    }
+                }
+                open_dir_beneath(self.root_fd(), area.dir_name())
+            }
+            other => other,
+        }
+        .ctx("open store directory", self.area_path(area))
     }
 
     pub(crate) fn objects_fd(&self) -> BorrowedFd<'_> {

@@ -2,9 +2,11 @@
 
 mod doctor;
 mod fsck;
+mod gc;
 mod ls;
 mod mount;
 mod snapshot;
+mod tenant;
 
 use std::process::ExitCode;
 
@@ -37,6 +39,22 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Inspect { image, dump } => ls::inspect(&ctx, &image, dump),
         Command::Doctor => doctor::doctor(&ctx),
         Command::Fsck { repair, jobs } => fsck::fsck(&ctx, repair, jobs),
+        Command::Tenant { command } => tenant::tenant(&ctx, command),
+        Command::Gc {
+            dry_run,
+            unused_for,
+            keep_last,
+            older_than,
+        } => gc::gc(
+            &ctx,
+            velo_objects::GcOptions {
+                dry_run,
+                unused_for,
+                keep_last,
+                older_than,
+            },
+        ),
+        Command::Ref { command } => gc::refs(&ctx, command),
     }
 }
 

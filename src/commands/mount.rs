@@ -57,8 +57,12 @@ pub fn mount(
         target: target.to_owned(),
         writes,
         create_target: !no_mkdir,
+        owner: None,
     };
     let r = velo_mount::mount_image(&store, &req)?;
+    if digest.to_hex() != image {
+        store.touch_ref_used(image)?;
+    }
     if ctx.json {
         let mut v = serde_json::to_value(&r)?;
         v["userspace_verified"] = serde_json::json!(checked.as_ref().map(|c| serde_json::json!({

@@ -1,0 +1,253 @@
+//! Garbage collection: images no root needs go, then objects no remaining image references.
+//!
+//! Roots are refs, the ref history GC's keep policy retains, tenants' images, and pins (mount
+//! records) whose mount is alive or cannot be seen from here. Pins whose owner is gone are
+//! cleared. GC holds the store lock exclusively, so nothing a running snapshot has written or
+//! deduplicated against (it holds the lock shared until its ref is written), and nothing a mount
+//! in progress is about to pin, can be deleted under it.
+
+use std::collections::{BTreeMap, HashSet};
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::digest::Digest;
+use crate::error::{IoContext, Result};
+use crate::fsutil;
+use crate::mounts::{Liveness, MountRecord};
+use crate::store::{Area, Store};
+
+/// What GC may remove.
+#[derive(Debug, Clone)]
+pub struct GcOptions {
+    /// Only report.
+    pub dry_run: bool,
+    /// Expire `deps/*` refs not used (mounted, run) or written for this long.
+    pub unused_for: Option<Duration>,
+    /// Keep at least this many previous images of every ref.
+    pub keep_last: usize,
+    /// Also keep previous images replaced less than this long ago.
+    pub older_than: Duration,
+}
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        Self {
+            dry_run: false,
+            unused_for: None,
+            keep_last: 1,
+            older_than: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// What the caller knows that the store does not: what an image references (EROFS parsing) and
+/// whether a mount is alive (mountinfo).
+pub struct GcHooks<'a> {
+    /// The objects an image references, or why they can't be read.
+    pub objects_of: &'a (dyn Fn(&Digest) -> std::result::Result<Vec<Digest>, String> + Sync),
+    /// Whether a pinned mount still exists.
+    pub liveness: &'a dyn Fn(&MountRecord) -> Liveness,
+}
+
+/// What GC did (or, with `dry_run`, would do).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GcReport {
+    /// Only reported, nothing removed.
+    pub dry_run: bool,
+    /// `deps/*` refs expired as unused.
+    pub refs_expired: Vec<String>,
+    /// Ref history entries dropped by the keep policy.
+    pub history_dropped: usize,
+    /// Pins of mounts that are gone, cleared.
+    pub stale_pins_cleared: usize,
+    /// Images kept because something needs them.
+    pub images_kept: usize,
+    /// Images removed.
+    pub images_removed: usize,
+    /// Their bytes.
+    pub image_bytes_freed: u64,
+    /// Objects kept.
+    pub objects_kept: u64,
+    /// Objects removed.
+    pub objects_removed: u64,
+    /// Their bytes.
+    pub object_bytes_freed: u64,
+    /// Why objects were not swept, if they were not (an image needed could not be read).
+    pub objects_skipped: Option<String>,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+impl Store {
+    /// Collects garbage; see the module docs.
+    pub fn gc(&self, opts: &GcOptions, hooks: &GcHooks<'_>) -> Result<GcReport> {
+        let started = std::time::Instant::now();
+        let _lock = self.lock_exclusive()?;
+        let now = (fsutil::now_ns() / 1_000_000_000) as u64;
+        let mut report = GcReport {
+            dry_run: opts.dry_run,
+            ..Default::default()
+        };
+
+        // 1. Expire unused deps/* refs (they are caches keyed by lockfiles: rebuildable).
+        let mut refs: BTreeMap<String, Digest> = BTreeMap::new();
+        for (name, target) in self.list_refs()? {
+            let Ok(digest) = target else { continue };
+            if let Some(max) = opts.unused_for
+                && name.starts_with("deps/")
+                && now.saturating_sub(self.ref_last_used(&name)?) > max.as_secs()
+            {
+                if !opts.dry_run {
+                    self.remove_ref(&name)?;
+                    self.set_ref_history(&name, &[])?;
+                }
+                report.refs_expired.push(name);
+                continue;
+            }
+            refs.insert(name, digest);
+        }
+
+        // 2. Roots.
+        let mut roots: HashSet<Digest> = refs.values().copied().collect();
+        for name in self.refs_with_history()? {
+            if report.refs_expired.contains(&name) {
+                continue;
+            }
+            let history = self.ref_history(&name)?;
+            let n = history.len();
+            let keep: Vec<(u64, Digest)> = history
+                .into_iter()
+                .enumerate()
+                .filter(|(i, (t, _))| {
+                    n - i <= opts.keep_last || now.saturating_sub(*t) < opts.older_than.as_secs()
+                })
+                .map(|(_, e)| e)
+                .collect();
+            report.history_dropped += n - keep.len();
+            if keep.len() != n && !opts.dry_run {
+                self.set_ref_history(&name, &keep)?;
+            }
+            roots.extend(keep.iter().map(|(_, d)| *d));
+        }
+        for (_, tenant) in self.list_tenants()? {
+            if let Ok(t) = tenant {
+                roots.insert(t.image);
+            }
+        }
+        for (token, record) in self.list_mount_records()? {
+            match record {
+                Ok(r) if (hooks.liveness)(&r) != Liveness::Gone => {
+                    roots.insert(r.image);
+                }
+                Ok(_) => {
+                    report.stale_pins_cleared += 1;
+                    if !opts.dry_run {
+                        self.remove_mount_slot(&token)?;
+                    }
+                }
+                // A slot without a readable record is a mount interrupted half-way (its
+                // process is gone: it held the lock we now hold exclusively).
+                Err(_) => {
+                    report.stale_pins_cleared += 1;
+                    if !opts.dry_run {
+                        self.remove_mount_slot(&token)?;
+                    }
+                }
+            }
+        }
+
+        // 3. Images.
+        let mut kept_images = Vec::new();
+        for image in self.list_images()? {
+            if roots.contains(&image) {
+                kept_images.push(image);
+                continue;
+            }
+            report.images_removed += 1;
+            report.image_bytes_freed += self.image_size(&image).unwrap_or(0);
+            if !opts.dry_run {
+                match rustix::fs::unlinkat(
+                    self.images_fd(),
+                    image.to_hex().as_str(),
+                    rustix::fs::AtFlags::empty(),
+                ) {
+                    Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                    Err(e) => {
+                        return Err(crate::StoreError::io(
+                            "remove image",
+                            self.image_path(&image),
+                            e,
+                        ));
+                    }
+                }
+            }
+        }
+        report.images_kept = kept_images.len();
+
+        // 4. Mark the objects kept images reference; an unreadable one stops the sweep.
+        let mut marked: HashSet<Digest> = HashSet::new();
+        for image in &kept_images {
+            match (hooks.objects_of)(image) {
+                Ok(objects) => marked.extend(objects),
+                Err(e) => {
+                    report.objects_skipped = Some(format!(
+                        "image {image} is needed but unreadable ({e}); run `velo fsck`"
+                    ));
+                    break;
+                }
+            }
+        }
+
+        // 5. Sweep objects, one fan-out directory at a time.
+        if report.objects_skipped.is_none() {
+            let objects = self.area_path(Area::Objects);
+            for idx in 0..=255u8 {
+                let fan = format!("{idx:02x}");
+                let Ok(dir) = fsutil::open_dir_beneath(self.objects_fd(), &fan) else {
+                    continue;
+                };
+                for name in fsutil::list_dir(dir.as_fd()).ctx("list", objects.join(&fan))? {
+                    let Some(digest) = name
+                        .to_str()
+                        .and_then(|n| Digest::parse(&format!("{fan}{n}")).ok())
+                    else {
+                        continue; // not ours to judge: fsck reports strays
+                    };
+                    if marked.contains(&digest) {
+                        report.objects_kept += 1;
+                        continue;
+                    }
+                    let size = rustix::fs::statat(
+                        &dir,
+                        name.as_os_str(),
+                        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+                    )
+                    .map(|st| st.st_size as u64)
+                    .unwrap_or(0);
+                    report.objects_removed += 1;
+                    report.object_bytes_freed += size;
+                    if !opts.dry_run {
+                        match rustix::fs::unlinkat(
+                            &dir,
+                            name.as_os_str(),
+                            rustix::fs::AtFlags::empty(),
+                        ) {
+                            Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                            Err(e) => {
+                                return Err(crate::StoreError::io(
+                                    "remove object",
+                                    objects.join(&fan).join(&name),
+                                    e,
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
+    }
+}

@@ -1,0 +1,221 @@
+//! Tenants: a named, persistent copy-on-write layer over one image, kept in the store
+//! (`tenants/<name>/{upper,work,meta.json}`). The mount helper mounts them; this module keeps
+//! their state.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::error::{IoContext, Result, StoreError};
+use crate::fsutil::{self, open_beneath, open_dir_beneath};
+use crate::store::{Area, Store};
+
+/// A tenant's `meta.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Tenant {
+    /// Its name.
+    pub name: String,
+    /// The image it was created on; it is never mounted over another.
+    pub image: Digest,
+    /// The ref it was created from, if any (for display).
+    #[serde(default)]
+    pub from_ref: Option<String>,
+    /// Seconds since the epoch at creation.
+    pub created: u64,
+}
+
+/// Checks a tenant name: `[A-Za-z0-9._-]`, 1-64 characters, not starting with `.`.
+pub fn validate_tenant_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidRef {
+            name: name.to_owned(),
+            reason: "a tenant name has 1-64 letters, digits or `._-` and does not start with `.`",
+        })
+    }
+}
+
+/// Open handles on a tenant's directories.
+#[derive(Debug)]
+pub struct TenantDirs {
+    /// `tenants/<name>/`.
+    pub dir: OwnedFd,
+    /// Its upper dir.
+    pub upper: OwnedFd,
+    /// Its overlay work dir.
+    pub work: OwnedFd,
+    /// Absolute path of the upper dir.
+    pub upper_path: PathBuf,
+}
+
+impl Store {
+    /// Creates a tenant over `image` (which must exist).
+    pub fn create_tenant(
+        &self,
+        name: &str,
+        image: Digest,
+        from_ref: Option<String>,
+    ) -> Result<Tenant> {
+        validate_tenant_name(name)?;
+        self.open_image(&image)?;
+        let tenants = self.open_area(Area::Tenants)?;
+        let path = self.area_path(Area::Tenants).join(name);
+        match rustix::fs::mkdirat(&tenants, name, Mode::from_raw_mode(0o700)) {
+            Ok(()) => {}
+            Err(Errno::EXIST) => {
+                return Err(StoreError::Unexpected {
+                    path,
+                    reason: format!("tenant {name:?} already exists"),
+                });
+            }
+            Err(e) => return Err(StoreError::io("create tenant", path, e)),
+        }
+        let dir = open_dir_beneath(tenants.as_fd(), name).ctx("open tenant", &path)?;
+        for sub in ["upper", "work"] {
+            rustix::fs::mkdirat(&dir, sub, Mode::from_raw_mode(0o755))
+                .ctx("create", path.join(sub))?;
+        }
+        let tenant = Tenant {
+            name: name.to_owned(),
+            image,
+            from_ref,
+            created: fsutil::now_ns() as u64 / 1_000_000_000,
+        };
+        let data = serde_json::to_vec_pretty(&tenant).map_err(|e| StoreError::Unexpected {
+            path: path.join("meta.json"),
+            reason: e.to_string(),
+        })?;
+        // meta.json last: a tenant without one is a half-made leftover.
+        let fd = open_beneath(
+            dir.as_fd(),
+            ".meta.json.tmp",
+            OFlags::CREATE | OFlags::TRUNC | OFlags::WRONLY,
+            Mode::from_raw_mode(0o600),
+        )
+        .ctx("create", path.join("meta.json"))?;
+        fsutil::pwrite_all(fd.as_fd(), &data, 0).ctx("write", path.join("meta.json"))?;
+        rustix::fs::fsync(&fd).ctx("fsync", path.join("meta.json"))?;
+        rustix::fs::renameat(&dir, ".meta.json.tmp", &dir, "meta.json")
+            .ctx("write", path.join("meta.json"))?;
+        rustix::fs::fsync(&dir).ctx("fsync", &path)?;
+        Ok(tenant)
+    }
+
+    /// A tenant's meta.
+    pub fn tenant(&self, name: &str) -> Result<Tenant> {
+        validate_tenant_name(name)?;
+        let tenants = self.open_area(Area::Tenants)?;
+        let path = self.area_path(Area::Tenants).join(name).join("meta.json");
+        let fd = match open_beneath(
+            tenants.as_fd(),
+            format!("{name}/meta.json"),
+            OFlags::RDONLY,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => {
+                return Err(StoreError::Unexpected {
+                    path: self.area_path(Area::Tenants).join(name),
+                    reason: format!("no tenant {name:?} (see `velo tenant ls`)"),
+                });
+            }
+            Err(e) => return Err(StoreError::io("open", path, e)),
+        };
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut data).ctx("read", &path)?;
+        serde_json::from_slice(&data).map_err(|e| StoreError::Unexpected {
+            path,
+            reason: format!("unreadable tenant meta: {e}"),
+        })
+    }
+
+    /// All tenants (or why one can't be read).
+    pub fn list_tenants(&self) -> Result<Vec<(String, Result<Tenant>)>> {
+        let tenants = self.open_area(Area::Tenants)?;
+        let mut out: Vec<(String, Result<Tenant>)> = fsutil::list_dir(tenants.as_fd())
+            .ctx("list", self.area_path(Area::Tenants))?
+            .into_iter()
+            .filter_map(|n| n.into_string().ok())
+            .filter(|n| validate_tenant_name(n).is_ok())
+            .map(|n| {
+                let t = self.tenant(&n);
+                (n, t)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// Opens a tenant's directories.
+    pub fn tenant_dirs(&self, name: &str) -> Result<TenantDirs> {
+        self.tenant(name)?;
+        let tenants = self.open_area(Area::Tenants)?;
+        let path = self.area_path(Area::Tenants).join(name);
+        let dir = open_dir_beneath(tenants.as_fd(), name).ctx("open tenant", &path)?;
+        let upper = open_dir_beneath(dir.as_fd(), "upper").ctx("open", path.join("upper"))?;
+        let work = open_dir_beneath(dir.as_fd(), "work").ctx("open", path.join("work"))?;
+        Ok(TenantDirs {
+            dir,
+            upper,
+            work,
+            upper_path: path.join("upper"),
+        })
+    }
+
+    /// Drops all of a tenant's writes (the caller makes sure it is not mounted).
+    pub fn reset_tenant(&self, name: &str) -> Result<()> {
+        let dirs = self.tenant_dirs(name)?;
+        let path = self.area_path(Area::Tenants).join(name);
+        for sub in ["upper", "work"] {
+            fsutil::remove_tree_at(dirs.dir.as_fd(), sub.as_ref()).ctx("clear", path.join(sub))?;
+            rustix::fs::mkdirat(&dirs.dir, sub, Mode::from_raw_mode(0o755))
+                .ctx("create", path.join(sub))?;
+        }
+        Ok(())
+    }
+
+    /// Removes a tenant and its writes (the caller makes sure it is not mounted).
+    pub fn remove_tenant(&self, name: &str) -> Result<()> {
+        self.tenant(name)?;
+        let tenants = self.open_area(Area::Tenants)?;
+        fsutil::remove_tree_at(tenants.as_fd(), name.as_ref())
+            .ctx("remove tenant", self.area_path(Area::Tenants).join(name))
+    }
+
+    /// Disk space used by a tenant's upper dir (allocated blocks of its files).
+    pub fn tenant_upper_bytes(&self, name: &str) -> Result<u64> {
+        let dirs = self.tenant_dirs(name)?;
+        fn walk(dir: std::os::fd::BorrowedFd<'_>) -> rustix::io::Result<u64> {
+            let mut total = 0;
+            for name in fsutil::list_dir(dir)? {
+                let st = rustix::fs::statat(
+                    dir,
+                    name.as_os_str(),
+                    rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+                )?;
+                if rustix::fs::FileType::from_raw_mode(st.st_mode)
+                    == rustix::fs::FileType::Directory
+                {
+                    if let Ok(sub) = open_dir_beneath(dir, &name) {
+                        total += walk(sub.as_fd())?;
+                    }
+                } else {
+                    total += st.st_blocks as u64 * 512;
+                }
+            }
+            Ok(total)
+        }
+        walk(dirs.upper.as_fd()).ctx("measure", dirs.upper_path)
+    }
+}
