@@ -178,7 +178,7 @@ pub enum TenantCommand {
 pub enum RefCommand {
     /// List refs with their images and last use.
     Ls,
-    /// Remove a ref (its image stays until `velo gc`, kept as history by the keep policy).
+    /// Remove a ref; `velo gc` then frees its image unless something else needs it.
     Rm {
         /// Ref name.
         name: String,

@@ -143,7 +143,8 @@ impl Store {
         Ok(())
     }
 
-    /// Removes a ref. Its image stays until garbage collection.
+    /// Removes a ref (deliberately: unlike an overwrite, this records no history). Its image
+    /// stays until garbage collection finds nothing else needs it.
     pub fn remove_ref(&self, name: &str) -> Result<()> {
         validate_ref_name(name)?;
         let refs = self.open_area(Area::Refs)?;
@@ -163,9 +164,6 @@ impl Store {
                 Err(e) => return Err(StoreError::io("open ref directory", path, e)),
             }
         };
-        if let Ok(old) = self.read_ref(name) {
-            self.append_history(name, &old)?;
-        }
         match rustix::fs::unlinkat(&parent, leaf, rustix::fs::AtFlags::empty()) {
             Ok(()) => Ok(()),
             Err(Errno::NOENT) => Err(StoreError::RefNotFound {

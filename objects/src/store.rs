@@ -25,6 +25,9 @@ pub(crate) const DIRS: &[&str] = &[
     "mounts",
     "cache",
     "quarantine",
+    "history",
+    "usage",
+    "tenants",
 ];
 
 /// An open store. All access goes through its root dirfd.
