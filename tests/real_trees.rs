@@ -568,10 +568,17 @@ fn python_venv_runs_from_cow_mount_and_leaves_store_alone() {
         pyc_rel.display()
     );
     m.umount();
+    let store_after = env.store_listing();
     assert_eq!(
-        env.store_listing(),
-        store_before,
-        "the store differs after umount of a --cow mount"
+        content_addressed(&store_after),
+        content_addressed(&store_before),
+        "the store's objects/images/refs differ after umount of a --cow mount"
+    );
+    assert!(
+        !store_after
+            .keys()
+            .any(|p| p.starts_with("mounts") && p != Path::new("mounts")),
+        "the --cow mount's upper dir was not removed at umount"
     );
 
     // The image itself is untouched: a fresh read-only mount has no bytecode, same tree.

@@ -62,8 +62,11 @@ pub fn fsck(
     if repair {
         for f in &damage {
             let kind = match f.kind {
-                "object-mismatch" | "object-not-a-file" | "object-no-verity" => Kind::Object,
-                "image-mismatch" | "image-unparsable" | "image-no-verity" => Kind::Image,
+                "object-mismatch" | "object-not-a-file" | "object-no-verity"
+                | "object-unreadable" => Kind::Object,
+                "image-mismatch" | "image-unparsable" | "image-no-verity" | "image-unreadable" => {
+                    Kind::Image
+                }
                 _ => continue,
             };
             let Some(digest) = digest_from_path(kind, &f.path) else {
@@ -119,6 +122,15 @@ fn check_image(store: &Store, digest: &Digest) -> Result<Vec<Finding>> {
                 path,
                 expected: digest.to_hex(),
                 found: format!("{found} ({size} bytes)"),
+            });
+            return Ok(out);
+        }
+        Verdict::Unreadable { error } => {
+            out.push(Finding {
+                kind: "image-unreadable",
+                path,
+                expected: digest.to_hex(),
+                found: error,
             });
             return Ok(out);
         }
@@ -183,12 +195,19 @@ pub fn verify_image(
 ) -> Result<VerifyReport> {
     let started = Instant::now();
     let mut bad = Vec::new();
-    if let Verdict::Mismatch { found, .. } = store.verify(Kind::Image, digest)? {
+    let image_problem = match store.verify(Kind::Image, digest)? {
+        Verdict::Good => None,
+        Verdict::Mismatch { found, .. } => Some(("image-mismatch", found.to_hex())),
+        Verdict::Unreadable { error } => Some(("image-unreadable", error)),
+        Verdict::Missing => Some(("image-missing", "missing".to_owned())),
+        Verdict::NotAFile => Some(("image-mismatch", "another file type".to_owned())),
+    };
+    if let Some((kind, found)) = image_problem {
         bad.push(Finding {
-            kind: "image-mismatch",
+            kind,
             path: store.image_path(digest),
             expected: digest.to_hex(),
-            found: found.to_hex(),
+            found,
         });
         return Ok(VerifyReport {
             objects: 0,
@@ -217,6 +236,12 @@ pub fn verify_image(
                         path,
                         expected: format!("{d} ({size} bytes)"),
                         found: format!("{found} ({got} bytes)"),
+                    }),
+                    Verdict::Unreadable { error } => Some(Finding {
+                        kind: "object-unreadable",
+                        path,
+                        expected: d.to_hex(),
+                        found: error,
                     }),
                     Verdict::NotAFile => Some(Finding {
                         kind: "object-not-a-file",

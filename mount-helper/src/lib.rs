@@ -14,6 +14,7 @@
 
 mod error;
 pub mod kernel;
+mod loopdev;
 mod mount;
 pub mod mountinfo;
 pub mod privilege;
@@ -22,7 +23,7 @@ mod umount;
 
 pub use error::{MountError, Result};
 pub use mount::{
-    LayerPassing, MountReport, MountRequest, ProbeReport, SOURCE_PREFIX, Writes,
+    ImageBacking, LayerPassing, MountReport, MountRequest, ProbeReport, SOURCE_PREFIX, Writes,
     enter_private_namespace, liveness, mount_image, probe, tenant_mount_point, work_dir_name,
 };
 pub use target::open_target;

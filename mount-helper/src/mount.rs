@@ -54,8 +54,11 @@ pub struct MountRequest {
 pub enum LayerPassing {
     /// As file descriptors (Linux 6.13+): nothing is ever visible in the filesystem.
     Fds,
-    /// As `/proc/self/fd/N` paths to the same detached mounts and directories.
+    /// As `/proc/self/fd/N` paths to the same detached mounts and directories (Linux 6.15+).
     Paths,
+    /// The image mount attached for a moment inside the store, as older kernels (6.12)
+    /// require of overlay layers; other layers as `/proc/self/fd/N` paths.
+    AttachedPaths,
 }
 
 /// What a mount did.
@@ -74,8 +77,8 @@ pub struct MountReport {
     /// "require": the kernel checks every object's fs-verity digest on open; "off": it does not
     /// (this store's filesystem has no fs-verity), so reads are not verified by the kernel.
     pub verity: &'static str,
-    /// Whether the EROFS image is read with direct I/O (no second copy in the page cache).
-    pub erofs_directio: bool,
+    /// How the EROFS image is read (direct I/O avoids a second copy in the page cache).
+    pub image_backing: ImageBacking,
     /// How the layers were passed to overlayfs.
     pub layers: LayerPassing,
     /// The mount's ID in mountinfo.
@@ -107,7 +110,7 @@ pub fn mount_image(store: &Store, req: &MountRequest) -> Result<MountReport> {
     };
     let slot = store.create_mount_slot()?;
     let result = (|| {
-        let (erofs, directio) = erofs_mount(image_fd.as_fd(), &req.image)?;
+        let (erofs, backing) = erofs_mount(image_fd.as_fd(), &req.image)?;
         let upper = prepare_upper(store, &slot, &req.writes, &target, erofs.as_fd())?;
         let layers = Layers {
             meta: erofs.as_fd(),
@@ -116,7 +119,7 @@ pub fn mount_image(store: &Store, req: &MountRequest) -> Result<MountReport> {
                 .as_ref()
                 .map(|u| (u.upper_fd.as_fd(), u.work_fd.as_fd())),
         };
-        let (ovl, passing) = overlay_mount(&req.image, &layers, verity)?;
+        let (ovl, passing) = overlay_mount(&req.image, &layers, verity, &slot.path.join("image"))?;
         rustix::mount::move_mount(
             ovl.as_fd(),
             "",
@@ -134,7 +137,7 @@ pub fn mount_image(store: &Store, req: &MountRequest) -> Result<MountReport> {
             upper: upper.as_ref().map(|u| u.path.clone()),
             managed_upper: upper.as_ref().is_some_and(|u| u.managed),
             verity: verity_option(verity),
-            erofs_directio: directio,
+            image_backing: backing,
             layers: passing,
             mnt_id,
             mnt_id_unique,
@@ -203,10 +206,30 @@ fn refuse_if_velo_mount(target_fd: BorrowedFd<'_>, target: &Path) -> Result<()> 
     Ok(())
 }
 
-/// In a verity store the image is checked against its name before the kernel parses it.
+/// In a verity store the image is checked against its name before the kernel parses it: its
+/// fs-verity digest must be its name, and every block must read (fs-verity fails the read of a
+/// block tampered with on disk; once read, the verified pages stay cached for the mount).
 fn check_image_verity(store: &Store, fd: BorrowedFd<'_>, digest: &Digest) -> Result<()> {
     match velo_objects::kverity::measure(fd) {
-        Ok(measured) if measured == *digest => Ok(()),
+        Ok(measured) if measured == *digest => {
+            let mut buf = vec![0u8; 1 << 20];
+            let mut pos = 0u64;
+            loop {
+                match velo_objects::fsutil::pread_full(fd, &mut buf, pos) {
+                    Ok(0) => return Ok(()),
+                    Ok(n) => pos += n as u64,
+                    Err(e) => {
+                        return Err(MountError::ImageRefused {
+                            digest: digest.to_hex(),
+                            reason: format!(
+                                "reading {} fails at byte {pos} ({e}): its data no longer matches its fs-verity digest (tampered with on disk)",
+                                store.image_path(digest).display()
+                            ),
+                        });
+                    }
+                }
+            }
+        }
         Ok(measured) => Err(MountError::ImageRefused {
             digest: digest.to_hex(),
             reason: format!(
@@ -224,24 +247,69 @@ fn check_image_verity(store: &Store, fd: BorrowedFd<'_>, digest: &Digest) -> Res
     }
 }
 
-/// A detached, read-only, file-backed EROFS mount of the image; `directio` where supported.
-fn erofs_mount(image: BorrowedFd<'_>, digest: &Digest) -> Result<(OwnedFd, bool)> {
+/// How the EROFS image is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ImageBacking {
+    /// File-backed with direct I/O: the image is not cached a second time.
+    FileDirectIo,
+    /// File-backed, through the page cache (the store's filesystem has no direct I/O).
+    File,
+    /// Through an autoclear loop device (the store's filesystem, e.g. tmpfs, cannot back EROFS).
+    Loop,
+}
+
+/// A detached, read-only EROFS mount of the image: file-backed with `directio` where the
+/// kernel and the store's filesystem support it, file-backed without it otherwise, and through
+/// a loop device only where the kernel cannot mount the file itself.
+fn erofs_mount(image: BorrowedFd<'_>, digest: &Digest) -> Result<(OwnedFd, ImageBacking)> {
+    let source = proc_fd_path(image);
+    let direct_err = match erofs_mount_with(&source, digest, true) {
+        Ok(fd) => return Ok((fd, ImageBacking::FileDirectIo)),
+        Err(e) => e,
+    };
+    let file_err = match erofs_mount_with(&source, digest, false) {
+        Ok(fd) => return Ok((fd, ImageBacking::File)),
+        Err(e) => e,
+    };
+    tracing::debug!("EROFS mount with directio failed: {direct_err}; without: {file_err}");
+    let not_blk = matches!(&file_err, MountError::Kernel { detail, .. } if detail.contains(&Errno::NOTBLK.to_string()));
+    if !not_blk {
+        return Err(file_err);
+    }
+    let (dev, path) = crate::loopdev::attach(image).map_err(|e| MountError::Kernel {
+        what: format!(
+            "set up a loop device for image {digest} (its filesystem cannot back EROFS directly)"
+        ),
+        detail: e.to_string(),
+    })?;
+    let fd = erofs_mount_with(&path, digest, false)?;
+    drop(dev); // the mount holds the device now; autoclear frees it with the mount
+    Ok((fd, ImageBacking::Loop))
+}
+
+fn erofs_mount_with(source: &str, digest: &Digest, directio: bool) -> Result<OwnedFd> {
     let ctx = FsContext::open("erofs")?;
-    ctx.set("source", &proc_fd_path(image))?;
+    ctx.set("source", source)?;
     let _ = ctx.try_flag("ro");
-    // Direct I/O keeps the image out of the page cache a second time (Linux 6.14+).
-    let directio = ctx.try_flag("directio").is_ok();
+    if directio {
+        ctx.try_flag("directio").map_err(|e| MountError::Kernel {
+            what: "use direct I/O for EROFS".into(),
+            detail: e.to_string(),
+        })?;
+    }
     let attrs = MountAttrFlags::MOUNT_ATTR_RDONLY
         | MountAttrFlags::MOUNT_ATTR_NOSUID
         | MountAttrFlags::MOUNT_ATTR_NODEV;
-    let fd = ctx.mount(attrs).map_err(|e| match e {
+    ctx.mount(attrs).map_err(|e| match e {
         MountError::Kernel { detail, .. } => MountError::Kernel {
-            what: format!("mount image {digest} (file-backed EROFS needs Linux 6.12+)"),
+            what: format!(
+                "mount image {digest} (file-backed EROFS needs Linux 6.12+; EIO means the image cannot be read)"
+            ),
             detail,
         },
         other => other,
-    })?;
-    Ok((fd, directio))
+    })
 }
 
 struct Layers<'a> {
@@ -250,23 +318,92 @@ struct Layers<'a> {
     upper: Option<(BorrowedFd<'a>, BorrowedFd<'a>)>,
 }
 
-/// The overlay mount, detached. Layers go in as fds where the kernel takes them, else as
-/// `/proc/self/fd` paths; which one works is found at run time, so one binary serves old and
-/// new kernels.
+/// The overlay mount, detached. Layers go in as fds where the kernel takes them (6.13+), else
+/// as `/proc/self/fd` paths to the detached mounts (6.15+ accepts detached layers); which one
+/// works is found at run time, so one binary serves old and new kernels. Older kernels (6.12)
+/// only take layers mounted in the caller's namespace: there the image is attached for the
+/// moment the overlay is created at `attach_dir`, a directory only root can reach (inside the
+/// 0700 store), and detached again right after.
 fn overlay_mount(
     digest: &Digest,
     layers: &Layers<'_>,
     verity: VerityMode,
+    attach_dir: &Path,
 ) -> Result<(OwnedFd, LayerPassing)> {
-    match overlay_with(digest, layers, verity, LayerPassing::Fds) {
-        Ok(fd) => Ok((fd, LayerPassing::Fds)),
-        Err(fd_err) => match overlay_with(digest, layers, verity, LayerPassing::Paths) {
-            Ok(fd) => Ok((fd, LayerPassing::Paths)),
-            Err(path_err) => {
-                tracing::debug!("overlay with fds failed: {fd_err}");
-                Err(path_err)
-            }
-        },
+    let fd_err = match overlay_with(digest, layers, verity, LayerPassing::Fds) {
+        Ok(fd) => return Ok((fd, LayerPassing::Fds)),
+        Err(e) => e,
+    };
+    let path_err = match overlay_with(digest, layers, verity, LayerPassing::Paths) {
+        Ok(fd) => return Ok((fd, LayerPassing::Paths)),
+        Err(e) => e,
+    };
+    tracing::debug!("overlay with fds failed: {fd_err}; with detached paths: {path_err}");
+    let attached = AttachedImage::attach(layers.meta, attach_dir)?;
+    let attached_layers = Layers {
+        meta: attached.fd.as_fd(),
+        data: layers.data,
+        upper: layers.upper,
+    };
+    let fd = overlay_with(
+        digest,
+        &attached_layers,
+        verity,
+        LayerPassing::AttachedPaths,
+    )?;
+    Ok((fd, LayerPassing::AttachedPaths))
+}
+
+/// The image's EROFS mount attached at a private directory for the moment an old kernel needs
+/// it; detached (and the directory removed) on drop, on success and failure alike.
+struct AttachedImage {
+    dir: PathBuf,
+    fd: OwnedFd,
+}
+
+impl AttachedImage {
+    fn attach(mnt: BorrowedFd<'_>, dir: &Path) -> Result<Self> {
+        match std::fs::create_dir(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(MountError::io("create", dir, e)),
+        }
+        let dir_fd = rustix::fs::open(
+            dir,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| MountError::io("open", dir, e))?;
+        rustix::mount::move_mount(
+            mnt,
+            "",
+            dir_fd.as_fd(),
+            "",
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+        )
+        .map_err(|e| MountError::io("attach the image for an older kernel at", dir, e))?;
+        // From here on, drop detaches it. Reopen the path to get the mounted root.
+        let mut guard = Self {
+            dir: dir.to_owned(),
+            fd: dir_fd,
+        };
+        guard.fd = rustix::fs::open(
+            dir,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| MountError::io("open", dir, e))?;
+        Ok(guard)
+    }
+}
+
+impl Drop for AttachedImage {
+    fn drop(&mut self) {
+        let _ = rustix::mount::unmount(
+            &self.dir,
+            rustix::mount::UnmountFlags::DETACH | rustix::mount::UnmountFlags::NOFOLLOW,
+        );
+        let _ = std::fs::remove_dir(&self.dir);
     }
 }
 
@@ -298,7 +435,7 @@ fn overlay_with(
                     .map_err(|e| fail("work dir", e))?;
             }
         }
-        LayerPassing::Paths => {
+        LayerPassing::Paths | LayerPassing::AttachedPaths => {
             let lower = format!(
                 "{}::{}",
                 proc_fd_path(layers.meta),
@@ -583,25 +720,30 @@ fn copy_root_metadata(
 /// What [`probe`] found the kernel can do.
 #[derive(Debug, Clone, Serialize)]
 pub struct ProbeReport {
-    /// EROFS takes `directio` for file-backed mounts.
-    pub erofs_directio: bool,
+    /// How the image was read.
+    pub image_backing: ImageBacking,
     /// How overlayfs took the layers.
     pub layers: LayerPassing,
 }
 
 /// Builds (and drops) the whole mount stack for `image` over `data` without attaching it
 /// anywhere: proves file-backed EROFS and overlayfs with a data-only lower work here.
-pub fn probe(image: BorrowedFd<'_>, data: BorrowedFd<'_>, digest: &Digest) -> Result<ProbeReport> {
+pub fn probe(
+    image: BorrowedFd<'_>,
+    data: BorrowedFd<'_>,
+    digest: &Digest,
+    attach_dir: &Path,
+) -> Result<ProbeReport> {
     crate::privilege::require_root("the mount probe")?;
-    let (erofs, erofs_directio) = erofs_mount(image, digest)?;
+    let (erofs, image_backing) = erofs_mount(image, digest)?;
     let layers = Layers {
         meta: erofs.as_fd(),
         data,
         upper: None,
     };
-    let (_ovl, layers) = overlay_mount(digest, &layers, VerityMode::Unavailable)?;
+    let (_ovl, layers) = overlay_mount(digest, &layers, VerityMode::Unavailable, attach_dir)?;
     Ok(ProbeReport {
-        erofs_directio,
+        image_backing,
         layers,
     })
 }

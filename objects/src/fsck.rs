@@ -169,6 +169,12 @@ impl Store {
                         found: format!("{found} ({size} bytes)"),
                     }
                 }),
+                Verdict::Unreadable { error } => findings.push(Finding {
+                    kind: "object-unreadable",
+                    path,
+                    expected: digest.to_hex(),
+                    found: error,
+                }),
                 Verdict::NotAFile => findings.push(Finding {
                     kind: "object-not-a-file",
                     path,

@@ -193,7 +193,7 @@ impl Store {
             report.rechecked += 1;
             match self.verify(kind, &digest)? {
                 Verdict::Good | Verdict::Missing => {}
-                Verdict::Mismatch { .. } | Verdict::NotAFile => {
+                Verdict::Mismatch { .. } | Verdict::NotAFile | Verdict::Unreadable { .. } => {
                     report.quarantined.push(self.quarantine(kind, &digest)?);
                 }
             }

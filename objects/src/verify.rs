@@ -26,6 +26,12 @@ pub enum Verdict {
     },
     /// It is not a regular file (a symlink, a directory…).
     NotAFile,
+    /// Reading it fails (in a store with fs-verity, EIO means its data no longer matches the
+    /// Merkle tree the kernel keeps: it was tampered with on disk).
+    Unreadable {
+        /// The error.
+        error: String,
+    },
 }
 
 impl Store {
@@ -48,7 +54,18 @@ impl Store {
         if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
             return Ok(Verdict::NotAFile);
         }
-        let hasher = hash_fd(fd.as_fd(), &path)?;
+        let hasher = match hash_fd(fd.as_fd(), &path) {
+            Ok(h) => h,
+            Err(crate::StoreError::Io { source, .. }) => {
+                let error = if source.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error()) {
+                    format!("{source} (with fs-verity: data does not match its Merkle tree)")
+                } else {
+                    source.to_string()
+                };
+                return Ok(Verdict::Unreadable { error });
+            }
+            Err(e) => return Err(e),
+        };
         let size = hasher.len();
         let found = hasher.finalize();
         Ok(if found == *digest {

@@ -83,12 +83,17 @@ pub fn doctor(ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 "mount stack",
                 Status::Ok,
                 format!(
-                    "file-backed EROFS + overlayfs with a data-only lower layer work (layers passed as {}, EROFS direct I/O {})",
+                    "EROFS + overlayfs with a data-only lower layer work (layers passed as {}; image read {})",
                     match p.layers {
                         velo_mount::LayerPassing::Fds => "fds",
                         velo_mount::LayerPassing::Paths => "paths",
+                        velo_mount::LayerPassing::AttachedPaths => "paths to a briefly attached image (older kernel)",
                     },
-                    if p.erofs_directio { "on" } else { "not supported by this kernel: the image is cached" }
+                    match p.image_backing {
+                        velo_mount::ImageBacking::FileDirectIo => "file-backed with direct I/O",
+                        velo_mount::ImageBacking::File => "file-backed, cached (no direct I/O here)",
+                        velo_mount::ImageBacking::Loop => "through a loop device (this filesystem cannot back EROFS directly)",
+                    }
                 ),
             ),
             Err(e) => check("mount stack", Status::Fail, format!("{e:#}")),
@@ -248,5 +253,10 @@ fn probe_mount_stack(store: &Path) -> anyhow::Result<velo_mount::ProbeReport> {
     let image = std::fs::File::open(&image_path)?;
     let data = std::fs::File::open(tmp.path())?;
     let digest = velo_objects::verity::VerityHasher::digest(&bytes);
-    Ok(velo_mount::probe(image.as_fd(), data.as_fd(), &digest)?)
+    Ok(velo_mount::probe(
+        image.as_fd(),
+        data.as_fd(),
+        &digest,
+        &tmp.path().join("attach"),
+    )?)
 }
