@@ -82,6 +82,52 @@ pub enum Command {
     },
     /// Check privileges, kernel features and the store, in plain words.
     Doctor,
+    /// Detect the project's ecosystems and write velo.toml (its managed dirs, lockfiles and
+    /// install commands).
+    Init {
+        /// The project (default: the current directory).
+        #[arg(long, short = 'C')]
+        project: Option<PathBuf>,
+        /// Overwrite an existing velo.toml.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run a command with the project's dependency dirs mounted (root only): built once per
+    /// lockfile, then mounted in milliseconds, in a private mount namespace with a
+    /// copy-on-write layer; writes are dropped at exit unless --persist.
+    Run {
+        /// The project (default: the current directory).
+        #[arg(long, short = 'C')]
+        project: Option<PathBuf>,
+        /// Run the install and the command as this user (NAME, UID or UID:GID); default: the
+        /// sudo caller (SUDO_UID/SUDO_GID), else the current user.
+        #[arg(long)]
+        user: Option<String>,
+        /// Keep the writes (caches, compiled files) in the store across runs.
+        #[arg(long)]
+        persist: bool,
+        /// The command and its arguments.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            required = true,
+            value_name = "CMD"
+        )]
+        command: Vec<std::ffi::OsString>,
+    },
+    /// Show each managed dir: key, image, up to date or not, size, last use.
+    Status {
+        /// The project (default: the current directory).
+        #[arg(long, short = 'C')]
+        project: Option<PathBuf>,
+    },
+    /// Internal: the single-threaded child of `velo run`.
+    #[command(name = "__run-child", hide = true)]
+    RunChild {
+        /// The command to exec.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<std::ffi::OsString>,
+    },
     /// Tenants: named copy-on-write layers over one image, kept in the store.
     Tenant {
         #[command(subcommand)]

@@ -136,3 +136,9 @@ pub fn probe_image() -> Result<Vec<u8>> {
     insert(&mut fs, Path::new("probe"), Inode::leaf(leaf))?;
     write_image(fs)
 }
+
+/// The image of an empty directory (mode 0755, owned by root, mtime 0): the starting point of
+/// a dependency dir being built.
+pub fn empty_image() -> Result<Vec<u8>> {
+    write_image(FileSystem::new(stat(0o755, 0, 0, (0, 0), Vec::new())))
+}

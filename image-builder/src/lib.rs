@@ -17,7 +17,8 @@ mod snapshot;
 mod statcache;
 
 pub use cfs::{
-    FileSystem, IMAGE_FORMAT, INLINE_MAX, dumpfile, probe_image, read_image, write_image,
+    FileSystem, IMAGE_FORMAT, INLINE_MAX, dumpfile, empty_image, probe_image, read_image,
+    write_image,
 };
 pub use error::{ImageError, Result};
 pub use snapshot::{NoProgress, Progress, SnapshotOptions, SnapshotReport, snapshot};

@@ -555,7 +555,8 @@ pub fn tenant_mount_point(store: &Store, name: &str) -> Result<Option<PathBuf>> 
 }
 
 /// Moves this thread (and the threads it starts later) into a private mount namespace, where
-/// mounts vanish with the process and nothing propagates to or from the host.
+/// mounts vanish with the process. Copied mounts are made slaves (recursively) first, so that
+/// nothing mounted here propagates to the host, while the host's later mounts still appear.
 pub fn enter_private_namespace() -> Result<()> {
     // SAFETY: only CLONE_NEWNS is unshared; the unsafety of unshare(2) concerns CLONE_FILES
     // (file descriptor tables), which this does not touch.
@@ -567,9 +568,10 @@ pub fn enter_private_namespace() -> Result<()> {
     )?;
     rustix::mount::mount_change(
         "/",
-        rustix::mount::MountPropagationFlags::REC | rustix::mount::MountPropagationFlags::PRIVATE,
+        rustix::mount::MountPropagationFlags::REC
+            | rustix::mount::MountPropagationFlags::DOWNSTREAM,
     )
-    .map_err(|e| MountError::io("make mounts private in the new namespace", "/", e))
+    .map_err(|e| MountError::io("make mounts slaves in the new namespace", "/", e))
 }
 
 /// Whether the mount a record describes still exists (see [`velo_objects::Liveness`]).

@@ -57,3 +57,27 @@ impl Store {
         }
     }
 }
+
+impl Store {
+    /// Takes the named lock `locks/<name>` exclusively, waiting for its holder (used so that
+    /// concurrent `velo run`s needing the same dependency key build it once).
+    pub fn lock_named(&self, name: &str) -> Result<StoreLock> {
+        let path = self.area_path(crate::Area::Locks).join(name);
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            return Err(crate::StoreError::Unexpected {
+                path,
+                reason: "invalid lock name".into(),
+            });
+        }
+        let dir = self.open_area(crate::Area::Locks)?;
+        let fd = open_beneath(
+            std::os::fd::AsFd::as_fd(&dir),
+            name,
+            OFlags::CREATE | OFlags::RDWR,
+            Mode::from_raw_mode(0o600),
+        )
+        .ctx("open lock", &path)?;
+        rustix::fs::flock(&fd, FlockOperation::LockExclusive).ctx("lock", &path)?;
+        Ok(StoreLock { _fd: fd })
+    }
+}

@@ -28,6 +28,7 @@ pub(crate) const DIRS: &[&str] = &[
     "history",
     "usage",
     "tenants",
+    "locks",
 ];
 
 /// An open store. All access goes through its root dirfd.
@@ -66,6 +67,8 @@ pub enum Area {
     Usage,
     /// `tenants/<name>/`: a tenant's upper and work dirs and its meta.json.
     Tenants,
+    /// `locks/<name>`: flock files (e.g. one build of a dependency key at a time).
+    Locks,
 }
 
 impl Area {
@@ -82,6 +85,7 @@ impl Area {
             Area::History => "history",
             Area::Usage => "usage",
             Area::Tenants => "tenants",
+            Area::Locks => "locks",
         }
     }
 }

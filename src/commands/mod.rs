@@ -5,6 +5,7 @@ mod fsck;
 mod gc;
 mod ls;
 mod mount;
+mod project;
 mod snapshot;
 mod tenant;
 
@@ -40,6 +41,15 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Doctor => doctor::doctor(&ctx),
         Command::Fsck { repair, jobs } => fsck::fsck(&ctx, repair, jobs),
         Command::Tenant { command } => tenant::tenant(&ctx, command),
+        Command::Init { project, force } => project::init(&ctx, project.as_deref(), force),
+        Command::Run {
+            project,
+            user,
+            persist,
+            command,
+        } => project::run(&ctx, project, user, persist, command),
+        Command::Status { project } => project::status(&ctx, project.as_deref()),
+        Command::RunChild { command } => crate::project::child::main(command),
         Command::Gc {
             dry_run,
             unused_for,

@@ -1,0 +1,146 @@
+//! `velo init`, `velo run`, `velo status`.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use serde::Serialize;
+use velo_objects::Store;
+
+use super::Ctx;
+use crate::output;
+use crate::project::config::{Config, FILE};
+use crate::project::run::{RunOptions, persist_tenant};
+use crate::project::user::User;
+use crate::project::{detect, project_dir, resolve};
+
+pub fn init(ctx: &Ctx, project: Option<&Path>, force: bool) -> anyhow::Result<ExitCode> {
+    let project = project_dir(project)?;
+    if project.join(FILE).exists() && !force {
+        anyhow::bail!(
+            "{} already exists (use --force to replace it)",
+            project.join(FILE).display()
+        );
+    }
+    let config = Config {
+        units: detect::detect(&project)?,
+    };
+    config.check()?;
+    let path = config.save(&project)?;
+    if ctx.json {
+        output::json(&serde_json::json!({ "file": path, "deps": config.units }))?;
+    } else {
+        ctx.say(format!("wrote {}", path.display()));
+        for u in &config.units {
+            ctx.say(format!(
+                "  {}: {} (keyed by {}; built by `{}`)",
+                u.ecosystem,
+                u.dirs.join(", "),
+                u.inputs.join(", "),
+                u.install
+            ));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run(
+    ctx: &Ctx,
+    project: Option<PathBuf>,
+    user: Option<String>,
+    persist: bool,
+    command: Vec<OsString>,
+) -> anyhow::Result<ExitCode> {
+    let opts = RunOptions {
+        user,
+        persist,
+        project,
+        quiet: ctx.quiet,
+    };
+    crate::project::run::run(&ctx.store, command, &opts)
+}
+
+#[derive(Serialize)]
+struct StatusRow {
+    ecosystem: String,
+    dir: String,
+    key: String,
+    #[serde(rename = "ref")]
+    ref_name: String,
+    up_to_date: bool,
+    image: Option<velo_objects::Digest>,
+    files: Option<u64>,
+    bytes: Option<u64>,
+    last_used: Option<u64>,
+    persisted_bytes: Option<u64>,
+}
+
+pub fn status(ctx: &Ctx, project: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let project = project_dir(project)?;
+    let config = Config::load(&project)?;
+    let user = User::invoking(None)?;
+    let store = Store::open_or_create(&ctx.store)?;
+    let mut rows = Vec::new();
+    for d in resolve(&store, &project, &config, &user)? {
+        let image = store.read_ref(&d.ref_name).ok();
+        let summary = image
+            .and_then(|i| velo_image::inspect::load(&store, &i).ok())
+            .map(|fs| velo_image::inspect::summarize(&fs));
+        let tenant = persist_tenant(&project, &d);
+        rows.push(StatusRow {
+            up_to_date: image.is_some(),
+            last_used: image.and_then(|_| store.ref_last_used(&d.ref_name).ok()),
+            files: summary.as_ref().map(|s| s.files),
+            bytes: summary.as_ref().map(|s| s.bytes),
+            persisted_bytes: store
+                .tenant(&tenant)
+                .ok()
+                .and_then(|_| store.tenant_upper_bytes(&tenant).ok()),
+            image,
+            ecosystem: d.ecosystem,
+            dir: d.dir,
+            key: d.key,
+            ref_name: d.ref_name,
+        });
+    }
+    if ctx.json {
+        output::json(&rows)?;
+    } else {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        for r in &rows {
+            let state = if r.up_to_date {
+                format!(
+                    "up to date: {} files, {}, last used {}",
+                    r.files.unwrap_or(0),
+                    output::bytes(r.bytes.unwrap_or(0)),
+                    r.last_used.map_or("never".into(), |t| format!(
+                        "{} ago",
+                        age(now.saturating_sub(t))
+                    ))
+                )
+            } else {
+                "stale: no image for the current lockfile/config yet (the next `velo run` builds it)".into()
+            };
+            let persisted = r
+                .persisted_bytes
+                .map(|b| format!("; persisted writes {}", output::bytes(b)))
+                .unwrap_or_default();
+            println!(
+                "{:<28} {:<6} key {}  {state}{persisted}",
+                r.dir, r.ecosystem, r.key
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn age(secs: u64) -> String {
+    match secs {
+        0..=119 => format!("{secs} s"),
+        120..=7199 => format!("{} min", secs / 60),
+        7200..=172_799 => format!("{} h", secs / 3600),
+        _ => format!("{} days", secs / 86_400),
+    }
+}

@@ -1,0 +1,327 @@
+//! `velo init`: which ecosystems a project uses, and how each builds its dependency dirs.
+
+use std::path::Path;
+
+use anyhow::bail;
+
+use super::config::Unit;
+
+fn unit(
+    ecosystem: &str,
+    dirs: Vec<String>,
+    inputs: &[&str],
+    install: &str,
+    versions: &[&str],
+    env_prefixes: &[&str],
+) -> Unit {
+    Unit {
+        ecosystem: ecosystem.into(),
+        dirs,
+        inputs: inputs.iter().map(|s| s.to_string()).collect(),
+        install: install.into(),
+        versions: versions.iter().map(|s| s.to_string()).collect(),
+        env_prefixes: env_prefixes.iter().map(|s| s.to_string()).collect(),
+        path_sensitive: false,
+        env: Default::default(),
+    }
+}
+
+/// The `node_modules` dirs of a JS project: the root's and each workspace package's.
+fn node_dirs(project: &Path) -> Vec<String> {
+    let mut dirs = vec!["node_modules".to_owned()];
+    let mut patterns: Vec<String> = Vec::new();
+    if let Ok(text) = std::fs::read_to_string(project.join("package.json"))
+        && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+    {
+        let ws = match &v["workspaces"] {
+            serde_json::Value::Array(a) => a.clone(),
+            serde_json::Value::Object(o) => o
+                .get("packages")
+                .and_then(|p| p.as_array())
+                .cloned()
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        patterns.extend(ws.iter().filter_map(|p| p.as_str().map(str::to_owned)));
+    }
+    // pnpm-workspace.yaml: a `packages:` list of `- 'glob'` lines.
+    if let Ok(text) = std::fs::read_to_string(project.join("pnpm-workspace.yaml")) {
+        let mut in_packages = false;
+        for line in text.lines() {
+            let t = line.trim();
+            if t.starts_with("packages:") {
+                in_packages = true;
+            } else if in_packages && t.starts_with('-') {
+                patterns.push(
+                    t.trim_start_matches('-')
+                        .trim()
+                        .trim_matches(['\'', '"'])
+                        .to_owned(),
+                );
+            } else if !t.is_empty() && !line.starts_with(' ') {
+                in_packages = false;
+            }
+        }
+    }
+    for pat in patterns {
+        if pat.starts_with('!') {
+            continue;
+        }
+        for pkg in expand_simple_glob(project, &pat) {
+            dirs.push(format!("{pkg}/node_modules"));
+        }
+    }
+    dirs.sort();
+    dirs.dedup();
+    dirs
+}
+
+/// Expands `dir/*` and literal paths (the workspace globs projects use), relative to `root`,
+/// to the directories holding a package.json.
+fn expand_simple_glob(root: &Path, pat: &str) -> Vec<String> {
+    let pat = pat.trim_end_matches('/');
+    let mut out = Vec::new();
+    if let Some(prefix) = pat.strip_suffix("/*").or_else(|| pat.strip_suffix("/**")) {
+        if let Ok(rd) = std::fs::read_dir(root.join(prefix)) {
+            for e in rd.flatten() {
+                if e.path().join("package.json").is_file()
+                    && let Some(name) = e.file_name().to_str()
+                {
+                    out.push(format!("{prefix}/{name}"));
+                }
+            }
+        }
+    } else if root.join(pat).join("package.json").is_file() {
+        out.push(pat.to_owned());
+    }
+    out.sort();
+    out
+}
+
+/// Detects every ecosystem in `project` (at least one, or an error saying what was looked for).
+pub fn detect(project: &Path) -> anyhow::Result<Vec<Unit>> {
+    let has = |f: &str| project.join(f).is_file();
+    let node_env = ["npm_config_", "NPM_CONFIG_", "NODE_ENV"];
+    let node_versions = [
+        "node -p process.versions.modules",
+        "node -p process.platform+process.arch",
+    ];
+    let mut units = Vec::new();
+    if has("package-lock.json") {
+        let mut v = vec!["npm --version"];
+        v.extend(node_versions);
+        units.push(unit(
+            "npm",
+            node_dirs(project),
+            &["package-lock.json", "package.json", ".npmrc", "~/.npmrc"],
+            "npm ci",
+            &v,
+            &node_env,
+        ));
+    } else if has("pnpm-lock.yaml") {
+        let mut v = vec!["pnpm --version"];
+        v.extend(node_versions);
+        units.push(unit(
+            "pnpm",
+            node_dirs(project),
+            &[
+                "pnpm-lock.yaml",
+                "package.json",
+                "pnpm-workspace.yaml",
+                ".npmrc",
+                "~/.npmrc",
+            ],
+            "pnpm install --frozen-lockfile",
+            &v,
+            &node_env,
+        ));
+    } else if has("yarn.lock") {
+        let berry = has(".yarnrc.yml");
+        if berry {
+            let rc = std::fs::read_to_string(project.join(".yarnrc.yml")).unwrap_or_default();
+            if !rc
+                .lines()
+                .any(|l| l.trim().replace(' ', "") == "nodeLinker:node-modules")
+            {
+                bail!(
+                    "{}: Yarn Plug'n'Play keeps no node_modules for velo to mount; set `nodeLinker: node-modules` in .yarnrc.yml",
+                    project.display()
+                );
+            }
+        }
+        let mut v = vec!["yarn --version"];
+        v.extend(node_versions);
+        units.push(unit(
+            "yarn",
+            node_dirs(project),
+            &[
+                "yarn.lock",
+                "package.json",
+                ".yarnrc",
+                ".yarnrc.yml",
+                ".npmrc",
+                "~/.yarnrc",
+            ],
+            if berry {
+                "yarn install --immutable"
+            } else {
+                "yarn install --frozen-lockfile"
+            },
+            &v,
+            &["npm_config_", "YARN_", "NODE_ENV"],
+        ));
+    }
+    let py_env = ["PIP_", "UV_", "POETRY_", "PYTHON"];
+    if has("uv.lock") {
+        let mut u = unit(
+            "uv",
+            vec![".venv".into()],
+            &[
+                "uv.lock",
+                "pyproject.toml",
+                ".python-version",
+                "uv.toml",
+                "~/.config/uv/uv.toml",
+            ],
+            "uv sync --frozen --compile-bytecode",
+            &["uv --version", "uv python find"],
+            &py_env,
+        );
+        u.path_sensitive = true;
+        units.push(u);
+    } else if has("poetry.lock") {
+        let mut u = unit(
+            "poetry",
+            vec![".venv".into()],
+            &[
+                "poetry.lock",
+                "pyproject.toml",
+                "poetry.toml",
+                "~/.config/pypoetry/config.toml",
+            ],
+            "poetry install --no-root --no-interaction --compile",
+            &[
+                "poetry --version",
+                "python3 -c 'import sys; print(sys.version)'",
+            ],
+            &py_env,
+        );
+        u.path_sensitive = true;
+        u.env
+            .insert("POETRY_VIRTUALENVS_IN_PROJECT".into(), "true".into());
+        units.push(u);
+    } else {
+        let mut reqs: Vec<String> = std::fs::read_dir(project)
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| n.starts_with("requirements") && n.ends_with(".txt"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        reqs.sort();
+        if !reqs.is_empty() {
+            let args: Vec<String> = reqs.iter().map(|r| format!("-r {r}")).collect();
+            let mut inputs: Vec<&str> = reqs.iter().map(String::as_str).collect();
+            inputs.extend(["pip.conf", "~/.config/pip/pip.conf", "~/.pip/pip.conf"]);
+            let install = format!(
+                "python3 -m venv .venv && .venv/bin/pip install --no-input --disable-pip-version-check {}",
+                args.join(" ")
+            );
+            let mut u = unit(
+                "pip",
+                vec![".venv".into()],
+                &inputs,
+                &install,
+                &[
+                    "python3 -c 'import sys; print(sys.version)'",
+                    "python3 -m pip --version",
+                ],
+                &py_env,
+            );
+            u.path_sensitive = true;
+            units.push(u);
+        }
+    }
+    if has("Cargo.lock") {
+        let mut u = unit(
+            "cargo",
+            vec![".cargo-home".into()],
+            &[
+                "Cargo.lock",
+                "Cargo.toml",
+                ".cargo/config.toml",
+                "rust-toolchain.toml",
+            ],
+            "cargo fetch --locked",
+            &["cargo --version"],
+            &["CARGO_REGISTRIES_", "CARGO_NET_"],
+        );
+        u.env
+            .insert("CARGO_HOME".into(), "{project}/.cargo-home".into());
+        units.push(u);
+    }
+    if units.is_empty() {
+        bail!(
+            "{}: no lockfile found (looked for package-lock.json, pnpm-lock.yaml, yarn.lock, uv.lock, poetry.lock, requirements*.txt, Cargo.lock)",
+            project.display()
+        );
+    }
+    Ok(units)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_npm_workspaces_and_pip() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        std::fs::write(p.join("package-lock.json"), "{}").unwrap();
+        std::fs::write(
+            p.join("package.json"),
+            r#"{"workspaces": ["packages/*", "tools/cli"]}"#,
+        )
+        .unwrap();
+        for pkg in ["packages/a", "packages/b", "tools/cli"] {
+            std::fs::create_dir_all(p.join(pkg)).unwrap();
+            std::fs::write(p.join(pkg).join("package.json"), "{}").unwrap();
+        }
+        std::fs::create_dir_all(p.join("packages/not-a-package")).unwrap();
+        std::fs::write(p.join("requirements.txt"), "six\n").unwrap();
+        std::fs::write(p.join("requirements-dev.txt"), "pytest\n").unwrap();
+        let units = detect(p).unwrap();
+        assert_eq!(units[0].ecosystem, "npm");
+        assert_eq!(
+            units[0].dirs,
+            [
+                "node_modules",
+                "packages/a/node_modules",
+                "packages/b/node_modules",
+                "tools/cli/node_modules"
+            ]
+        );
+        assert_eq!(units[0].install, "npm ci");
+        assert_eq!(units[1].ecosystem, "pip");
+        assert!(units[1].path_sensitive);
+        assert!(
+            units[1]
+                .install
+                .contains("-r requirements-dev.txt -r requirements.txt"),
+            "{}",
+            units[1].install
+        );
+    }
+
+    #[test]
+    fn nothing_to_manage_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(
+            detect(dir.path())
+                .unwrap_err()
+                .to_string()
+                .contains("no lockfile")
+        );
+    }
+}

@@ -1,0 +1,242 @@
+//! The supervising side of `velo run`: computes keys, builds missing images (once, under a
+//! lock, in a child), then starts the child that mounts and execs the command, forwards
+//! signals to it, passes its exit status through, and cleans up its copy-on-write layers.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
+use signal_hook::iterator::SignalsInfo;
+use signal_hook::iterator::exfiltrator::WithOrigin;
+use velo_objects::{Digest, Store};
+
+use super::child::{Build, PLAN_VAR, Plan, PlannedMount};
+use super::config::Config;
+use super::user::User;
+use super::{ManagedDir, project_dir, resolve, unit_env};
+
+/// Options of `velo run`.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// `--user`.
+    pub user: Option<String>,
+    /// `--persist`: keep a per-project upper across runs.
+    pub persist: bool,
+    /// `--project`.
+    pub project: Option<PathBuf>,
+    /// `-q`.
+    pub quiet: bool,
+}
+
+/// The tenant that holds a dir's persisted writes (`--persist`): one per project, dir and key.
+pub fn persist_tenant(project: &Path, d: &ManagedDir) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut h = blake3::Hasher::new();
+    h.update(project.as_os_str().as_bytes());
+    h.update(b"\0");
+    h.update(d.dir.as_bytes());
+    format!("run-{}-{}", &h.finalize().to_hex()[..12], &d.key[..12])
+}
+
+fn empty_image(store: &Store) -> anyhow::Result<Digest> {
+    let bytes = velo_image::empty_image()?;
+    Ok(store.store_bytes(velo_objects::Kind::Image, &bytes)?.digest)
+}
+
+/// Runs `argv` with the project's dependency dirs mounted.
+pub fn run(store_path: &Path, argv: Vec<OsString>, opts: &RunOptions) -> anyhow::Result<ExitCode> {
+    velo_mount::privilege::require_root("velo run")?;
+    let project = project_dir(opts.project.as_deref())?;
+    let config = Config::load(&project)?;
+    let user = User::invoking(opts.user.as_deref())?;
+    let store = Store::open_or_create(store_path)?;
+    let dirs = resolve(&store, &project, &config, &user)?;
+
+    // Build what is missing, one entry of velo.toml at a time, each key once across processes.
+    for (i, unit) in config.units.iter().enumerate() {
+        let unit_dirs: Vec<&ManagedDir> = dirs.iter().filter(|d| d.unit == i).collect();
+        let missing = |store: &Store| {
+            unit_dirs
+                .iter()
+                .any(|d| store.read_ref(&d.ref_name).is_err())
+        };
+        if !missing(&store) {
+            continue;
+        }
+        let _lock = store.lock_named(&format!("build-{}", unit_dirs[0].key))?;
+        if !missing(&store) {
+            continue; // another velo run built it while we waited
+        }
+        if !opts.quiet {
+            eprintln!(
+                "velo: building {} with `{}` (first run for this lockfile)",
+                unit_dirs
+                    .iter()
+                    .map(|d| d.dir.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                unit.install
+            );
+        }
+        let empty = empty_image(&store)?;
+        let plan = Plan {
+            store: store.root().to_owned(),
+            project: project.clone(),
+            user: (user.uid, user.gid),
+            mounts: unit_dirs
+                .iter()
+                .map(|d| PlannedMount {
+                    image: empty,
+                    target: d.path.clone(),
+                    tenant: None,
+                    snapshot_ref: Some(d.ref_name.clone()),
+                })
+                .collect(),
+            env: unit_env(unit, &project).into_iter().collect(),
+            build: Some(Build {
+                install: unit.install.clone(),
+            }),
+        };
+        let status = supervise(&store, &plan, &[])?;
+        if status != 0 {
+            bail!(
+                "building {} failed: `{}` exited with {}; no ref was written (its output is above)",
+                unit_dirs
+                    .iter()
+                    .map(|d| d.dir.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                unit.install,
+                describe_status(status)
+            );
+        }
+        if missing(&store) {
+            bail!("the build of {} finished but left no image", unit.ecosystem);
+        }
+    }
+
+    let mut env = BTreeMap::new();
+    let mut mounts = Vec::new();
+    for d in &dirs {
+        let image = store.read_ref(&d.ref_name)?;
+        store.touch_ref_used(&d.ref_name)?;
+        let tenant = if opts.persist {
+            let name = persist_tenant(&project, d);
+            if store.tenant(&name).is_err() {
+                match store.create_tenant(&name, image, Some(d.ref_name.clone())) {
+                    Ok(_) => {}
+                    Err(e) if store.tenant(&name).is_ok() => {
+                        tracing::debug!("tenant created concurrently: {e}")
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Some(name)
+        } else {
+            None
+        };
+        mounts.push(PlannedMount {
+            image,
+            target: d.path.clone(),
+            tenant,
+            snapshot_ref: None,
+        });
+    }
+    for unit in &config.units {
+        env.extend(unit_env(unit, &project));
+    }
+    let plan = Plan {
+        store: store.root().to_owned(),
+        project,
+        user: (user.uid, user.gid),
+        mounts,
+        env,
+        build: None,
+    };
+    let status = supervise(&store, &plan, &argv)?;
+    exit_like(status)
+}
+
+/// A wait status as words.
+fn describe_status(status: i32) -> String {
+    if status >= 0 {
+        format!("status {status}")
+    } else {
+        format!("signal {}", -status)
+    }
+}
+
+/// Starts the child with `plan`, forwards signals, waits, removes its copy-on-write layers.
+/// Returns the exit code, or minus the signal number that killed it.
+fn supervise(store: &Store, plan: &Plan, argv: &[OsString]) -> anyhow::Result<i32> {
+    use std::os::unix::process::ExitStatusExt;
+    let exe = std::env::current_exe().context("find velo's own binary")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--store")
+        .arg(&plan.store)
+        .arg("__run-child")
+        .arg("--")
+        .args(argv);
+    cmd.env(PLAN_VAR, serde_json::to_string(plan)?);
+    // Signals sent to velo (by a process manager: `kill`) go on to the command. Signals from the
+    // terminal (Ctrl-C) already reach the whole foreground process group, the command included,
+    // so those are not sent twice.
+    let mut signals =
+        SignalsInfo::<WithOrigin>::new([SIGTERM, SIGHUP, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2])
+            .context("install signal handlers")?;
+    let handle = signals.handle();
+    let mut child = cmd.spawn().context("start velo's run child")?;
+    let pid = child.id();
+    let forwarder = std::thread::spawn(move || {
+        for info in signals.forever() {
+            let from_terminal =
+                matches!(info.cause, signal_hook::low_level::siginfo::Cause::Kernel);
+            if from_terminal && (info.signal == SIGINT || info.signal == SIGQUIT) {
+                continue;
+            }
+            if let (Some(p), Some(sig)) = (
+                rustix::process::Pid::from_raw(pid as i32),
+                rustix::process::Signal::from_named_raw(info.signal),
+            ) {
+                let _ = rustix::process::kill_process(p, sig);
+            }
+        }
+    });
+    let status = child.wait().context("wait for velo's run child")?;
+    handle.close();
+    let _ = forwarder.join();
+    cleanup_after(store, pid);
+    Ok(match (status.code(), status.signal()) {
+        (Some(c), _) => c,
+        (None, Some(s)) => -s,
+        _ => 1,
+    })
+}
+
+/// Removes the mount slots (and managed upper dirs) of a child that has exited.
+fn cleanup_after(store: &Store, pid: u32) {
+    let Ok(records) = store.list_mount_records() else {
+        return;
+    };
+    for (token, record) in records {
+        if let Ok(r) = record
+            && r.owner.is_some_and(|(p, _)| p == pid)
+            && let Err(e) = store.remove_mount_slot(&token)
+        {
+            tracing::warn!("could not remove {token}: {e}");
+        }
+    }
+}
+
+/// Exits the way the command did: with its code, or killed by the same signal.
+fn exit_like(status: i32) -> anyhow::Result<ExitCode> {
+    if status >= 0 {
+        return Ok(ExitCode::from(status.clamp(0, 255) as u8));
+    }
+    let sig = -status;
+    let _ = signal_hook::low_level::emulate_default_handler(sig);
+    Ok(ExitCode::from((128 + sig).clamp(0, 255) as u8))
+}
