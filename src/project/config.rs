@@ -34,18 +34,18 @@ pub struct Unit {
     pub install: String,
     /// Commands whose output keys the dirs: the package manager's and the runtime's versions
     /// (e.g. `npm --version`, the node ABI). Cached by the binary's identity.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub versions: Vec<String>,
     /// Environment variables with these prefixes key the dirs (their values are hashed, never
     /// stored).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env_prefixes: Vec<String>,
     /// Whether the absolute project path keys the dirs (Python venvs bake it into scripts).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub path_sensitive: bool,
     /// Environment set for the install and for `velo run`'s command; `{project}` expands to
     /// the project path.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
 }
 

@@ -2,6 +2,8 @@
 //! always cleaned up, and a tree comparison that checks everything a snapshot must keep.
 #![allow(dead_code)]
 
+pub mod fixtures;
+
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};

@@ -1,0 +1,621 @@
+//! `velo init` / `velo run` / `velo status` with real package managers.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{Env, can_mount, fixtures, path_str};
+
+/// `velo run` in `project` with npm's cache and offline mode set, as root.
+fn velo_in(env: &Env, project: &Path, args: &[&str]) -> Command {
+    let mut c = env.velo(args);
+    c.current_dir(project)
+        .env("npm_config_cache", env.path("npm-cache"))
+        .env("npm_config_offline", "true");
+    c.env_remove("SUDO_UID").env_remove("SUDO_GID");
+    c
+}
+
+fn ok(out: Output, what: &str) -> (String, String) {
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}",
+        common::describe(&out)
+    );
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `velo status --json` with the same environment as `velo_in` (the environment is keyed).
+fn status_json(env: &Env, project: &Path) -> serde_json::Value {
+    let (out, _) = ok(
+        velo_in(env, project, &["--json", "status"])
+            .output()
+            .unwrap(),
+        "status",
+    );
+    serde_json::from_str(&out).unwrap()
+}
+
+fn npm_project(env: &Env) -> PathBuf {
+    let project = env.path("proj");
+    fs::create_dir_all(&project).unwrap();
+    fixtures::npm_project(env.dir.path(), &project, &env.path("npm-cache"));
+    project
+}
+
+/// Counts install runs: the install command appends a line to a file in the project.
+fn count_installs(project: &Path) {
+    let toml = fs::read_to_string(project.join("velo.toml")).unwrap();
+    let toml = toml.replace(
+        "install = \"npm ci\"",
+        "install = \"echo built >> installs.log && npm ci --no-audit --no-fund\"",
+    );
+    fs::write(project.join("velo.toml"), toml).unwrap();
+}
+
+fn installs(project: &Path) -> usize {
+    fs::read_to_string(project.join("installs.log"))
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
+const SCRIPT: &str = "console.log('sum', require('vr-math').add(2, 3))";
+
+fn no_mounts_left(env: &Env) {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !info.contains(path_str(env.dir.path())),
+        "a mount was left behind:\n{info}"
+    );
+    let slots: Vec<_> = fs::read_dir(env.store.join("mounts"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(slots.is_empty(), "mount slots left in the store: {slots:?}");
+}
+
+#[test]
+fn npm_first_run_builds_second_only_mounts() {
+    if !can_mount("npm_first_run_builds_second_only_mounts") {
+        return;
+    }
+    let env = Env::new();
+    let project = npm_project(&env);
+    let (out, _) = ok(
+        velo_in(&env, &project, &["init"]).output().unwrap(),
+        "velo init",
+    );
+    assert!(out.contains("npm: node_modules"), "{out}");
+    count_installs(&project);
+
+    let (out1, err1) = ok(
+        velo_in(&env, &project, &["run", "node", "-e", SCRIPT])
+            .output()
+            .unwrap(),
+        "first run",
+    );
+    assert_eq!(
+        out1, "sum 5\n",
+        "stdout is the command's alone (install output goes to stderr)"
+    );
+    assert!(err1.contains("building node_modules"), "{err1}");
+    let (out2, err2) = ok(
+        velo_in(&env, &project, &["run", "node", "-e", SCRIPT])
+            .output()
+            .unwrap(),
+        "second run",
+    );
+    assert_eq!(out2, out1);
+    assert!(
+        !err2.contains("building"),
+        "second run must only mount: {err2}"
+    );
+    assert_eq!(installs(&project), 1);
+    // .bin links work from the mount; the host's node_modules stays empty.
+    let (out, _) = ok(
+        velo_in(&env, &project, &["run", "node_modules/.bin/vr-cli"])
+            .output()
+            .unwrap(),
+        "bin",
+    );
+    assert_eq!(out, "vr-cli says 42\n");
+    let host: Vec<_> = fs::read_dir(project.join("node_modules"))
+        .unwrap()
+        .collect();
+    assert!(
+        host.is_empty(),
+        "node_modules on the host must stay empty: {host:?}"
+    );
+    // Writes inside node_modules work and are dropped at exit.
+    ok(
+        velo_in(
+            &env,
+            &project,
+            &[
+                "run",
+                "sh",
+                "-c",
+                "echo x > node_modules/scratch && cat node_modules/scratch",
+            ],
+        )
+        .output()
+        .unwrap(),
+        "write",
+    );
+    ok(
+        velo_in(
+            &env,
+            &project,
+            &["run", "sh", "-c", "test ! -e node_modules/scratch"],
+        )
+        .output()
+        .unwrap(),
+        "writes dropped",
+    );
+    // Exit codes pass through.
+    let st = velo_in(&env, &project, &["run", "sh", "-c", "exit 7"])
+        .status()
+        .unwrap();
+    assert_eq!(st.code(), Some(7));
+    let status = status_json(&env, &project);
+    assert_eq!(status[0]["dir"], "node_modules");
+    assert_eq!(status[0]["up_to_date"], true, "{status}");
+    assert!(status[0]["ref"].as_str().unwrap().starts_with("deps/npm/"));
+    no_mounts_left(&env);
+}
+
+#[test]
+fn a_changed_lockfile_builds_again_and_reverting_reuses() {
+    if !can_mount("a_changed_lockfile_builds_again_and_reverting_reuses") {
+        return;
+    }
+    let env = Env::new();
+    let project = npm_project(&env);
+    ok(velo_in(&env, &project, &["init"]).output().unwrap(), "init");
+    count_installs(&project);
+    ok(
+        velo_in(&env, &project, &["run", "true"]).output().unwrap(),
+        "first",
+    );
+    let lock = project.join("package-lock.json");
+    let original = fs::read_to_string(&lock).unwrap();
+    fs::write(
+        &lock,
+        original.replace("\"velo-run-test\"", "\"velo-run-test-renamed\""),
+    )
+    .unwrap();
+    let status = status_json(&env, &project);
+    assert_eq!(
+        status[0]["up_to_date"], false,
+        "a changed lockfile is stale: {status}"
+    );
+    ok(
+        velo_in(&env, &project, &["run", "true"]).output().unwrap(),
+        "changed",
+    );
+    assert_eq!(
+        installs(&project),
+        2,
+        "a changed lockfile builds a new image"
+    );
+    fs::write(&lock, &original).unwrap();
+    let (_, err) = ok(
+        velo_in(&env, &project, &["run", "true"]).output().unwrap(),
+        "reverted",
+    );
+    assert_eq!(
+        installs(&project),
+        2,
+        "reverting reuses the first image: {err}"
+    );
+    let refs = env.json(&["ref", "ls"]);
+    assert_eq!(refs.as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn four_parallel_runs_on_a_cold_key_install_once() {
+    if !can_mount("four_parallel_runs_on_a_cold_key_install_once") {
+        return;
+    }
+    let env = Env::new();
+    let project = npm_project(&env);
+    ok(velo_in(&env, &project, &["init"]).output().unwrap(), "init");
+    count_installs(&project);
+    let children: Vec<_> = (0..4)
+        .map(|_| {
+            velo_in(&env, &project, &["run", "node", "-e", SCRIPT])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let (out, _) = ok(c.wait_with_output().unwrap(), "parallel run");
+        assert_eq!(out, "sum 5\n");
+    }
+    assert_eq!(
+        installs(&project),
+        1,
+        "exactly one install for four concurrent runs"
+    );
+    no_mounts_left(&env);
+}
+
+#[test]
+fn a_failed_install_leaves_no_ref_and_a_clean_store() {
+    if !can_mount("a_failed_install_leaves_no_ref_and_a_clean_store") {
+        return;
+    }
+    let env = Env::new();
+    let project = npm_project(&env);
+    ok(velo_in(&env, &project, &["init"]).output().unwrap(), "init");
+    let toml = fs::read_to_string(project.join("velo.toml")).unwrap();
+    fs::write(
+        project.join("velo.toml"),
+        toml.replace(
+            "install = \"npm ci\"",
+            "install = \"echo half > node_modules/half && echo broken install >&2 && exit 3\"",
+        ),
+    )
+    .unwrap();
+    let out = velo_in(&env, &project, &["run", "true"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("broken install"),
+        "the install's output is shown: {err}"
+    );
+    assert!(
+        err.contains("failed") && err.contains("no ref was written"),
+        "{err}"
+    );
+    assert!(env.json(&["ref", "ls"]).as_array().unwrap().is_empty());
+    assert!(
+        !project.join("node_modules/half").exists(),
+        "the failed install's writes stay out of the project"
+    );
+    let fsck = env.velo(&["fsck"]).output().unwrap();
+    assert!(fsck.status.success(), "{}", common::describe(&fsck));
+    no_mounts_left(&env);
+}
+
+#[test]
+fn unknown_keys_in_velo_toml_are_named() {
+    let env = Env::new();
+    let project = env.path("p");
+    fs::create_dir_all(&project).unwrap();
+    fs::write(project.join("velo.toml"), "[[deps]]\necosystem = \"npm\"\ndirs = [\"node_modules\"]\ninputs = []\ninstall = \"npm ci\"\nfrobnicate = true\n").unwrap();
+    let out = velo_in(&env, &project, &["status"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("frobnicate") && err.contains("velo.toml"),
+        "{err}"
+    );
+}
+
+/// A hand-written velo.toml whose install records who ran it.
+fn custom_project(env: &Env) -> PathBuf {
+    let project = env.path("custom");
+    fs::create_dir_all(&project).unwrap();
+    fs::write(project.join("deps.lock"), "v1\n").unwrap();
+    fs::write(
+        project.join("velo.toml"),
+        "[[deps]]\necosystem = \"custom\"\ndirs = [\"deps\"]\ninputs = [\"deps.lock\"]\n\
+         install = \"mkdir -p deps/lib && id -u > deps/lib/built-by && cp deps.lock deps/lib/\"\n",
+    )
+    .unwrap();
+    for p in [env.dir.path(), project.as_path()] {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    project
+}
+
+#[test]
+fn through_sudo_the_install_and_command_run_as_the_caller() {
+    if !can_mount("through_sudo_the_install_and_command_run_as_the_caller") {
+        return;
+    }
+    let env = Env::new();
+    let project = custom_project(&env);
+    let run = |args: &[&str]| {
+        let mut c = velo_in(&env, &project, args);
+        c.env("SUDO_UID", "65534").env("SUDO_GID", "65534");
+        c.output().unwrap()
+    };
+    let (out, _) = ok(
+        run(&[
+            "run",
+            "sh",
+            "-c",
+            "id -u; cat deps/lib/built-by; stat -c %u deps/lib/deps.lock; touch deps/mine && stat -c %u deps/mine",
+        ]),
+        "run as caller",
+    );
+    assert_eq!(
+        out, "65534\n65534\n65534\n65534\n",
+        "command, install, tree and CoW writes all belong to the caller"
+    );
+    // --user overrides.
+    let (out, _) = ok(
+        velo_in(&env, &project, &["run", "--user", "0", "id", "-u"])
+            .output()
+            .unwrap(),
+        "--user",
+    );
+    assert_eq!(out, "0\n");
+}
+
+#[test]
+fn signals_reach_the_command_and_persist_keeps_writes() {
+    if !can_mount("signals_reach_the_command_and_persist_keeps_writes") {
+        return;
+    }
+    let env = Env::new();
+    let project = custom_project(&env);
+    let ready = env.path("ready");
+    let script = format!(
+        "trap 'echo got TERM; exit 3' TERM; touch {}; while :; do sleep 0.01; done",
+        path_str(&ready)
+    );
+    let child = velo_in(&env, &project, &["run", "sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !ready.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the command never started"
+        );
+        std::thread::yield_now();
+    }
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "the command's exit status after SIGTERM: {}",
+        common::describe(&out)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "got TERM\n");
+    no_mounts_left(&env);
+
+    ok(
+        velo_in(
+            &env,
+            &project,
+            &["run", "--persist", "sh", "-c", "echo cached > deps/cache"],
+        )
+        .output()
+        .unwrap(),
+        "persist 1",
+    );
+    let (out, _) = ok(
+        velo_in(&env, &project, &["run", "--persist", "cat", "deps/cache"])
+            .output()
+            .unwrap(),
+        "persist 2",
+    );
+    assert_eq!(out, "cached\n");
+    ok(
+        velo_in(&env, &project, &["run", "sh", "-c", "test ! -e deps/cache"])
+            .output()
+            .unwrap(),
+        "without --persist",
+    );
+    let status = status_json(&env, &project);
+    assert!(
+        status[0]["persisted_bytes"].as_u64().unwrap() > 0,
+        "{status}"
+    );
+}
+
+#[test]
+fn without_root_velo_run_says_what_it_needs() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("SKIPPED without_root_velo_run_says_what_it_needs: needs root to switch users");
+        return;
+    }
+    let env = Env::new();
+    let project = custom_project(&env);
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(common::velo_bin())
+        .args(["--store", path_str(&env.store), "run", "true"])
+        .current_dir(&project)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("velo run needs root"),
+        "{}",
+        common::describe(&out)
+    );
+}
+
+#[test]
+fn python_venv_from_requirements_with_pyc_and_console_script() {
+    if !can_mount("python_venv_from_requirements_with_pyc_and_console_script") {
+        return;
+    }
+    let env = Env::new();
+    let project = env.path("py");
+    fs::create_dir_all(&project).unwrap();
+    let wheel = fixtures::wheel(env.dir.path());
+    fs::write(
+        project.join("requirements.txt"),
+        format!("vrgreet @ file://{}\n", wheel.display()),
+    )
+    .unwrap();
+    let py = |args: &[&str]| {
+        let mut c = velo_in(&env, &project, args);
+        for v in [
+            "PYTHONDONTWRITEBYTECODE",
+            "PIP_FIND_LINKS",
+            "PIP_INDEX_URL",
+            "VIRTUAL_ENV",
+        ] {
+            c.env_remove(v);
+        }
+        c.env("PIP_NO_INDEX", "1")
+            .env("PIP_CONFIG_FILE", "/dev/null");
+        c.output().unwrap()
+    };
+    let (out, _) = ok(py(&["init"]), "init");
+    assert!(out.contains("pip: .venv"), "{out}");
+    let (out1, err1) = ok(
+        py(&[
+            "run",
+            ".venv/bin/python",
+            "-c",
+            "import vrgreet; print(vrgreet.something())",
+        ]),
+        "first",
+    );
+    assert!(err1.contains("building .venv"), "{err1}");
+    assert_eq!(out1, "vrgreet 1.2.3 says 907\n");
+    let (out2, err2) = ok(
+        py(&[
+            "run",
+            ".venv/bin/python",
+            "-c",
+            "import vrgreet; print(vrgreet.something())",
+        ]),
+        "second",
+    );
+    assert_eq!(out2, out1);
+    assert!(!err2.contains("building"));
+    // The console script's shebang is the venv's absolute path: it runs from the mount.
+    let (out, _) = ok(py(&["run", ".venv/bin/vrgreet"]), "console script");
+    assert_eq!(out, "console script: vrgreet 1.2.3 says 907\n");
+    // The image carries the .pyc files pip compiled, valid for the kept mtimes: a persisted
+    // run writes no new bytecode.
+    let (status, _) = ok(py(&["--json", "status"]), "status");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let dump = env.ok(&["inspect", status[0]["ref"].as_str().unwrap(), "--dump"]);
+    assert!(
+        dump.lines()
+            .any(|l| l.contains("vrgreet/__pycache__/__init__.cpython-")),
+        "no .pyc in the image"
+    );
+    let before = env.store_listing();
+    ok(
+        py(&[
+            "run",
+            "--persist",
+            ".venv/bin/python",
+            "-c",
+            "import vrgreet",
+        ]),
+        "persisted import",
+    );
+    let after = env.store_listing();
+    let new_pyc: Vec<_> = after
+        .keys()
+        .filter(|p| !before.contains_key(*p) && p.to_string_lossy().ends_with(".pyc"))
+        .collect();
+    assert!(new_pyc.is_empty(), "python recompiled: {new_pyc:?}");
+    let objects = |l: &std::collections::BTreeMap<PathBuf, (u64, u32, String)>| {
+        l.iter().filter(|(p, _)| p.starts_with("objects")).count()
+    };
+    assert_eq!(
+        objects(&before),
+        objects(&after),
+        "running changed the store's objects"
+    );
+    no_mounts_left(&env);
+}
+
+#[test]
+fn packages_from_the_real_registries_npm_and_pypi() {
+    if !can_mount("packages_from_the_real_registries_npm_and_pypi") {
+        return;
+    }
+    let env = Env::new();
+    let node = env.path("node");
+    fs::create_dir_all(&node).unwrap();
+    fs::write(
+        node.join("package.json"),
+        r#"{"name":"reg","version":"1.0.0","private":true,"dependencies":{"is-number":"7.0.0"}}"#,
+    )
+    .unwrap();
+    let lock = Command::new("npm")
+        .args(["install", "--package-lock-only", "--no-audit", "--no-fund"])
+        .current_dir(&node)
+        .env("npm_config_cache", env.path("npm-cache"))
+        .output()
+        .unwrap();
+    assert!(
+        lock.status.success(),
+        "this test needs registry.npmjs.org:\n{}",
+        common::describe(&lock)
+    );
+    let mut c = env.velo(&["init"]);
+    ok(c.current_dir(&node).output().unwrap(), "init");
+    let run = |dir: &Path, args: &[&str]| {
+        let mut c = env.velo(args);
+        c.current_dir(dir)
+            .env("npm_config_cache", env.path("npm-cache"))
+            .env_remove("npm_config_offline");
+        ok(c.output().unwrap(), "run")
+    };
+    let (out, _) = run(
+        &node,
+        &[
+            "run",
+            "node",
+            "-e",
+            "console.log(require('is-number')(5), require('is-number')('x'))",
+        ],
+    );
+    assert_eq!(out, "true false\n");
+
+    let py = env.path("py");
+    fs::create_dir_all(&py).unwrap();
+    fs::write(py.join("requirements.txt"), "six==1.17.0\n").unwrap();
+    let pyrun = |args: &[&str]| {
+        let mut c = env.velo(args);
+        c.current_dir(&py);
+        for v in [
+            "PYTHONDONTWRITEBYTECODE",
+            "PIP_FIND_LINKS",
+            "PIP_NO_INDEX",
+            "VIRTUAL_ENV",
+        ] {
+            c.env_remove(v);
+        }
+        c.env("PIP_CONFIG_FILE", "/dev/null");
+        c.output().unwrap()
+    };
+    ok(pyrun(&["init"]), "init");
+    let out = pyrun(&[
+        "run",
+        ".venv/bin/python",
+        "-c",
+        "import six; print(six.__version__)",
+    ]);
+    assert!(
+        out.status.success(),
+        "this test needs pypi.org:\n{}",
+        common::describe(&out)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1.17.0\n");
+    no_mounts_left(&env);
+}
