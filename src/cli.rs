@@ -178,6 +178,10 @@ pub enum TenantCommand {
         /// Mount it here right away.
         #[arg(long, value_name = "DIR")]
         mount: Option<PathBuf>,
+        /// Limit its writes (e.g. 512M, 2G); enforced with project quotas where the store's
+        /// filesystem has them, else reported as not enforced.
+        #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
+        size_limit: Option<u64>,
     },
     /// List tenants with their image, mount point and upper-dir size.
     Ls,
@@ -256,4 +260,33 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
         }
     };
     Ok(std::time::Duration::from_secs(n.saturating_mul(secs)))
+}
+
+/// Parses a size: bytes, or with a K, M, G or T suffix (powers of 1024; `KiB`/`KB` forms too).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like 512M or 2G"))?;
+    let shift = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?} (use K, M, G or T)"
+            ));
+        }
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }

@@ -29,6 +29,7 @@ pub mod kverity;
 mod lock;
 mod meta;
 mod mounts;
+mod quota;
 mod refs;
 mod session;
 mod store;

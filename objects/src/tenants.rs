@@ -26,6 +26,12 @@ pub struct Tenant {
     pub from_ref: Option<String>,
     /// Seconds since the epoch at creation.
     pub created: u64,
+    /// The size limit asked for the upper dir, in bytes.
+    #[serde(default)]
+    pub size_limit: Option<u64>,
+    /// How the limit is enforced: `project quota <id>`, or why it is not.
+    #[serde(default)]
+    pub limit_enforcement: Option<String>,
 }
 
 /// Checks a tenant name: `[A-Za-z0-9._-]`, 1-64 characters, not starting with `.`.
@@ -67,6 +73,18 @@ impl Store {
         image: Digest,
         from_ref: Option<String>,
     ) -> Result<Tenant> {
+        self.create_tenant_limited(name, image, from_ref, None)
+    }
+
+    /// Creates a tenant over `image` whose upper dir may hold at most `size_limit` bytes, where
+    /// the store's filesystem enforces project quotas (see [`Tenant::limit_enforcement`]).
+    pub fn create_tenant_limited(
+        &self,
+        name: &str,
+        image: Digest,
+        from_ref: Option<String>,
+        size_limit: Option<u64>,
+    ) -> Result<Tenant> {
         validate_tenant_name(name)?;
         self.open_image(&image)?;
         let tenants = self.open_area(Area::Tenants)?;
@@ -86,11 +104,17 @@ impl Store {
             rustix::fs::mkdirat(&dir, sub, Mode::from_raw_mode(0o755))
                 .ctx("create", path.join(sub))?;
         }
+        let limit_enforcement = match size_limit {
+            None => None,
+            Some(bytes) => Some(self.limit_tenant(dir.as_fd(), name, bytes)),
+        };
         let tenant = Tenant {
             name: name.to_owned(),
             image,
             from_ref,
             created: fsutil::now_ns() as u64 / 1_000_000_000,
+            size_limit,
+            limit_enforcement,
         };
         let data = serde_json::to_vec_pretty(&tenant).map_err(|e| StoreError::Unexpected {
             path: path.join("meta.json"),
@@ -110,6 +134,33 @@ impl Store {
             .ctx("write", path.join("meta.json"))?;
         rustix::fs::fsync(&dir).ctx("fsync", &path)?;
         Ok(tenant)
+    }
+
+    /// Puts a new tenant's upper and work dirs in a project with a block limit; returns how the
+    /// limit is enforced, or why it is not.
+    fn limit_tenant(&self, dir: std::os::fd::BorrowedFd<'_>, name: &str, bytes: u64) -> String {
+        if let Err(why) = crate::quota::supported(dir) {
+            return format!("not enforced: {why}");
+        }
+        // A project id derived from the store and the name; 0 is "no project".
+        let h = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            self.root().hash(&mut h);
+            name.hash(&mut h);
+            (h.finish() as u32 & 0x7fff_ffff).max(1)
+        };
+        let result = (|| {
+            for sub in ["upper", "work"] {
+                let fd = open_dir_beneath(dir, sub)?;
+                crate::quota::set_project(fd.as_fd(), h)?;
+            }
+            crate::quota::set_limit(dir, h, bytes)
+        })();
+        match result {
+            Ok(()) => format!("project quota {h}"),
+            Err(e) => format!("not enforced: setting the project quota failed ({e})"),
+        }
     }
 
     /// A tenant's meta.

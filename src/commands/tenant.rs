@@ -79,14 +79,22 @@ pub fn tenant(ctx: &Ctx, command: TenantCommand) -> anyhow::Result<ExitCode> {
     }
     let store = Store::open(&ctx.store)?;
     match command {
-        TenantCommand::Create { name, image, mount } => {
+        TenantCommand::Create {
+            name,
+            image,
+            mount,
+            size_limit,
+        } => {
             let digest = store.resolve(&image)?;
             let from_ref = (digest.to_hex() != image).then_some(image);
-            let t = store.create_tenant(&name, digest, from_ref)?;
+            let t = store.create_tenant_limited(&name, digest, from_ref, size_limit)?;
             if ctx.json && mount.is_none() {
                 output::json(&t)?;
             } else {
                 ctx.say(format!("created tenant {name} on image {}", t.image));
+                if let (Some(limit), Some(how)) = (t.size_limit, &t.limit_enforcement) {
+                    ctx.say(format!("  size limit {}: {how}", output::bytes(limit)));
+                }
             }
             if let Some(dir) = mount {
                 let r = mount_tenant(ctx, &store, &name, &dir, None)?;
