@@ -253,6 +253,23 @@ case_mount_verity_require() {
     expect_not_mounted
 }
 
+# A tenant's size limit, on a store whose filesystem has project quotas: enforced.
+case_tenant_size_limit() {
+    V tenant create limited --image vmtest/a --size-limit 1M --json > /tmp/q.json 2> /tmp/.err ||
+        bad "velo tenant create failed: $(cat /tmp/.err)"
+    echo "  $(cat /tmp/q.json)"
+    grep -q '"limit_enforcement":"project quota' /tmp/q.json || bad "the limit is not enforced: $(cat /tmp/q.json)"
+    V tenant mount limited "$M" > /dev/null 2> /tmp/.err || bad "velo tenant mount failed: $(cat /tmp/.err)"
+    dd if=/dev/zero of="$M/small" bs=1k count=256 2> /dev/null || bad "a write under the limit failed"
+    if dd if=/dev/zero of="$M/fill" bs=1M count=3 2> /tmp/dd.err; then
+        bad "wrote 3 MiB into a tenant limited to 1 MiB"
+    fi
+    echo "  over the limit: $(tail -n 1 /tmp/dd.err)"
+    grep -qi "quota" /tmp/dd.err || bad "the write failed, but not with a quota error: $(cat /tmp/dd.err)"
+    V tenant umount limited > /tmp/.err 2>&1 || bad "velo tenant umount failed: $(cat /tmp/.err)"
+    expect_not_mounted
+}
+
 have_fsck() {
     V fsck --help > /dev/null 2> /tmp/.err ||
         bad "this velo has no working fsck subcommand: $(grep -m1 . /tmp/.err)"
@@ -439,7 +456,7 @@ done
 # Kernel messages go to the console only through `dmesg -c` in run_case (keeps markers on their
 # own lines).
 echo 1 > /proc/sys/kernel/printk
-mount -t ext4 /dev/vda /mnt || setup_fail "cannot mount the ext4 disk /dev/vda"
+mount -t ext4 -o prjquota /dev/vda /mnt || setup_fail "cannot mount the ext4 disk /dev/vda (with project quotas)"
 make_tree "$T" || setup_fail "cannot create the test tree"
 
 case $PHASE in
@@ -459,6 +476,7 @@ case $PHASE in
     [ -f /tmp/alt.path ] && rm -f "$(cat /tmp/alt.path)"
     run_case image-replaced-refused case_image_replaced
     swap_back
+    run_case tenant-size-limit case_tenant_size_limit
     # Tell the host what to tamper with: big1.bin's object and image B (not used by phase 1's
     # other checks), as paths inside the disk's filesystem.
     mkdir -p "$STATE"
