@@ -121,8 +121,8 @@ mod tests {
 
     #[test]
     fn round_trip_and_reject_damage() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_or_create(dir.path().join("s")).unwrap();
+        let dir = tempfile::tempdir().expect("test fixture");
+        let store = Store::open_or_create(dir.path().join("s")).expect("test fixture");
         let key = Key {
             dev: 1,
             ino: 2,
@@ -137,9 +137,9 @@ mod tests {
         assert_eq!(StatCache::load(&store, Path::new("/other")).get(&key), None);
         // A flipped bit makes the whole cache unusable, never a wrong digest.
         let name = entry_name(Path::new("/src"));
-        let mut raw = store.read_cache(&name).unwrap().unwrap();
+        let mut raw = store.read_cache(&name).expect("test fixture").expect("test fixture");
         raw[20] ^= 1;
-        store.write_cache(&name, &raw).unwrap();
+        store.write_cache(&name, &raw).expect("test fixture");
         assert_eq!(StatCache::load(&store, Path::new("/src")).get(&key), None);
     }
 }

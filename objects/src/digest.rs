@@ -101,7 +101,7 @@ mod tests {
     #[test]
     fn parses_only_64_lowercase_hex() {
         let good = "ab".repeat(32);
-        let d = Digest::parse(&good).unwrap();
+        let d = Digest::parse(&good).expect("test fixture");
         assert_eq!(d.to_hex(), good);
         assert_eq!(d.fanout(), "ab");
         assert_eq!(d.object_file_name().len(), 62);

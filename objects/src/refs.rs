@@ -372,7 +372,7 @@ mod tests {
     #[test]
     fn ref_names() {
         for good in ["myapp/deps", "deps/npm/0a1b", "a", "v1.2.3", "x_y-z+w@1"] {
-            validate_ref_name(good).unwrap();
+            validate_ref_name(good).expect("test fixture");
         }
         for bad in [
             "",

@@ -276,22 +276,22 @@ mod tests {
 
     #[test]
     fn detects_npm_workspaces_and_pip() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test fixture");
         let p = dir.path();
-        std::fs::write(p.join("package-lock.json"), "{}").unwrap();
+        std::fs::write(p.join("package-lock.json"), "{}").expect("test fixture");
         std::fs::write(
             p.join("package.json"),
             r#"{"workspaces": ["packages/*", "tools/cli"]}"#,
         )
-        .unwrap();
+        .expect("test fixture");
         for pkg in ["packages/a", "packages/b", "tools/cli"] {
-            std::fs::create_dir_all(p.join(pkg)).unwrap();
-            std::fs::write(p.join(pkg).join("package.json"), "{}").unwrap();
+            std::fs::create_dir_all(p.join(pkg)).expect("test fixture");
+            std::fs::write(p.join(pkg).join("package.json"), "{}").expect("test fixture");
         }
-        std::fs::create_dir_all(p.join("packages/not-a-package")).unwrap();
-        std::fs::write(p.join("requirements.txt"), "six\n").unwrap();
-        std::fs::write(p.join("requirements-dev.txt"), "pytest\n").unwrap();
-        let units = detect(p).unwrap();
+        std::fs::create_dir_all(p.join("packages/not-a-package")).expect("test fixture");
+        std::fs::write(p.join("requirements.txt"), "six\n").expect("test fixture");
+        std::fs::write(p.join("requirements-dev.txt"), "pytest\n").expect("test fixture");
+        let units = detect(p).expect("test fixture");
         assert_eq!(units[0].ecosystem, "npm");
         assert_eq!(
             units[0].dirs,
@@ -316,7 +316,7 @@ mod tests {
 
     #[test]
     fn nothing_to_manage_is_an_error() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test fixture");
         assert!(
             detect(dir.path())
                 .unwrap_err()
