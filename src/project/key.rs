@@ -75,15 +75,13 @@ impl ToolCache {
             .current_dir(dir)
             .stdin(std::process::Stdio::null());
         user.apply(&mut cmd);
+        // Everything the command says keys: stdout, stderr (some tools print versions there,
+        // `ldd --version` on musl) and the exit status.
         let out = match cmd.output() {
             Ok(o) => format!(
-                "{}{}exit {:?}",
+                "{}\n{}\n{:?}",
                 String::from_utf8_lossy(&o.stdout).trim(),
-                String::from_utf8_lossy(&o.stderr)
-                    .lines()
-                    .next()
-                    .map(|l| format!(" / {l} / "))
-                    .unwrap_or_else(|| " / ".into()),
+                String::from_utf8_lossy(&o.stderr).trim(),
                 o.status.code()
             ),
             Err(e) => format!("failed to run: {e}"),
