@@ -163,6 +163,61 @@ pub enum Command {
         #[arg(long, short = 'j')]
         jobs: Option<usize>,
     },
+    /// Push an image (by ref or digest) and its objects to an OCI registry, sending only the
+    /// blobs it lacks.
+    Push {
+        /// Ref name or image digest.
+        image: String,
+        /// Where to: oci://HOST[:PORT]/REPO:TAG.
+        destination: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        /// Average pack size (bytes of objects per blob before compression, e.g. 4M).
+        #[arg(long, value_name = "SIZE", value_parser = crate::commands::transfer::parse_size)]
+        pack_size: Option<u64>,
+    },
+    /// Pull an image and the objects the store lacks from an OCI registry, checking every byte.
+    Pull {
+        /// Where from: oci://HOST[:PORT]/REPO:TAG or oci://HOST[:PORT]/REPO@sha256:…
+        source: String,
+        /// Point this ref at the image.
+        #[arg(long = "ref", value_name = "NAME")]
+        ref_name: Option<String>,
+        /// Refuse any image but this one (its fs-verity digest, as `velo snapshot` printed it).
+        #[arg(long, value_name = "DIGEST")]
+        digest: Option<String>,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Write an image (by ref or digest) and all its objects to one file (`-`: stdout).
+    Export {
+        /// Ref name or image digest.
+        image: String,
+        /// The file to write.
+        file: PathBuf,
+    },
+    /// Read a file written by `velo export` (`-`: stdin) into the store, checking every byte.
+    Import {
+        /// The file to read.
+        file: PathBuf,
+        /// Point this ref at the image (default: the ref recorded in the file).
+        #[arg(long = "ref", value_name = "NAME", conflicts_with = "no_ref")]
+        ref_name: Option<String>,
+        /// Write no ref.
+        #[arg(long)]
+        no_ref: bool,
+    },
+}
+
+/// Options of `velo push` and `velo pull`.
+#[derive(Debug, clap::Args)]
+pub struct RegistryArgs {
+    /// Talk plain HTTP to the registry (a local registry without TLS).
+    #[arg(long, env = "VELO_PLAIN_HTTP", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
+    pub plain_http: bool,
+    /// Blobs in flight at once.
+    #[arg(long, short = 'j', default_value_t = 8)]
+    pub jobs: usize,
 }
 
 /// `velo tenant …`

@@ -342,13 +342,45 @@ fn a_size_limit_is_enforced_or_said_not_to_be() {
     let env = Env::new();
     let src = base_tree(&env);
     env.snapshot(&src, "base");
-    let t = env.json(&["tenant", "create", "limited", "--image", "base", "--size-limit", "1M"]);
+    let t = env.json(&[
+        "tenant",
+        "create",
+        "limited",
+        "--image",
+        "base",
+        "--size-limit",
+        "1M",
+    ]);
     assert_eq!(t["size_limit"], 1 << 20);
-    let how = t["limit_enforcement"].as_str().expect("the tenant says how its limit is enforced");
+    let how = t["limit_enforcement"]
+        .as_str()
+        .expect("the tenant says how its limit is enforced");
     // This machine's kernel has no CONFIG_QUOTA; where project quotas work, the answer names
     // the project instead.
-    assert!(how.starts_with("project quota ") || how.starts_with("not enforced: "), "{how}");
-    let out = env.ok(&["tenant", "create", "limited2", "--image", "base", "--size-limit", "2G"]);
+    assert!(
+        how.starts_with("project quota ") || how.starts_with("not enforced: "),
+        "{how}"
+    );
+    let out = env.ok(&[
+        "tenant",
+        "create",
+        "limited2",
+        "--image",
+        "base",
+        "--size-limit",
+        "2G",
+    ]);
     assert!(out.contains("size limit 2.0 GiB: "), "{out}");
-    assert!(env.fails(&["tenant", "create", "x", "--image", "base", "--size-limit", "lots"]).contains("not a size"));
+    assert!(
+        env.fails(&[
+            "tenant",
+            "create",
+            "x",
+            "--image",
+            "base",
+            "--size-limit",
+            "lots"
+        ])
+        .contains("not a size")
+    );
 }

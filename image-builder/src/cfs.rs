@@ -53,13 +53,30 @@ pub fn write_image(fs: FileSystem) -> Result<Vec<u8>> {
 }
 
 /// Parses an image back into a tree (untrusted input: every malformation is an error).
+///
+/// The tree is the one the image was written from: writing it again with [`write_image`] gives
+/// the same bytes for every image velo writes (see `exact.rs` for what the composefs reader
+/// alone would lose). Callers that must be sure, like a pull of an image from elsewhere, compare
+/// the digests ([`rebuild`]).
 pub fn read_image(bytes: &[u8], what: &str) -> Result<FileSystem> {
-    composefs::erofs::reader::erofs_to_filesystem::<Sha256HashValue>(bytes).map_err(|e| {
-        ImageError::Format {
-            what: what.to_owned(),
-            reason: format!("{e:#}"),
-        }
-    })
+    let format_error = |e: anyhow::Error| ImageError::Format {
+        what: what.to_owned(),
+        reason: format!("{e:#}"),
+    };
+    let mut fs = composefs::erofs::reader::erofs_to_filesystem::<Sha256HashValue>(bytes)
+        .map_err(format_error)?;
+    crate::exact::restore(bytes, &mut fs).map_err(format_error)?;
+    Ok(fs)
+}
+
+/// Parses an untrusted image in userspace and writes it again with velo's own (deterministic)
+/// writer. Returns the parsed tree and the rebuilt bytes; the caller compares the rebuilt
+/// bytes' digest with the one it expects, so that only images velo's writer produces ever
+/// reach the kernel.
+pub fn rebuild(bytes: &[u8], what: &str) -> Result<(FileSystem, Vec<u8>)> {
+    let fs = read_image(bytes, what)?;
+    let rebuilt = write_image(fs.clone())?;
+    Ok((fs, rebuilt))
 }
 
 /// The composefs dumpfile text of a tree (one line per entry).

@@ -109,3 +109,23 @@ pub fn objects(fs: &FileSystem) -> Vec<(Digest, u64)> {
     out.dedup();
     out
 }
+
+/// Distinct objects an image references, with their sizes, in the order of the first path that
+/// names each (depth-first, sorted by name): files of one package or directory come together.
+pub fn objects_in_path_order(fs: &FileSystem) -> Vec<(Digest, u64)> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    cfs::for_each_entry(fs, |_, inode| {
+        if let cfs::Inode::Leaf(id, _) = inode
+            && let LeafContent::Regular(
+                RegularFile::External(obj, size) | RegularFile::ExternalNoVerity(obj, size),
+            ) = &fs.leaf(*id).content
+        {
+            let digest = cfs::digest_of(obj);
+            if seen.insert(digest) {
+                out.push((digest, *size));
+            }
+        }
+    });
+    out
+}

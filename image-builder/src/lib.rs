@@ -10,6 +10,7 @@ mod cfs;
 mod content;
 pub mod diff;
 mod error;
+mod exact;
 pub mod fsck;
 pub mod inspect;
 pub(crate) mod scan;
@@ -17,7 +18,7 @@ mod snapshot;
 mod statcache;
 
 pub use cfs::{
-    FileSystem, IMAGE_FORMAT, INLINE_MAX, dumpfile, empty_image, probe_image, read_image,
+    FileSystem, IMAGE_FORMAT, INLINE_MAX, dumpfile, empty_image, probe_image, read_image, rebuild,
     write_image,
 };
 pub use error::{ImageError, Result};

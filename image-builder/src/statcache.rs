@@ -137,7 +137,10 @@ mod tests {
         assert_eq!(StatCache::load(&store, Path::new("/other")).get(&key), None);
         // A flipped bit makes the whole cache unusable, never a wrong digest.
         let name = entry_name(Path::new("/src"));
-        let mut raw = store.read_cache(&name).expect("test fixture").expect("test fixture");
+        let mut raw = store
+            .read_cache(&name)
+            .expect("test fixture")
+            .expect("test fixture");
         raw[20] ^= 1;
         store.write_cache(&name, &raw).expect("test fixture");
         assert_eq!(StatCache::load(&store, Path::new("/src")).get(&key), None);

@@ -3,6 +3,8 @@
 use std::io;
 use std::path::PathBuf;
 
+use crate::digest::Digest;
+
 /// Anything that can go wrong in the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -95,6 +97,27 @@ pub enum StoreError {
         path: PathBuf,
         /// What changed.
         what: String,
+    },
+    /// Bytes offered as a given object or image are not it (see [`crate::Store::store_verified`]).
+    #[error(
+        "{what}: expected {expected} ({size} bytes) but got {}; nothing was stored",
+        match found {
+            Some(d) => format!("bytes that hash to {d}"),
+            None if *found_size < *size => format!("only {found_size} bytes"),
+            None => "more bytes than that".to_owned(),
+        }
+    )]
+    Mismatch {
+        /// Where the bytes came from.
+        what: String,
+        /// The digest they should have.
+        expected: Digest,
+        /// The size they should have.
+        size: u64,
+        /// The digest they had, if they had the right size.
+        found: Option<Digest>,
+        /// How many bytes came.
+        found_size: u64,
     },
     /// A store entry has the wrong type or permissions.
     #[error("{}: {reason}", path.display())]

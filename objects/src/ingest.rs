@@ -191,6 +191,74 @@ impl Store {
         self.publish(kind, staged, digest, size)
     }
 
+    /// Stores bytes read from an untrusted source (a registry, an import stream) only if they
+    /// are exactly the object or image `expected` of `size` bytes: they are staged while hashed,
+    /// and anything else — a wrong byte, too few or too many bytes — is
+    /// [`StoreError::Mismatch`] and leaves nothing behind. Aligned 4 KiB blocks of zeros are
+    /// left as holes. `what` names the source in messages. The caller checks [`Store::has`]
+    /// first to skip objects the store already holds.
+    pub fn store_verified(
+        &self,
+        kind: Kind,
+        src: &mut dyn std::io::Read,
+        expected: &Digest,
+        size: u64,
+        what: &str,
+    ) -> Result<Stored> {
+        let path = self.path_of(kind, expected);
+        let staged = self.stage()?;
+        let mut hasher = VerityHasher::new();
+        let mut buf = vec![0u8; COPY_CHUNK];
+        let mut pos = 0u64;
+        let mismatch = |found: Option<Digest>, got: u64| StoreError::Mismatch {
+            what: what.to_owned(),
+            expected: *expected,
+            size,
+            found,
+            found_size: got,
+        };
+        loop {
+            // Never read past the expected size: a source with more is wrong, but must not make
+            // velo write more than it was told to expect.
+            let want = (size - pos).min(buf.len() as u64) as usize;
+            if want == 0 {
+                let mut probe = [0u8; 1];
+                match read_some(src, &mut probe, what)? {
+                    0 => break,
+                    _ => return Err(mismatch(None, size + 1)),
+                }
+            }
+            let n = read_some(src, &mut buf[..want], what)?;
+            if n == 0 {
+                return Err(mismatch(None, pos));
+            }
+            let chunk = &buf[..n];
+            hasher.update(chunk);
+            for (i, block) in chunk.chunks(crate::verity::BLOCK_SIZE).enumerate() {
+                let at = pos + (i * crate::verity::BLOCK_SIZE) as u64;
+                let aligned = at.is_multiple_of(crate::verity::BLOCK_SIZE as u64)
+                    && block.len() == crate::verity::BLOCK_SIZE;
+                if !(aligned && block.iter().all(|&b| b == 0)) {
+                    fsutil::pwrite_all(staged.fd.as_fd(), block, at).ctx("write", &path)?;
+                }
+            }
+            pos += n as u64;
+        }
+        rustix::fs::ftruncate(&staged.fd, size).ctx("write", &path)?;
+        let found = hasher.finalize();
+        if found != *expected {
+            return Err(mismatch(Some(found), size));
+        }
+        if self.has(kind, expected, size)? {
+            return Ok(Stored {
+                digest: found,
+                size,
+                new: false,
+            });
+        }
+        self.publish(kind, staged, found, size)
+    }
+
     fn try_reflink(&self, dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> bool {
         if self.reflink.0.load(Ordering::Relaxed) == REFLINK_NO {
             return false;
@@ -291,6 +359,16 @@ impl Store {
             });
         }
         Ok(())
+    }
+}
+
+fn read_some(src: &mut dyn std::io::Read, buf: &mut [u8], what: &str) -> Result<usize> {
+    loop {
+        match src.read(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(StoreError::io("read", what, e)),
+        }
     }
 }
 

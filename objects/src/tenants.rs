@@ -104,10 +104,7 @@ impl Store {
             rustix::fs::mkdirat(&dir, sub, Mode::from_raw_mode(0o755))
                 .ctx("create", path.join(sub))?;
         }
-        let limit_enforcement = match size_limit {
-            None => None,
-            Some(bytes) => Some(self.limit_tenant(dir.as_fd(), name, bytes)),
-        };
+        let limit_enforcement = size_limit.map(|bytes| self.limit_tenant(dir.as_fd(), name, bytes));
         let tenant = Tenant {
             name: name.to_owned(),
             image,

@@ -8,6 +8,7 @@ mod mount;
 mod project;
 mod snapshot;
 mod tenant;
+pub mod transfer;
 
 use std::process::ExitCode;
 
@@ -65,6 +66,24 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             },
         ),
         Command::Ref { command } => gc::refs(&ctx, command),
+        Command::Push {
+            image,
+            destination,
+            registry,
+            pack_size,
+        } => transfer::push(&ctx, &image, &destination, &registry, pack_size),
+        Command::Pull {
+            source,
+            ref_name,
+            digest,
+            registry,
+        } => transfer::pull(&ctx, &source, ref_name, digest, &registry),
+        Command::Export { image, file } => transfer::export(&ctx, &image, &file),
+        Command::Import {
+            file,
+            ref_name,
+            no_ref,
+        } => transfer::import(&ctx, &file, ref_name, no_ref),
     }
 }
 

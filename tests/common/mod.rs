@@ -4,6 +4,8 @@
 
 pub mod fixtures;
 
+pub mod registry;
+
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};

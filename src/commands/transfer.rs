@@ -1,0 +1,236 @@
+//! `velo push`, `velo pull`, `velo export`, `velo import`: the arguments in, the report out.
+//! The work is in the `velo-distribution` crate.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use velo_distribution::{OciAddress, PullOptions, PushOptions};
+use velo_objects::{Digest, Store};
+
+use super::Ctx;
+use crate::cli::RegistryArgs;
+use crate::output;
+
+/// Parses a size: a number of bytes with an optional K, M or G suffix (powers of 1024).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.eq_ignore_ascii_case(&'k') => (&t[..i], 1u64 << 10),
+        Some((i, c)) if c.eq_ignore_ascii_case(&'m') => (&t[..i], 1 << 20),
+        Some((i, c)) if c.eq_ignore_ascii_case(&'g') => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|&n| n >= velo_distribution::pack::MIN_PACK_TARGET)
+        .ok_or_else(|| {
+            format!("{text:?} is not a size of at least 64K (a number of bytes, or with K, M or G)")
+        })
+}
+
+/// A progress bar (stderr, only on a terminal, not with --json/-q): bytes and objects.
+struct Bar {
+    bar: Option<ProgressBar>,
+    objects: std::sync::atomic::AtomicU64,
+    total_objects: std::sync::atomic::AtomicU64,
+    verb: &'static str,
+}
+
+impl Bar {
+    fn new(ctx: &Ctx, verb: &'static str) -> Self {
+        let bar = (!ctx.json && !ctx.quiet && std::io::stderr().is_terminal()).then(|| {
+            let b = ProgressBar::new(0);
+            if let Ok(style) = ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            ) {
+                b.set_style(style.progress_chars("=> "));
+            }
+            b.set_message(verb);
+            b
+        });
+        Self {
+            bar,
+            objects: Default::default(),
+            total_objects: Default::default(),
+            verb,
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+impl velo_distribution::Progress for Bar {
+    fn start(&self, bytes: u64, objects: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.total_objects.store(objects, Relaxed);
+        if let Some(b) = &self.bar {
+            b.set_length(bytes);
+            b.set_message(format!("{}: 0/{objects} objects", self.verb));
+        }
+    }
+
+    fn advance(&self, bytes: u64, objects: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let done = self.objects.fetch_add(objects, Relaxed) + objects;
+        if let Some(b) = &self.bar {
+            b.inc(bytes);
+            if objects > 0 {
+                b.set_message(format!(
+                    "{}: {done}/{} objects",
+                    self.verb,
+                    self.total_objects.load(Relaxed)
+                ));
+            }
+        }
+    }
+}
+
+pub fn push(
+    ctx: &Ctx,
+    image: &str,
+    destination: &str,
+    registry: &RegistryArgs,
+    pack_size: Option<u64>,
+) -> anyhow::Result<ExitCode> {
+    let dest = OciAddress::parse(destination, registry.plain_http)?;
+    let store = Arc::new(Store::open(&ctx.store)?);
+    let opts = PushOptions {
+        jobs: registry.jobs.max(1),
+        pack_target: pack_size.unwrap_or(velo_distribution::pack::DEFAULT_PACK_TARGET),
+    };
+    let bar = Bar::new(ctx, "pushing");
+    let result = velo_distribution::push(store, image, &dest, &opts, &bar);
+    bar.finish();
+    let r = result.with_context(|| format!("push of {image} to {dest} failed"))?;
+    if ctx.json {
+        output::json(&r)?;
+    } else {
+        ctx.say(format!("{} → {}", r.image, r.destination));
+        ctx.say(format!(
+            "  {} objects ({}) in {} blobs: {} sent ({}), {} already there; {:.2} s; manifest {}",
+            r.objects,
+            output::bytes(r.object_bytes),
+            r.blobs,
+            r.blobs_sent,
+            output::bytes(r.bytes_sent),
+            r.blobs_skipped,
+            r.seconds,
+            r.manifest
+        ));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn pull(
+    ctx: &Ctx,
+    source: &str,
+    ref_name: Option<String>,
+    digest: Option<String>,
+    registry: &RegistryArgs,
+) -> anyhow::Result<ExitCode> {
+    let src = OciAddress::parse(source, registry.plain_http)?;
+    let expect = digest
+        .as_deref()
+        .map(Digest::parse)
+        .transpose()
+        .context("--digest takes an image digest (64 hex digits, as `velo snapshot` prints)")?;
+    if let Some(r) = &ref_name {
+        velo_objects::validate_ref_name(r)?;
+    }
+    let store = Arc::new(Store::open_or_create(&ctx.store)?);
+    let opts = PullOptions {
+        jobs: registry.jobs.max(1),
+        ref_name,
+        expect,
+    };
+    let bar = Bar::new(ctx, "pulling");
+    let result = velo_distribution::pull(store, &src, &opts, &bar);
+    bar.finish();
+    let r = result.with_context(|| format!("pull of {src} failed; no ref was written"))?;
+    if ctx.json {
+        output::json(&r)?;
+    } else {
+        ctx.say(format!("{}", r.image));
+        ctx.say(format!(
+            "  {} objects ({}): {} fetched, {} already here; {} of {} blobs downloaded ({}); {:.2} s{}",
+            r.objects,
+            output::bytes(r.object_bytes),
+            r.objects_fetched,
+            r.objects_present,
+            r.blobs_fetched,
+            r.blobs,
+            output::bytes(r.bytes_received),
+            r.seconds,
+            match &r.ref_name {
+                Some(n) => format!("; ref {n}"),
+                None => "; no ref written (use --ref NAME)".into(),
+            }
+        ));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn export(ctx: &Ctx, image: &str, file: &Path) -> anyhow::Result<ExitCode> {
+    let store = Store::open(&ctx.store)?;
+    let to_stdout = file.as_os_str() == "-";
+    if to_stdout && ctx.json {
+        anyhow::bail!("--json and an export to standard output (`-`) would mix on stdout");
+    }
+    let bar = Bar::new(ctx, "exporting");
+    let result = velo_distribution::export(&store, image, file, &bar);
+    bar.finish();
+    let r = result.with_context(|| format!("export of {image} to {} failed", file.display()))?;
+    if ctx.json {
+        output::json(&r)?;
+    } else if !to_stdout {
+        ctx.say(format!("{} → {}", r.image, r.file));
+        ctx.say(format!(
+            "  {} objects ({}), {} written; {:.2} s",
+            r.objects,
+            output::bytes(r.object_bytes),
+            output::bytes(r.bytes_written),
+            r.seconds
+        ));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn import(
+    ctx: &Ctx,
+    file: &Path,
+    ref_name: Option<String>,
+    no_ref: bool,
+) -> anyhow::Result<ExitCode> {
+    let store = Store::open_or_create(&ctx.store)?;
+    let bar = Bar::new(ctx, "importing");
+    let result = velo_distribution::import(&store, file, ref_name.as_deref(), no_ref, &bar);
+    bar.finish();
+    let r = result
+        .with_context(|| format!("import of {} failed; no ref was written", file.display()))?;
+    if ctx.json {
+        output::json(&r)?;
+    } else {
+        ctx.say(format!("{}", r.image));
+        ctx.say(format!(
+            "  {} objects: {} new, {} already here; {:.2} s{}",
+            r.objects,
+            r.objects_new,
+            r.objects_present,
+            r.seconds,
+            r.ref_name
+                .as_deref()
+                .map(|n| format!("; ref {n}"))
+                .unwrap_or_default()
+        ));
+    }
+    Ok(ExitCode::SUCCESS)
+}
