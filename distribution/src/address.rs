@@ -103,13 +103,13 @@ mod tests {
 
     #[test]
     fn parses_hosts_tags_and_digests() {
-        let a = OciAddress::parse("oci://127.0.0.1:5000/team/deps:v1", true).unwrap();
+        let a = OciAddress::parse("oci://127.0.0.1:5000/team/deps:v1", true).expect("test fixture");
         assert_eq!(a.registry(), "127.0.0.1:5000");
         assert_eq!(a.reference.repository(), "team/deps");
         assert_eq!(a.reference.tag(), Some("v1"));
         assert_eq!(a.base_url(), "http://127.0.0.1:5000");
         let d = format!("sha256:{}", "a".repeat(64));
-        let b = OciAddress::parse(&format!("oci://ghcr.io/o/r@{d}"), false).unwrap();
+        let b = OciAddress::parse(&format!("oci://ghcr.io/o/r@{d}"), false).expect("test fixture");
         assert_eq!(b.reference.digest(), Some(d.as_str()));
         assert_eq!(
             b.manifest_url(),

@@ -396,7 +396,7 @@ mod tests {
             Path::new(path),
             Inode::Directory(Box::new(Directory::new(st))),
         )
-        .unwrap();
+        .expect("test fixture");
     }
 
     fn leaf(
@@ -407,7 +407,7 @@ mod tests {
     ) -> composefs::generic_tree::LeafId {
         let st = cfs::stat(0o644, 7, 8, (1_600_000_000, 123_456_789), xattrs);
         let id = fs.push_leaf(st, content);
-        cfs::insert(fs, Path::new(path), Inode::leaf(id)).unwrap();
+        cfs::insert(fs, Path::new(path), Inode::leaf(id)).expect("test fixture");
         id
     }
 
@@ -418,11 +418,11 @@ mod tests {
 
     /// write → read → write gives the same bytes, and the tree read back dumps like the original.
     fn assert_round_trip(fs: FileSystem) {
-        let want_dump = cfs::dumpfile(&fs).unwrap();
-        let image = write_image(fs).unwrap();
-        let (back, rebuilt) = cfs::rebuild(&image, "test").unwrap();
+        let want_dump = cfs::dumpfile(&fs).expect("test fixture");
+        let image = write_image(fs).expect("test fixture");
+        let (back, rebuilt) = cfs::rebuild(&image, "test").expect("test fixture");
         assert_eq!(
-            cfs::dumpfile(&back).unwrap(),
+            cfs::dumpfile(&back).expect("test fixture"),
             want_dump,
             "tree read back differs"
         );
@@ -505,9 +505,9 @@ mod tests {
         let mut fs = FileSystem::new(cfs::stat(0o755, 0, 0, (1_700_000_000, 0), vec![]));
         let st = cfs::stat(0o644, 0, 0, (1_700_000_000, 0), vec![]);
         let id = fs.push_leaf(st, LeafContent::CharacterDevice(0));
-        cfs::insert(&mut fs, Path::new("0f"), Inode::leaf(id)).unwrap();
-        let image = write_image(fs).unwrap();
-        let (_, rebuilt) = cfs::rebuild(&image, "test").unwrap();
+        cfs::insert(&mut fs, Path::new("0f"), Inode::leaf(id)).expect("test fixture");
+        let image = write_image(fs).expect("test fixture");
+        let (_, rebuilt) = cfs::rebuild(&image, "test").expect("test fixture");
         assert!(rebuilt == image);
     }
 
@@ -525,8 +525,8 @@ mod tests {
         dir(&mut fs, "a/b/c", 0o755, vec![]);
         let shared = leaf(&mut fs, "a/b/c/deep", external(2, 70_000), vec![]);
         // Hardlinks: the canonical name is deeper than another.
-        cfs::insert(&mut fs, Path::new("z-link"), Inode::leaf(shared)).unwrap();
-        cfs::insert(&mut fs, Path::new("a/link2"), Inode::leaf(shared)).unwrap();
+        cfs::insert(&mut fs, Path::new("z-link"), Inode::leaf(shared)).expect("test fixture");
+        cfs::insert(&mut fs, Path::new("a/link2"), Inode::leaf(shared)).expect("test fixture");
         leaf(&mut fs, "sparse", external(3, 5 << 30), vec![]);
         leaf(
             &mut fs,
@@ -615,8 +615,13 @@ mod tests {
                 } else {
                     format!("{parent}/{name}")
                 };
-                let (d, _) = fs.root.split(Path::new(&path).as_os_str()).unwrap();
-                if d.lookup(Path::new(&path).file_name().unwrap()).is_some() {
+                let (d, _) = fs
+                    .root
+                    .split(Path::new(&path).as_os_str())
+                    .expect("test fixture");
+                if d.lookup(Path::new(&path).file_name().expect("test fixture"))
+                    .is_some()
+                {
                     continue;
                 }
                 let xs = pick(&mut next);
@@ -637,7 +642,8 @@ mod tests {
                                     &**k == std::ffi::OsStr::new("trusted.overlay.whiteout")
                                 });
                         if !whiteout_like {
-                            cfs::insert(&mut fs, Path::new(&path), Inode::leaf(id)).unwrap();
+                            cfs::insert(&mut fs, Path::new(&path), Inode::leaf(id))
+                                .expect("test fixture");
                         }
                     }
                     5 => leaves.push(leaf(
@@ -654,10 +660,14 @@ mod tests {
                     )),
                 }
             }
-            let want = cfs::dumpfile(&fs).unwrap();
-            let image = write_image(fs).unwrap();
-            let (back, rebuilt) = cfs::rebuild(&image, "test").unwrap();
-            assert_eq!(cfs::dumpfile(&back).unwrap(), want, "case {case}");
+            let want = cfs::dumpfile(&fs).expect("test fixture");
+            let image = write_image(fs).expect("test fixture");
+            let (back, rebuilt) = cfs::rebuild(&image, "test").expect("test fixture");
+            assert_eq!(
+                cfs::dumpfile(&back).expect("test fixture"),
+                want,
+                "case {case}"
+            );
             assert!(rebuilt == image, "case {case}: rebuilt image differs");
         }
     }
