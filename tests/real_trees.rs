@@ -323,26 +323,6 @@ console.log(require("is-number/package.json").version, require("ms/package.json"
 // ---------------------------------------------------------------------------------------------
 // Python / pip / venv
 
-/// Zips a directory laid out as a wheel into `OUT`, adding the RECORD (sha256 of every file).
-/// A wheel is just that, so no setuptools/wheel package (absent offline in a fresh venv) is needed.
-const MAKE_WHEEL: &str = r#"
-import base64, hashlib, os, sys, zipfile
-src, out, dist_info = sys.argv[1], sys.argv[2], sys.argv[3]
-record = []
-with zipfile.ZipFile(out, "w") as z:
-    for root, dirs, files in sorted(os.walk(src)):
-        dirs.sort()
-        for f in sorted(files):
-            path = os.path.join(root, f)
-            name = os.path.relpath(path, src)
-            data = open(path, "rb").read()
-            z.writestr(name, data)
-            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-            record.append(f"{name},sha256={digest},{len(data)}")
-    record.append(f"{dist_info}/RECORD,,")
-    z.writestr(f"{dist_info}/RECORD", "\n".join(record) + "\n")
-"#;
-
 /// Python with the caller's environment neutralised, so bytecode writing is decided by the test.
 fn python(exe: &Path) -> Command {
     let mut c = Command::new(exe);
@@ -395,7 +375,7 @@ fn make_venv(env: &Env, venv: &Path) -> PathBuf {
     );
     let wheel = env.path("vrgreet-1.2.3-py3-none-any.whl");
     run(python(Path::new("python3"))
-        .args(["-c", MAKE_WHEEL])
+        .args(["-c", common::fixtures::MAKE_WHEEL])
         .args([&src, &wheel])
         .arg("vrgreet-1.2.3.dist-info"));
 

@@ -6,7 +6,7 @@ use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
 
 use crate::error::{IoContext, Result, StoreError};
-use crate::fsutil::{self, open_beneath};
+use crate::fsutil::open_beneath;
 use crate::store::{Area, Store};
 
 fn check_name(name: &str) -> Result<()> {
@@ -46,25 +46,6 @@ impl Store {
         check_name(name)?;
         let dir = self.open_area(Area::Cache)?;
         let path = self.area_path(Area::Cache).join(name);
-        let tmp_name = fsutil::unique_name("cache-");
-        {
-            let fd = open_beneath(
-                self.tmp_fd(),
-                &tmp_name,
-                OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY,
-                Mode::from_raw_mode(0o600),
-            )
-            .ctx("create", self.area_path(Area::Tmp).join(&tmp_name))?;
-            fsutil::pwrite_all(fd.as_fd(), data, 0).ctx("write cache", &path)?;
-        }
-        if let Err(e) = rustix::fs::renameat(self.tmp_fd(), tmp_name.as_str(), dir.as_fd(), name) {
-            let _ = rustix::fs::unlinkat(
-                self.tmp_fd(),
-                tmp_name.as_str(),
-                rustix::fs::AtFlags::empty(),
-            );
-            return Err(StoreError::io("write cache", path, e));
-        }
-        Ok(())
+        self.replace_file(dir.as_fd(), name, data, false, &path)
     }
 }

@@ -1,6 +1,7 @@
 //! Refs: names for image digests (`refs/<name…>`), written atomically and durably.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
 
 use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
@@ -102,25 +103,28 @@ impl Store {
         Ok(digest)
     }
 
-    /// Points `name` at `digest`, atomically (a reader sees the old or the new value) and
-    /// durably (fsync of the file and its directory). Callers that just wrote the image and
-    /// its objects go through [`crate::WriteSession::commit`], which syncs those first.
-    pub fn write_ref(&self, name: &str, digest: &Digest) -> Result<()> {
-        validate_ref_name(name)?;
-        let path = self.area_path(Area::Refs).join(name);
-        let refs = self.open_area(Area::Refs)?;
-        let (parent_rel, leaf) = match name.rsplit_once('/') {
-            Some((p, l)) => (p, l),
-            None => ("", name),
-        };
-        let parent =
-            fsutil::mkdir_all_beneath(refs.as_fd(), parent_rel, Mode::from_raw_mode(0o700))
-                .ctx("create ref directory", path.parent().unwrap_or(&path))?;
-        match self.read_ref(name) {
-            Ok(old) if old != *digest => self.append_history(name, &old)?,
-            _ => {}
-        }
-        let tmp_name = fsutil::unique_name("ref-");
+    /// The directory a slash-separated name lives in, within `area` (created if missing), the
+    /// name's last component, and its absolute path (for messages).
+    fn named_file<'n>(&self, area: Area, name: &'n str) -> Result<(OwnedFd, &'n str, PathBuf)> {
+        let path = self.area_path(area).join(name);
+        let (parent_rel, leaf) = name.rsplit_once('/').unwrap_or(("", name));
+        let dir = self.open_area(area)?;
+        let parent = fsutil::mkdir_all_beneath(dir.as_fd(), parent_rel, Mode::from_raw_mode(0o700))
+            .ctx("create directory for", &path)?;
+        Ok((parent, leaf, path))
+    }
+
+    /// Replaces `parent/leaf` with `data` atomically (staged in `tmp/`, then renamed), durably
+    /// (fsync of the file and the directory) if asked.
+    pub(crate) fn replace_file(
+        &self,
+        parent: BorrowedFd<'_>,
+        leaf: &str,
+        data: &[u8],
+        durable: bool,
+        path: &Path,
+    ) -> Result<()> {
+        let tmp_name = fsutil::unique_name("write-");
         let tmp = self.tmp_fd();
         {
             let fd = open_beneath(
@@ -130,17 +134,72 @@ impl Store {
                 Mode::from_raw_mode(0o600),
             )
             .ctx("create", self.area_path(Area::Tmp).join(&tmp_name))?;
-            fsutil::pwrite_all(fd.as_fd(), format!("{digest}\n").as_bytes(), 0)
-                .ctx("write ref", &path)?;
-            rustix::fs::fsync(&fd).ctx("fsync ref", &path)?;
+            fsutil::pwrite_all(fd.as_fd(), data, 0).ctx("write", path)?;
+            if durable {
+                rustix::fs::fsync(&fd).ctx("fsync", path)?;
+            }
         }
-        let renamed = rustix::fs::renameat(tmp, tmp_name.as_str(), parent.as_fd(), leaf);
-        if let Err(e) = renamed {
+        if let Err(e) = rustix::fs::renameat(tmp, tmp_name.as_str(), parent, leaf) {
             let _ = rustix::fs::unlinkat(tmp, tmp_name.as_str(), rustix::fs::AtFlags::empty());
-            return Err(StoreError::io("write ref", path, e));
+            return Err(StoreError::io("replace", path, e));
         }
-        rustix::fs::fsync(&parent).ctx("fsync ref directory", &path)?;
+        if durable {
+            rustix::fs::fsync(parent).ctx("fsync directory of", path)?;
+        }
         Ok(())
+    }
+
+    /// All valid ref names under `area` (nested directories), sorted.
+    fn names_in(&self, area: Area) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        let mut stack = vec![(String::new(), self.open_area(area)?)];
+        while let Some((prefix, dir)) = stack.pop() {
+            for name in
+                fsutil::list_dir(dir.as_fd()).ctx("list", self.area_path(area).join(&prefix))?
+            {
+                let Some(name) = name.to_str() else { continue };
+                let full = if prefix.is_empty() {
+                    name.to_owned()
+                } else {
+                    format!("{prefix}/{name}")
+                };
+                if validate_ref_name(&full).is_err() {
+                    continue;
+                }
+                match open_dir_beneath(dir.as_fd(), name) {
+                    Ok(sub) => stack.push((full, sub)),
+                    Err(Errno::NOTDIR) => out.push(full),
+                    Err(e) => {
+                        return Err(StoreError::io(
+                            "open directory",
+                            self.area_path(area).join(&full),
+                            e,
+                        ));
+                    }
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Points `name` at `digest`, atomically (a reader sees the old or the new value) and
+    /// durably (fsync of the file and its directory). Callers that just wrote the image and
+    /// its objects go through [`crate::WriteSession::commit`], which syncs those first.
+    pub fn write_ref(&self, name: &str, digest: &Digest) -> Result<()> {
+        validate_ref_name(name)?;
+        let (parent, leaf, path) = self.named_file(Area::Refs, name)?;
+        match self.read_ref(name) {
+            Ok(old) if old != *digest => self.append_history(name, &old)?,
+            _ => {}
+        }
+        self.replace_file(
+            parent.as_fd(),
+            leaf,
+            format!("{digest}\n").as_bytes(),
+            true,
+            &path,
+        )
     }
 
     /// Removes a ref (deliberately: unlike an overwrite, this records no history). Its image
@@ -176,12 +235,7 @@ impl Store {
 
     /// Records that `name` pointed at `old` until now (`history/<name>`, one line per change).
     fn append_history(&self, name: &str, old: &Digest) -> Result<()> {
-        let path = self.area_path(Area::History).join(name);
-        let dir = self.open_area(Area::History)?;
-        let parent_rel = name.rsplit_once('/').map_or("", |(p, _)| p);
-        let leaf = name.rsplit_once('/').map_or(name, |(_, l)| l);
-        let parent = fsutil::mkdir_all_beneath(dir.as_fd(), parent_rel, Mode::from_raw_mode(0o700))
-            .ctx("create history directory", &path)?;
+        let (parent, leaf, path) = self.named_file(Area::History, name)?;
         let fd = open_beneath(
             parent.as_fd(),
             leaf,
@@ -220,12 +274,7 @@ impl Store {
     /// Replaces a ref's history (used by GC to drop expired entries); empty removes it.
     pub fn set_ref_history(&self, name: &str, entries: &[(u64, Digest)]) -> Result<()> {
         validate_ref_name(name)?;
-        let dir = self.open_area(Area::History)?;
-        let path = self.area_path(Area::History).join(name);
-        let parent_rel = name.rsplit_once('/').map_or("", |(p, _)| p);
-        let leaf = name.rsplit_once('/').map_or(name, |(_, l)| l);
-        let parent = fsutil::mkdir_all_beneath(dir.as_fd(), parent_rel, Mode::from_raw_mode(0o700))
-            .ctx("create history directory", &path)?;
+        let (parent, leaf, path) = self.named_file(Area::History, name)?;
         if entries.is_empty() {
             return match rustix::fs::unlinkat(&parent, leaf, rustix::fs::AtFlags::empty()) {
                 Ok(()) | Err(Errno::NOENT) => Ok(()),
@@ -233,59 +282,18 @@ impl Store {
             };
         }
         let text: String = entries.iter().map(|(t, d)| format!("{t} {d}\n")).collect();
-        let tmp_name = fsutil::unique_name("history-");
-        {
-            let fd = open_beneath(
-                self.tmp_fd(),
-                &tmp_name,
-                OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY,
-                Mode::from_raw_mode(0o600),
-            )
-            .ctx("create", self.area_path(Area::Tmp).join(&tmp_name))?;
-            fsutil::pwrite_all(fd.as_fd(), text.as_bytes(), 0).ctx("write ref history", &path)?;
-        }
-        rustix::fs::renameat(self.tmp_fd(), tmp_name.as_str(), &parent, leaf)
-            .ctx("write ref history", &path)?;
-        Ok(())
+        self.replace_file(parent.as_fd(), leaf, text.as_bytes(), false, &path)
     }
 
     /// Names of all refs with a history.
     pub fn refs_with_history(&self) -> Result<Vec<String>> {
-        let dir = self.open_area(Area::History)?;
-        let mut out = Vec::new();
-        let mut stack = vec![(String::new(), dir)];
-        while let Some((prefix, dir)) = stack.pop() {
-            for name in fsutil::list_dir(dir.as_fd())
-                .ctx("list", self.area_path(Area::History).join(&prefix))?
-            {
-                let Some(name) = name.to_str() else { continue };
-                let full = if prefix.is_empty() {
-                    name.to_owned()
-                } else {
-                    format!("{prefix}/{name}")
-                };
-                if validate_ref_name(&full).is_err() {
-                    continue;
-                }
-                match open_dir_beneath(dir.as_fd(), name) {
-                    Ok(sub) => stack.push((full, sub)),
-                    Err(_) => out.push(full),
-                }
-            }
-        }
-        out.sort();
-        Ok(out)
+        self.names_in(Area::History)
     }
 
     /// Records that a ref was used now (a mount or run of it), for LRU expiry.
     pub fn touch_ref_used(&self, name: &str) -> Result<()> {
         validate_ref_name(name)?;
-        let dir = self.open_area(Area::Usage)?;
-        let path = self.area_path(Area::Usage).join(name);
-        let parent_rel = name.rsplit_once('/').map_or("", |(p, _)| p);
-        let leaf = name.rsplit_once('/').map_or(name, |(_, l)| l);
-        let parent = fsutil::mkdir_all_beneath(dir.as_fd(), parent_rel, Mode::from_raw_mode(0o700))
-            .ctx("create usage directory", &path)?;
+        let (parent, leaf, path) = self.named_file(Area::Usage, name)?;
         let fd = open_beneath(
             parent.as_fd(),
             leaf,
@@ -328,40 +336,14 @@ impl Store {
 
     /// All refs, sorted by name, with what they point at (or why they can't be read).
     pub fn list_refs(&self) -> Result<Vec<(String, Result<Digest>)>> {
-        let refs = self.open_area(Area::Refs)?;
-        let mut out = Vec::new();
-        let mut stack = vec![(String::new(), refs)];
-        while let Some((prefix, dir)) = stack.pop() {
-            let names = fsutil::list_dir(dir.as_fd())
-                .ctx("list refs", self.area_path(Area::Refs).join(&prefix))?;
-            for name in names {
-                let Some(name) = name.to_str() else { continue };
-                let full = if prefix.is_empty() {
-                    name.to_owned()
-                } else {
-                    format!("{prefix}/{name}")
-                };
-                if validate_ref_name(&full).is_err() {
-                    continue;
-                }
-                match open_dir_beneath(dir.as_fd(), name) {
-                    Ok(sub) => stack.push((full, sub)),
-                    Err(Errno::NOTDIR) => {
-                        let target = self.read_ref(&full);
-                        out.push((full, target));
-                    }
-                    Err(e) => {
-                        return Err(StoreError::io(
-                            "open ref directory",
-                            self.area_path(Area::Refs).join(&full),
-                            e,
-                        ));
-                    }
-                }
-            }
-        }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
+        Ok(self
+            .names_in(Area::Refs)?
+            .into_iter()
+            .map(|name| {
+                let target = self.read_ref(&name);
+                (name, target)
+            })
+            .collect())
     }
 }
 

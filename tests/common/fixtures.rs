@@ -81,7 +81,7 @@ pub fn npm(dir: &Path, cache: &Path) -> Command {
 }
 
 /// Zips a directory laid out as a wheel, adding its RECORD: no setuptools/wheel needed offline.
-const MAKE_WHEEL: &str = r#"
+pub const MAKE_WHEEL: &str = r#"
 import base64, hashlib, os, sys, zipfile
 src, out, dist_info = sys.argv[1], sys.argv[2], sys.argv[3]
 record = []
