@@ -465,13 +465,21 @@ fn mount_refusals() {
     assert!(err.contains("not in store"), "{err}");
     let err = env.fails(&["mount", "nope", path_str(&real)]);
     assert!(err.contains("no ref"), "{err}");
-    assert_eq!(before, env.store_listing(), "a refused mount changed the store");
+    assert_eq!(
+        before,
+        env.store_listing(),
+        "a refused mount changed the store"
+    );
     // Mounting over a velo mount is refused. (A successful mount records the ref's last use.)
     let m = env.mount("r", &real, &[]);
     let during = env.store_listing();
     let err = env.fails(&["mount", "r", path_str(&real)]);
     assert!(err.contains("already a velo mount"), "{err}");
-    assert_eq!(during, env.store_listing(), "a refused mount changed the store");
+    assert_eq!(
+        during,
+        env.store_listing(),
+        "a refused mount changed the store"
+    );
     m.umount();
     assert!(!is_mount_point(&real) && !is_mount_point(&link));
 }

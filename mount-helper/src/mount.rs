@@ -2,6 +2,7 @@
 //! under overlayfs with the store's objects as a data-only lower layer, attached at the target.
 
 use std::ffi::OsStr;
+use std::num::NonZeroU64;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
@@ -263,6 +264,7 @@ pub enum ImageBacking {
 /// kernel and the store's filesystem support it, file-backed without it otherwise, and through
 /// a loop device only where the kernel cannot mount the file itself.
 fn erofs_mount(image: BorrowedFd<'_>, digest: &Digest) -> Result<(OwnedFd, ImageBacking)> {
+    prefetch_image(image);
     let source = proc_fd_path(image);
     let direct_err = match erofs_mount_with(&source, digest, true) {
         Ok(fd) => return Ok((fd, ImageBacking::FileDirectIo)),
@@ -286,6 +288,42 @@ fn erofs_mount(image: BorrowedFd<'_>, digest: &Digest) -> Result<(OwnedFd, Image
     let fd = erofs_mount_with(&path, digest, false)?;
     drop(dev); // the mount holds the device now; autoclear frees it with the mount
     Ok((fd, ImageBacking::Loop))
+}
+
+/// Reads of the image ahead of the first lookup are issued in requests of this size: one
+/// `POSIX_FADV_WILLNEED` is capped by the kernel at the device's largest request (2.5 MiB on
+/// the development machine's loop device), so a single call over the whole file would only
+/// read its head.
+const PREFETCH_CHUNK: u64 = 2 << 20;
+
+/// Images larger than this (~280k files) are prefetched only up to it: the prefetch is for the
+/// metadata a run is likely to touch, not for filling the page cache with a huge tree's.
+const PREFETCH_MAX: u64 = 64 << 20;
+
+/// Starts reading the image into the page cache, without waiting for it.
+///
+/// EROFS reads inodes, directory entries and xattrs (in composefs images: everything but
+/// file data) through the image file's page cache — `directio` applies only to data blocks —
+/// and a cold lookup costs one small synchronous read per metadata block. Reading the image
+/// sequentially ahead of the command turns those into a few large reads. Measured with a cold
+/// page cache (`benches/run.rs`), `velo run node` requiring 13 packages from a 40k-file tree:
+/// 3,563 reads and +22.5% import time against the same tree on ext4 without this, 3,086 reads
+/// and +13.3% with it; Python importing numpy, pandas, scipy…: +9.1% → +3.9%. With the image
+/// already cached (the usual case) it costs a page-cache walk, ~40 µs for a 9 MiB image (no
+/// difference measurable in `velo run true`). Best effort: a failure only loses the prefetch.
+fn prefetch_image(image: BorrowedFd<'_>) {
+    let Ok(st) = rustix::fs::fstat(image) else {
+        return;
+    };
+    let len = u64::try_from(st.st_size).unwrap_or(0).min(PREFETCH_MAX);
+    let mut offset = 0;
+    while offset < len {
+        let advice = rustix::fs::Advice::WillNeed;
+        if rustix::fs::fadvise(image, offset, NonZeroU64::new(PREFETCH_CHUNK), advice).is_err() {
+            return;
+        }
+        offset += PREFETCH_CHUNK;
+    }
 }
 
 fn erofs_mount_with(source: &str, digest: &Digest, directio: bool) -> Result<OwnedFd> {

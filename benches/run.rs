@@ -1,0 +1,472 @@
+//! The `velo run` benchmark: `cargo bench --bench run` (root only; the first run installs and
+//! caches everything and takes several minutes, later runs about ten).
+//!
+//! Workloads: `../shared/workloads/node` (a real ~1,300-package lockfile) and
+//! `../shared/workloads/python` (numpy, pandas, scipy, jupyterlab, pyarrow, …; locked with uv
+//! into a uv project). Everything — pnpm and uv, the npm cache, the pnpm store, the uv cache,
+//! the velo store, the installed trees — is cached under `target/bench-cache/`, the data on a
+//! journaled ext4 image (`target/bench-cache/run/ext4.img`) that is mounted for the run.
+//!
+//! It prints medians (with min/max and run counts) of:
+//!
+//! * (a) getting the tree in place: `velo run true` with the image built, against
+//!   `npm ci --offline` (warm cache), `pnpm install --offline --frozen-lockfile` (warm store)
+//!   and `cp -al` for node, and `uv sync --frozen` (warm cache) for Python, with the ratio to
+//!   the fastest peer held to the 100× target;
+//! * (b) tree in place + first import done: `velo run node -e "require(…)"` and
+//!   `velo run .venv/bin/python -c "import …"` against the same on the tree on local disk;
+//! * (c) the imports alone (timed inside the process) on the mount against local disk, warm
+//!   (many runs) and cold (`sync; echo 3 > /proc/sys/vm/drop_caches` before every run, both
+//!   sides), held to the 5% target — through `velo run` (a fresh mount every run, as users get
+//!   it) and through one `velo mount` kept for all runs (the steady state).
+//!
+//! It measures and prints; it never fails on timing. Every mount and loop device it makes is
+//! behind a guard that removes it on drop, and the end checks that none is left.
+
+#[path = "run/import.rs"]
+mod import;
+#[path = "run/setup.rs"]
+mod setup;
+#[path = "run/stats.rs"]
+mod stats;
+#[path = "run/sys.rs"]
+mod sys;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use import::{Lang, Sample, Side};
+use setup::{Env, Tree};
+use stats::{Series, Verdict, human, print_table, print_verdicts};
+use sys::{Ext4Image, VeloMount, cmd, drop_caches, remove_tree, run, sync_fs, timed};
+
+/// Size of the sparse ext4 image (it holds caches, store and trees: ~10 GiB used).
+const EXT4_BYTES: u64 = 40 << 30;
+/// `velo run` must get the tree in place this many times faster than the fastest peer.
+const SPEEDUP_TARGET: f64 = 100.0;
+/// Imports on the mount may take at most this many percent longer than on local disk.
+const IMPORT_TARGET_PCT: f64 = 5.0;
+/// Above this 1-minute load the figures are suspect.
+const LOAD_WARN: f64 = 0.5;
+
+/// How many timed runs each measurement gets (after its untimed warm-up runs).
+struct Runs {
+    velo_true: usize,
+    npm: usize,
+    pnpm: usize,
+    cp: usize,
+    uv: usize,
+    first_import: [usize; 2],
+    warm: [usize; 2],
+    cold: [usize; 2],
+}
+
+impl Runs {
+    /// The defaults, or a third of them (at least 3) with `VELO_BENCH_QUICK=1`.
+    fn get() -> Self {
+        let quick = std::env::var_os("VELO_BENCH_QUICK").is_some_and(|v| v != "0");
+        let n = |full: usize| if quick { (full / 3).max(3) } else { full };
+        Self {
+            velo_true: n(31),
+            npm: n(3),
+            pnpm: n(5),
+            cp: n(5),
+            uv: n(9),
+            first_import: [n(11), n(7)],
+            warm: [n(21), n(11)],
+            cold: [n(7), n(5)],
+        }
+    }
+
+    /// Index of `lang` in the per-language arrays.
+    fn of(lang: Lang) -> usize {
+        match lang {
+            Lang::Node => 0,
+            Lang::Python => 1,
+        }
+    }
+}
+
+fn main() {
+    if !sys::is_root() {
+        println!("SKIPPED: the run benchmark needs root (velo run mounts)");
+        return;
+    }
+    let started = Instant::now();
+    print_machine();
+    sys::require_tools(&[
+        "node",
+        "npm",
+        "python3",
+        "mkfs.ext4",
+        "losetup",
+        "dumpe2fs",
+        "cp",
+        "sync",
+    ]);
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cache = manifest.join("target/bench-cache");
+    let workloads = std::env::var_os("VELO_BENCH_WORKLOADS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest.join("../shared/workloads"));
+    println!(
+        "\nsetup (cached under {}; the first run downloads and installs everything, which takes several minutes) …",
+        cache.display()
+    );
+    let ext4 = Ext4Image::open_or_create(&cache.join("run"), EXT4_BYTES);
+    println!(
+        "  store, caches and trees on journaled ext4 (has_journal: {}) at {} ({}, direct I/O)",
+        ext4.has_journal(),
+        ext4.root().display(),
+        ext4.device()
+    );
+    let env = Env::new(Path::new(env!("CARGO_BIN_EXE_velo")), &cache, ext4.root());
+    let node = setup::node(&env, &workloads.join("node"));
+    let python = setup::python(&env, &workloads.join("python"));
+    print_trees(&env, &node.tree, &python.tree);
+
+    let runs = Runs::get();
+    let mut verdicts = place(&env, &node, &python, &runs);
+    verdicts.extend(first_import(&env, &node.tree, Lang::Node, &runs));
+    verdicts.extend(first_import(&env, &python.tree, Lang::Python, &runs));
+    verdicts.extend(import_times(&env, &ext4, &node.tree, Lang::Node, &runs));
+    verdicts.extend(import_times(&env, &ext4, &python.tree, Lang::Python, &runs));
+
+    println!("\nsummary");
+    print_verdicts(&verdicts);
+    println!("\n  load average at the end: {}", sys::loadavg());
+    let marker = cache.join("run");
+    ext4.close();
+    print_cleanup(&marker);
+    println!(
+        "  total bench time: {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+fn print_machine() {
+    let load = sys::load1();
+    println!("velo run benchmark");
+    println!(
+        "  kernel {}, {} CPUs; load average {}{}",
+        sys::kernel_release(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        sys::loadavg(),
+        if load > LOAD_WARN {
+            format!(
+                "  — WARNING: above {LOAD_WARN}, other work competes for the CPUs and the figures are noisy"
+            )
+        } else {
+            String::new()
+        }
+    );
+}
+
+fn print_trees(env: &Env, node: &Tree, python: &Tree) {
+    for (what, t) in [("node", node), ("python", python)] {
+        println!(
+            "  {what} tree: {} files, {:.1} MiB of content, image {} ({})",
+            t.files,
+            t.bytes as f64 / (1 << 20) as f64,
+            &t.image[..16],
+            t.velo_project.join(t.dir).display()
+        );
+    }
+    println!("  python: {}", env.python.display());
+}
+
+/// (a) Getting the tree in place.
+fn place(env: &Env, node: &setup::Node, python: &setup::Python, runs: &Runs) -> Vec<Verdict> {
+    println!("\n(a) getting the tree in place (whole processes, spawn + wait; page cache warm)");
+    let velo_node = velo_true(env, &node.tree, runs.velo_true);
+    let npm = reinstall(
+        "npm ci --offline (warm cache)",
+        &node.npm_peer.join("node_modules"),
+        runs.npm,
+        || env.command("npm", ["ci", "--offline"]),
+        &node.npm_peer,
+    );
+    let pnpm = reinstall(
+        "pnpm install --offline --frozen-lockfile (warm store)",
+        &node.pnpm_peer.join("node_modules"),
+        runs.pnpm,
+        || env.command(&env.pnpm, ["install", "--offline", "--frozen-lockfile"]),
+        &node.pnpm_peer,
+    );
+    let cp_node = copy_links(env, &node.tree, runs.cp);
+    let start = velo_start(env, runs.velo_true);
+    println!("  node ({}):", node.tree.dir);
+    print_table(&[&velo_node, &npm, &pnpm, &cp_node, &start]);
+
+    let velo_py = velo_true(env, &python.tree, runs.velo_true);
+    let uv = reinstall(
+        "uv sync --frozen --offline (warm cache)",
+        &python.uv_peer.join(".venv"),
+        runs.uv,
+        || env.command(&env.uv, ["sync", "--frozen", "--offline", "--quiet"]),
+        &python.uv_peer,
+    );
+    let cp_py = copy_links(env, &python.tree, runs.cp);
+    println!("  python ({}):", python.tree.dir);
+    print_table(&[&velo_py, &uv, &cp_py]);
+
+    let fastest = [&npm, &pnpm, &cp_node]
+        .into_iter()
+        .min_by(|a, b| a.median().total_cmp(&b.median()))
+        .expect("three peers");
+    let v = vec![
+        Verdict::speedup(
+            "(a) node: velo run true vs the fastest peer",
+            velo_node.median(),
+            fastest.median(),
+            SPEEDUP_TARGET,
+            &format!("fastest: {}", fastest.label),
+        ),
+        Verdict::speedup(
+            "(a) python: velo run true vs uv sync",
+            velo_py.median(),
+            uv.median(),
+            SPEEDUP_TARGET,
+            &format!("cp -al of the venv: {}", human(cp_py.median())),
+        ),
+    ];
+    print_verdicts(&v);
+    v
+}
+
+/// `velo run true` in the tree's project (image built, page cache warm): 3 untimed runs, then
+/// `runs` timed ones.
+fn velo_true(env: &Env, tree: &Tree, runs: usize) -> Series {
+    let mut s = Series::new(format!("velo run true ({})", tree.dir));
+    for i in 0..runs + 3 {
+        let (d, _) = timed(&mut env.velo_run(&tree.velo_project, ["true"]));
+        if i >= 3 {
+            s.push(d);
+        }
+    }
+    s
+}
+
+/// `velo --version`: one start of the velo binary, for reference (`velo run` starts it twice,
+/// then the command).
+fn velo_start(env: &Env, runs: usize) -> Series {
+    let mut s = Series::new("for reference: velo --version (one process start)");
+    for i in 0..runs + 3 {
+        let (d, _) = timed(&mut env.command(&env.velo, ["--version"]));
+        if i >= 3 {
+            s.push(d);
+        }
+    }
+    s
+}
+
+/// A peer install into `dir` (removed before every run, untimed, then `sync -f`): one
+/// untimed warm-up run, then `runs` timed ones.
+fn reinstall(
+    label: &str,
+    dir: &Path,
+    runs: usize,
+    command: impl Fn() -> std::process::Command,
+    cwd: &Path,
+) -> Series {
+    let mut s = Series::new(label);
+    for i in 0..=runs {
+        remove_tree(dir);
+        sync_fs(cwd);
+        let (d, _) = timed(command().current_dir(cwd));
+        if i > 0 {
+            s.push(d);
+        }
+    }
+    s
+}
+
+/// `cp -al` of the tree's local copy to a fresh path (removed after each run, untimed).
+fn copy_links(env: &Env, tree: &Tree, runs: usize) -> Series {
+    let src = tree.disk_project.join(tree.dir);
+    let dst = env.root.join("cp-al");
+    let mut s = Series::new(format!("cp -al ({}, hardlinks)", tree.dir));
+    for i in 0..=runs {
+        remove_tree(&dst);
+        sync_fs(&env.root);
+        let (d, _) = timed(cmd("cp", ["-al"]).arg(&src).arg(&dst));
+        if i > 0 {
+            s.push(d);
+        }
+    }
+    remove_tree(&dst);
+    s
+}
+
+/// (b) Tree in place + first import done: `velo run CMD` against `CMD` on the local copy,
+/// whole processes, warm, alternating which goes first.
+fn first_import(env: &Env, tree: &Tree, lang: Lang, runs: &Runs) -> Vec<Verdict> {
+    println!(
+        "\n(b) {}: tree in place + first import done (whole process, warm): {}",
+        lang.name(),
+        lang.modules()
+    );
+    let mut velo = Series::new(format!("velo run {} …", lang.name()));
+    let mut disk = Series::new(format!("{} … on the tree on local disk", lang.name()));
+    let n = runs.first_import[Runs::of(lang)];
+    for i in 0..=n {
+        let mut once = |velo_side: bool| {
+            let d = if velo_side {
+                timed(&mut env.velo_run(&tree.velo_project, lang.argv())).0
+            } else {
+                timed(&mut disk_command(env, tree, lang)).0
+            };
+            if i > 0 {
+                (if velo_side { &mut velo } else { &mut disk }).push(d);
+            }
+        };
+        once(i % 2 == 0);
+        once(i % 2 == 1);
+    }
+    print_table(&[&velo, &disk]);
+    let v = vec![Verdict::info_overhead(
+        &format!(
+            "(b) {}: velo run + imports vs imports on local disk",
+            lang.name()
+        ),
+        velo.median(),
+        disk.median(),
+        &format!("{:+.1} ms", (velo.median() - disk.median()) * 1e3),
+    )];
+    print_verdicts(&v);
+    v
+}
+
+/// The import program on the tree's local copy.
+fn disk_command(env: &Env, tree: &Tree, lang: Lang) -> std::process::Command {
+    let argv = lang.argv();
+    let mut c = env.command(&argv[0], &argv[1..]);
+    c.current_dir(&tree.disk_project);
+    c
+}
+
+/// Where one side of (c) runs the imports.
+#[derive(Clone, Copy)]
+enum Place {
+    /// On the tree's copy on local disk.
+    Disk,
+    /// Through `velo run` (a fresh mount every run).
+    VeloRun,
+    /// On a `velo mount` kept for all runs.
+    Mounted,
+}
+
+/// (c) The imports alone, on the mount against local disk, warm and cold.
+fn import_times(env: &Env, ext4: &Ext4Image, tree: &Tree, lang: Lang, runs: &Runs) -> Vec<Verdict> {
+    println!(
+        "\n(c) {}: import time (inside the process) on the mount vs local disk",
+        lang.name()
+    );
+    println!(
+        "  velo run mounts afresh every run (new overlay and EROFS superblocks: every path is \
+         looked up once more); velo mount is mounted once before the runs (the steady state)"
+    );
+    let mount = VeloMount::cow(
+        &env.velo,
+        &env.store,
+        &tree.image,
+        &tree.mounted_project.join(tree.dir),
+    );
+    let i = Runs::of(lang);
+    let mut verdicts = Vec::new();
+    for cold in [false, true] {
+        let n = if cold { runs.cold[i] } else { runs.warm[i] };
+        let sides = compare_imports(env, ext4, tree, lang, n, cold);
+        let temp = if cold { "cold" } else { "warm" };
+        println!(
+            "  {}:",
+            if cold {
+                "cold (sync; echo 3 > /proc/sys/vm/drop_caches before every run)"
+            } else {
+                "warm (page cache, dentries and inodes of the local tree warm)"
+            }
+        );
+        import::print_sides(&[&sides[0], &sides[1], &sides[2]]);
+        for (side, how) in [
+            (&sides[1], "velo run (fresh mount per run)"),
+            (&sides[2], "velo mount (mounted once)"),
+        ] {
+            verdicts.push(Verdict::overhead(
+                &format!("(c) {} {temp}: {how}", lang.name()),
+                side.wall.median(),
+                sides[0].wall.median(),
+                IMPORT_TARGET_PCT,
+                &format!(
+                    "kernel time {:+.1} ms",
+                    (side.sys.median() - sides[0].sys.median()) * 1e3
+                ),
+            ));
+        }
+        print_verdicts(&verdicts[verdicts.len() - 2..]);
+    }
+    mount.release();
+    verdicts
+}
+
+/// Runs the imports `n` times on each of the three places (plus one untimed warm-up each when
+/// warm), rotating which goes first; `cold` drops the caches before every run.
+fn compare_imports(
+    env: &Env,
+    ext4: &Ext4Image,
+    tree: &Tree,
+    lang: Lang,
+    n: usize,
+    cold: bool,
+) -> [Side; 3] {
+    let places = [Place::Disk, Place::VeloRun, Place::Mounted];
+    let mut sides = [
+        Side::new("local disk"),
+        Side::new("velo run (fresh mount)"),
+        Side::new("velo mount (mounted once)"),
+    ];
+    let warmup = usize::from(!cold);
+    for round in 0..n + warmup {
+        for k in 0..places.len() {
+            let which = (round + k) % places.len();
+            let mut c = import_command(env, tree, lang, places[which]);
+            if cold {
+                drop_caches();
+            }
+            let before = sys::disk_reads(ext4.device_name()).0;
+            let out = run(&mut c);
+            let reads = sys::disk_reads(ext4.device_name()).0 - before;
+            if round >= warmup {
+                sides[which].push(Sample::parse(&out), reads);
+            }
+        }
+    }
+    sides
+}
+
+fn import_command(env: &Env, tree: &Tree, lang: Lang, place: Place) -> std::process::Command {
+    match place {
+        Place::Disk => disk_command(env, tree, lang),
+        Place::VeloRun => env.velo_run(&tree.velo_project, lang.argv()),
+        Place::Mounted => {
+            let argv = lang.argv();
+            let mut c = env.command(&argv[0], &argv[1..]);
+            c.current_dir(&tree.mounted_project);
+            c
+        }
+    }
+}
+
+fn print_cleanup(marker: &Path) {
+    let left = sys::leftovers(marker);
+    if left.is_empty() {
+        println!(
+            "\ncleanup: OK (no mounts or loop devices under {} remain)",
+            marker.display()
+        );
+    } else {
+        println!("\ncleanup: LEFT BEHIND:");
+        for l in &left {
+            println!("  {l}");
+        }
+    }
+}
