@@ -121,13 +121,6 @@ pub enum Command {
         #[arg(long, short = 'C')]
         project: Option<PathBuf>,
     },
-    /// Internal: the single-threaded child of `velo run`.
-    #[command(name = "__run-child", hide = true)]
-    RunChild {
-        /// The command to exec.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        command: Vec<std::ffi::OsString>,
-    },
     /// Tenants: named copy-on-write layers over one image, kept in the store.
     Tenant {
         #[command(subcommand)]

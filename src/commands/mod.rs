@@ -50,7 +50,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command,
         } => project::run(&ctx, project, user, persist, command),
         Command::Status { project } => project::status(&ctx, project.as_deref()),
-        Command::RunChild { command } => crate::project::child::main(command),
         Command::Gc {
             dry_run,
             unused_for,

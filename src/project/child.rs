@@ -1,25 +1,21 @@
-//! The single-threaded child of `velo run`: it enters a private mount namespace (copied mounts
-//! made slaves first, so nothing leaks to the host), opens the store there, mounts each image
-//! over its dir with a copy-on-write upper, then either execs the user's command as the
-//! invoking user, or — to build a missing image — runs the install at the real path and
-//! snapshots what it produced. Its mounts vanish with it.
+//! The single-threaded child of `velo run` (forked, not re-executed: a process start is a
+//! large part of a warm run): it enters a private mount namespace (copied mounts made slaves
+//! first, so nothing leaks to the host), opens the store there, mounts each image over its dir
+//! with a copy-on-write upper, then either execs the user's command as the invoking user, or —
+//! to build a missing image — runs the install at the real path and snapshots what it produced.
+//! Its mounts vanish with it.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
 use velo_mount::{MountRequest, Writes};
 use velo_objects::{Digest, Store};
 
-/// The environment variable that hands the plan to the child.
-pub const PLAN_VAR: &str = "VELO_RUN_PLAN";
-
 /// What the child does.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct Plan {
     /// The store.
     pub store: PathBuf,
@@ -37,7 +33,7 @@ pub struct Plan {
 }
 
 /// One mount of the plan.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct PlannedMount {
     /// The image.
     pub image: Digest,
@@ -50,7 +46,7 @@ pub struct PlannedMount {
 }
 
 /// A build.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct Build {
     /// The install command (`sh -c`).
     pub install: String,
@@ -80,15 +76,22 @@ fn ensure_target(target: &std::path::Path, owner: (u32, u32)) -> anyhow::Result<
     Ok(())
 }
 
-/// The child's main: never returns on a successful exec.
-pub fn main(argv: Vec<OsString>) -> anyhow::Result<ExitCode> {
-    let plan: Plan = serde_json::from_str(
-        &std::env::var(PLAN_VAR).context("velo __run-child is started by `velo run` only")?,
-    )
-    .context("bad run plan")?;
-    // SAFETY of ordering: this process is single-threaded here; the namespace is entered before
-    // any thread starts and before the store is opened (overlayfs takes layers only from the
-    // caller's own namespace).
+/// The child's work, in the forked process; never returns on a successful exec. Its result is
+/// the process's exit status.
+pub fn run(plan: &Plan, argv: &[OsString]) -> i32 {
+    match run_inner(plan, argv) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("velo: error: {e:#}");
+            1
+        }
+    }
+}
+
+fn run_inner(plan: &Plan, argv: &[OsString]) -> anyhow::Result<i32> {
+    // This process is single-threaded here: the namespace is entered before any thread starts
+    // and before the store is opened (overlayfs takes layers only from the caller's own
+    // namespace).
     velo_mount::enter_private_namespace()?;
     let store = Store::open(&plan.store)?;
     let pid = std::process::id();
@@ -115,7 +118,7 @@ pub fn main(argv: Vec<OsString>) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("chown {}", m.target.display()))?;
         }
     }
-    let user = user(&plan);
+    let user = user(plan);
     match &plan.build {
         None => {
             let Some((program, args)) = argv.split_first() else {
@@ -124,22 +127,20 @@ pub fn main(argv: Vec<OsString>) -> anyhow::Result<ExitCode> {
             let mut cmd = std::process::Command::new(program);
             cmd.args(args)
                 .current_dir(std::env::current_dir().unwrap_or_else(|_| plan.project.clone()));
-            cmd.envs(&plan.env).env_remove(PLAN_VAR);
+            cmd.envs(&plan.env);
             user.apply(&mut cmd);
             let err = cmd.exec();
             eprintln!("velo: cannot run {}: {err}", program.to_string_lossy());
-            Ok(ExitCode::from(
-                if err.kind() == std::io::ErrorKind::NotFound {
-                    127
-                } else {
-                    126
-                },
-            ))
+            Ok(if err.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            })
         }
         Some(build) => {
             let mut cmd = std::process::Command::new("sh");
             cmd.arg("-c").arg(&build.install).current_dir(&plan.project);
-            cmd.envs(&plan.env).env_remove(PLAN_VAR);
+            cmd.envs(&plan.env);
             // The install's output goes to stderr: stdout belongs to the command velo runs next.
             if let Ok(err) = std::io::stderr().lock().try_clone_stdout() {
                 cmd.stdout(err);
@@ -153,9 +154,7 @@ pub fn main(argv: Vec<OsString>) -> anyhow::Result<ExitCode> {
                     "velo: the install `{}` failed ({status}); no image was made",
                     build.install
                 );
-                return Ok(ExitCode::from(
-                    status.code().map_or(1, |c| c.clamp(1, 255) as u8),
-                ));
+                return Ok(status.code().map_or(1, |c| c.clamp(1, 255)));
             }
             for m in &plan.mounts {
                 let Some(ref_name) = &m.snapshot_ref else {
@@ -176,7 +175,7 @@ pub fn main(argv: Vec<OsString>) -> anyhow::Result<ExitCode> {
                     r.new_objects
                 );
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(0)
         }
     }
 }

@@ -8,12 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
-use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
-use signal_hook::iterator::SignalsInfo;
-use signal_hook::iterator::exfiltrator::WithOrigin;
 use velo_objects::{Digest, Store};
 
-use super::child::{Build, PLAN_VAR, Plan, PlannedMount};
+use super::child::{Build, Plan, PlannedMount};
 use super::config::Config;
 use super::user::User;
 use super::{ManagedDir, project_dir, resolve, unit_env};
@@ -169,51 +166,76 @@ fn describe_status(status: i32) -> String {
     }
 }
 
-/// Starts the child with `plan`, forwards signals, waits, removes its copy-on-write layers.
-/// Returns the exit code, or minus the signal number that killed it.
+/// Forks the child that carries out `plan`, forwards signals to it, waits, and removes its
+/// copy-on-write layers. Returns the exit code, or minus the signal number that killed it.
 fn supervise(store: &Store, plan: &Plan, argv: &[OsString]) -> anyhow::Result<i32> {
-    use std::os::unix::process::ExitStatusExt;
-    let exe = std::env::current_exe().context("find velo's own binary")?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.arg("--store")
-        .arg(&plan.store)
-        .arg("__run-child")
-        .arg("--")
-        .args(argv);
-    cmd.env(PLAN_VAR, serde_json::to_string(plan)?);
-    // Signals sent to velo (by a process manager: `kill`) go on to the command. Signals from the
-    // terminal (Ctrl-C) already reach the whole foreground process group, the command included,
-    // so those are not sent twice.
-    let mut signals =
-        SignalsInfo::<WithOrigin>::new([SIGTERM, SIGHUP, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2])
-            .context("install signal handlers")?;
-    let handle = signals.handle();
-    let mut child = cmd.spawn().context("start velo's run child")?;
-    let pid = child.id();
-    let forwarder = std::thread::spawn(move || {
-        for info in signals.forever() {
-            let from_terminal =
-                matches!(info.cause, signal_hook::low_level::siginfo::Cause::Kernel);
-            if from_terminal && (info.signal == SIGINT || info.signal == SIGQUIT) {
-                continue;
-            }
-            if let (Some(p), Some(sig)) = (
-                rustix::process::Pid::from_raw(pid as i32),
-                rustix::process::Signal::from_named_raw(info.signal),
-            ) {
-                let _ = rustix::process::kill_process(p, sig);
-            }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    // SAFETY: velo has started no thread at this point (the signal forwarder below starts
+    // after the fork and is joined before the next one), so the child is a complete copy of a
+    // single-threaded process and may allocate, lock and spawn freely. It never returns here:
+    // it execs or exits.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error()).context("fork velo's run child");
+    }
+    if pid == 0 {
+        std::process::exit(super::child::run(plan, argv));
+    }
+    let forwarding = forward_signals(pid)?;
+    let status = loop {
+        match rustix::process::waitpid(
+            rustix::process::Pid::from_raw(pid),
+            rustix::process::WaitOptions::empty(),
+        ) {
+            Ok(Some((_, status))) => break status,
+            Ok(None) => continue,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e).context("wait for velo's run child"),
         }
-    });
-    let status = child.wait().context("wait for velo's run child")?;
-    handle.close();
-    let _ = forwarder.join();
-    cleanup_after(store, pid);
-    Ok(match (status.code(), status.signal()) {
+    };
+    for id in forwarding {
+        signal_hook_registry::unregister(id);
+    }
+    cleanup_after(store, pid as u32);
+    Ok(match (status.exit_status(), status.terminating_signal()) {
         (Some(c), _) => c,
         (None, Some(s)) => -s,
         _ => 1,
     })
+}
+
+/// Signals that velo passes on to the command.
+const FORWARDED: [i32; 6] = [
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGINT,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
+/// Installs handlers that pass signals sent to velo (by a process manager: `kill`) on to the
+/// child. Signals from the terminal (Ctrl-C) already reach the whole foreground process group,
+/// the command included, so those are not sent twice. No thread: the handler itself calls
+/// kill(2), which is async-signal-safe.
+fn forward_signals(child: i32) -> anyhow::Result<Vec<signal_hook_registry::SigId>> {
+    let mut ids = Vec::new();
+    for sig in FORWARDED {
+        let handler = move |info: &libc::siginfo_t| {
+            let from_terminal = info.si_code == libc::SI_KERNEL;
+            if from_terminal && (sig == libc::SIGINT || sig == libc::SIGQUIT) {
+                return;
+            }
+            // SAFETY: kill(2) is async-signal-safe; `child` is a plain integer.
+            unsafe { libc::kill(child, sig) };
+        };
+        // SAFETY: the handler only reads its siginfo and calls kill(2).
+        let id = unsafe { signal_hook_registry::register_sigaction(sig, handler) }
+            .context("install signal handlers")?;
+        ids.push(id);
+    }
+    Ok(ids)
 }
 
 /// Removes the mount slots (and managed upper dirs) of a child that has exited.
@@ -237,6 +259,10 @@ fn exit_like(status: i32) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(status.clamp(0, 255) as u8));
     }
     let sig = -status;
-    let _ = signal_hook::low_level::emulate_default_handler(sig);
+    // SAFETY: resetting a signal to its default action and raising it on ourselves.
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
+    }
     Ok(ExitCode::from((128 + sig).clamp(0, 255) as u8))
 }
