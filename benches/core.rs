@@ -18,11 +18,14 @@
 //! freed inodes, so delete-and-recreate benchmarks there slow down run after run); the page
 //! cache stays warm (no cache drops) and an untimed `sync -f` separates the runs.
 
-#[path = "core/stats.rs"]
+// Shared with the other benchmarks; not every helper is used here.
+#[allow(dead_code)]
+#[path = "support/stats.rs"]
 mod stats;
-#[path = "core/sys.rs"]
+#[allow(dead_code)]
+#[path = "support/sys.rs"]
 mod sys;
-#[path = "core/tree.rs"]
+#[path = "support/tree.rs"]
 mod tree;
 
 use std::fs;

@@ -18,13 +18,23 @@
 #[path = "../tests/common/registry.rs"]
 #[allow(dead_code)]
 mod registry;
+// Shared with the other benchmarks; only a few helpers are used here.
+#[allow(dead_code)]
+#[path = "support/stats.rs"]
+mod stats;
+#[allow(dead_code)]
+#[path = "support/sys.rs"]
+mod sys;
 
+use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use registry::Registry;
+use stats::Series;
+use sys::{bash, cmd, run};
 
 const RUNS: usize = 3;
 
@@ -32,51 +42,29 @@ fn velo() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_velo"))
 }
 
+/// `velo --store STORE --json ARGS…`, its output parsed.
 fn run_json(store: &Path, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(velo())
-        .arg("--store")
-        .arg(store)
-        .arg("--json")
-        .args(args)
-        .output()
-        .expect("run velo");
-    assert!(
-        out.status.success(),
-        "velo {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("velo JSON")
+    sys::run_json(
+        cmd(
+            velo(),
+            [
+                OsStr::new("--store"),
+                store.as_os_str(),
+                OsStr::new("--json"),
+            ],
+        )
+        .args(args),
+    )
 }
 
+/// `bash -eo pipefail -c SCRIPT`; panics if it fails.
 fn sh(script: &str) {
-    let out = Command::new("bash")
-        .arg("-eo")
-        .arg("pipefail")
-        .arg("-c")
-        .arg(script)
-        .output()
-        .expect("run bash");
-    assert!(
-        out.status.success(),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run(&mut bash(script));
 }
 
-struct Series(Vec<Duration>);
-
-impl Series {
-    fn median(&self) -> f64 {
-        let mut v: Vec<f64> = self.0.iter().map(Duration::as_secs_f64).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    }
-    fn show(&self) -> String {
-        let v: Vec<f64> = self.0.iter().map(Duration::as_secs_f64).collect();
-        let min = v.iter().copied().fold(f64::MAX, f64::min);
-        let max = v.iter().copied().fold(0.0, f64::max);
-        format!("{:7.3} s ({:.3}–{:.3})", self.median(), min, max)
-    }
+/// A series as "MEDIAN s (MIN–MAX)".
+fn spread(s: &Series) -> String {
+    format!("{:7.3} s ({:.3}–{:.3})", s.median(), s.min(), s.max())
 }
 
 fn mb(bytes: u64) -> f64 {
@@ -223,9 +211,9 @@ fn bench_tree(name: &str, tree: &Path, work: &Path, pack_sizes: &[&str]) {
     );
 
     // Baseline: tar | gzip as one blob.
-    let mut tar_times = Vec::new();
-    let mut up_times = Vec::new();
-    let mut down_times = Vec::new();
+    let mut tar = Series::new("tar|gzip");
+    let mut up = Series::new("upload");
+    let mut down = Series::new("download+gunzip|tar -x");
     let mut gz_bytes = 0;
     for run in 0..RUNS {
         let reg = Registry::start();
@@ -236,12 +224,12 @@ fn bench_tree(name: &str, tree: &Path, work: &Path, pack_sizes: &[&str]) {
             tree.display(),
             gz.display()
         ));
-        tar_times.push(t0.elapsed());
+        tar.push(t0.elapsed());
         let data = fs::read(&gz).unwrap();
         gz_bytes = data.len() as u64;
         let t1 = Instant::now();
         let digest = reg.put_blob("base/line", &data);
-        up_times.push(t1.elapsed());
+        up.push(t1.elapsed());
         drop(data);
         let out = work.join(format!("untar-{run}"));
         fs::create_dir_all(&out).unwrap();
@@ -254,28 +242,25 @@ fn bench_tree(name: &str, tree: &Path, work: &Path, pack_sizes: &[&str]) {
             tmp.display(),
             out.display()
         ));
-        down_times.push(t2.elapsed());
+        down.push(t2.elapsed());
         let _ = fs::remove_dir_all(&out);
     }
-    let tar = Series(tar_times);
-    let up = Series(up_times);
-    let down = Series(down_times);
     let base_push = tar.median() + up.median();
     println!(
         "baseline tar|gzip: {:.1} MB compressed; tar|gzip {} + upload {} = {:.3} s; download+gunzip|tar -x {}",
         mb(gz_bytes),
-        tar.show(),
-        up.show(),
+        spread(&tar),
+        spread(&up),
         base_push,
-        down.show()
+        spread(&down)
     );
 
     // velo: cold push, push again, push of the second image; cold pull, incremental pull.
-    let mut cold = Vec::new();
-    let mut again = Vec::new();
-    let mut second = Vec::new();
-    let mut pull_cold = Vec::new();
-    let mut pull_inc = Vec::new();
+    let mut cold = Series::new("velo push, cold");
+    let mut again = Series::new("velo push, again");
+    let mut second = Series::new("velo push, second image (2% changed)");
+    let mut pull_cold = Series::new("velo pull, cold");
+    let mut pull_inc = Series::new("velo pull, second image");
     let (mut r_cold, mut r_again, mut r_second, mut r_pull, mut r_inc) =
         (None, None, None, None, None);
     for run in 0..RUNS {
@@ -307,11 +292,12 @@ fn bench_tree(name: &str, tree: &Path, work: &Path, pack_sizes: &[&str]) {
         r_inc = Some(r);
         let _ = fs::remove_dir_all(&store_b);
     }
-    let show = |what: &str, s: &Series, r: &serde_json::Value, sent_key: &str, bytes_key: &str| {
+    let show = |s: &Series, r: &serde_json::Value, sent_key: &str, bytes_key: &str| {
         let secs = s.median();
         println!(
-            "{what:<34} {}  {:>5} blobs, {:>5} moved, {:>8.2} MB moved; {:>8.0} objects/s, {:>7.1} MB/s of content",
-            s.show(),
+            "{:<34} {}  {:>5} blobs, {:>5} moved, {:>8.2} MB moved; {:>8.0} objects/s, {:>7.1} MB/s of content",
+            s.label,
+            spread(s),
             r["blobs"],
             r[sent_key],
             mb(r[bytes_key].as_u64().unwrap_or(0)),
@@ -319,43 +305,26 @@ fn bench_tree(name: &str, tree: &Path, work: &Path, pack_sizes: &[&str]) {
             mb(t.bytes) / secs
         );
     };
-    let (cold, again, second, pull_cold, pull_inc) = (
-        Series(cold),
-        Series(again),
-        Series(second),
-        Series(pull_cold),
-        Series(pull_inc),
-    );
+    show(&cold, r_cold.as_ref().unwrap(), "blobs_sent", "bytes_sent");
     show(
-        "velo push, cold",
-        &cold,
-        r_cold.as_ref().unwrap(),
-        "blobs_sent",
-        "bytes_sent",
-    );
-    show(
-        "velo push, again",
         &again,
         r_again.as_ref().unwrap(),
         "blobs_sent",
         "bytes_sent",
     );
     show(
-        "velo push, second image (2% changed)",
         &second,
         r_second.as_ref().unwrap(),
         "blobs_sent",
         "bytes_sent",
     );
     show(
-        "velo pull, cold",
         &pull_cold,
         r_pull.as_ref().unwrap(),
         "blobs_fetched",
         "bytes_received",
     );
     show(
-        "velo pull, second image",
         &pull_inc,
         r_inc.as_ref().unwrap(),
         "blobs_fetched",
@@ -424,7 +393,7 @@ fn main() {
         return;
     }
     let started = Instant::now();
-    let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = sys::loadavg();
     println!(
         "distribution benchmark: {} runs each, medians (min–max); load {}",
         RUNS,

@@ -6,12 +6,15 @@
 //! and the time `velo fsck` takes for the whole store. Warm page cache on both sides. It
 //! measures; it never fails on timing.
 
-// Shared with the core benchmark; not every helper is used here.
+// Shared with the other benchmarks; not every helper is used here.
 #[allow(dead_code)]
-#[path = "core/stats.rs"]
+#[path = "support/stats.rs"]
 mod stats;
 #[allow(dead_code)]
-#[path = "core/tree.rs"]
+#[path = "support/sys.rs"]
+mod sys;
+#[allow(dead_code)]
+#[path = "support/tree.rs"]
 mod tree;
 
 use std::path::Path;
@@ -19,15 +22,15 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use stats::{Series, bytes, human};
+use sys::{cmd, run, run_json, timed};
 
 const RUNS: usize = 5;
 
 fn main() {
-    if !rustix::process::geteuid().is_root() {
+    if !sys::is_root() {
         println!("SKIPPED: needs root");
         return;
     }
-    let velo = env!("CARGO_BIN_EXE_velo");
     let work = tempfile::Builder::new()
         .prefix("velo-bench-integrity-")
         .tempdir_in("/var/tmp")
@@ -35,12 +38,7 @@ fn main() {
     let src = work.path().join("tree");
     let store = work.path().join("store");
     let mnt = work.path().join("mnt");
-    println!(
-        "load average: {}",
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .trim()
-    );
+    println!("load average: {}", sys::loadavg());
     let t = tree::generate(&tree::TreeSpec::node_modules(), &src);
     println!(
         "tree: {} files ({}), {} distinct object contents ({})",
@@ -49,10 +47,8 @@ fn main() {
         t.object_contents,
         bytes(t.object_bytes)
     );
-    let snap = json(
-        Command::new(velo)
-            .arg("--store")
-            .arg(&store)
+    let snap = run_json(
+        velo(&store)
             .args(["--json", "snapshot"])
             .arg(&src)
             .args(["--ref", "bench"]),
@@ -65,20 +61,14 @@ fn main() {
     let mut verified_bytes = 0;
     for _ in 0..RUNS {
         let started = Instant::now();
-        let v = json(
-            Command::new(velo)
-                .arg("--store")
-                .arg(&store)
+        let v = run_json(
+            velo(&store)
                 .args(["--json", "mount", "bench"])
                 .arg(&mnt)
                 .arg("--verify"),
         );
         verify_whole.push(started.elapsed());
-        run(Command::new(velo)
-            .arg("--store")
-            .arg(&store)
-            .args(["-q", "umount"])
-            .arg(&mnt));
+        run(velo(&store).args(["-q", "umount"]).arg(&mnt));
         let check = &v["userspace_verified"];
         verified_bytes = check["bytes"].as_u64().unwrap_or(0);
         verify.push(Duration::from_secs_f64(
@@ -103,12 +93,7 @@ fn main() {
     let mut fsck_objects = 0;
     for _ in 0..RUNS {
         let started = Instant::now();
-        let v = json(
-            Command::new(velo)
-                .arg("--store")
-                .arg(&store)
-                .args(["--json", "fsck"]),
-        );
+        let v = run_json(velo(&store).args(["--json", "fsck"]));
         fsck.push(started.elapsed());
         fsck_objects = v["objects_checked"].as_u64().unwrap_or(0);
         assert_eq!(v["clean"], true, "the bench store must be clean: {v}");
@@ -158,27 +143,18 @@ fn main() {
     );
 }
 
+/// `velo --store STORE`.
+fn velo(store: &Path) -> Command {
+    cmd(
+        env!("CARGO_BIN_EXE_velo"),
+        ["--store".as_ref(), store.as_os_str()],
+    )
+}
+
 fn shell_quote(p: &Path) -> String {
     format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
 }
 
 fn timed_sh(script: &str) -> Duration {
-    let started = Instant::now();
-    run(Command::new("sh").arg("-c").arg(script));
-    started.elapsed()
-}
-
-fn run(c: &mut Command) -> std::process::Output {
-    let out = c.output().unwrap_or_else(|e| panic!("{c:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{c:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn json(c: &mut Command) -> serde_json::Value {
-    let out = run(c);
-    serde_json::from_slice(&out.stdout).expect("velo --json prints JSON")
+    timed(&mut sys::sh(script)).0
 }

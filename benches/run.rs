@@ -27,9 +27,12 @@
 mod import;
 #[path = "run/setup.rs"]
 mod setup;
-#[path = "run/stats.rs"]
+// Shared with the other benchmarks; not every helper is used here.
+#[allow(dead_code)]
+#[path = "support/stats.rs"]
 mod stats;
-#[path = "run/sys.rs"]
+#[allow(dead_code)]
+#[path = "support/sys.rs"]
 mod sys;
 
 use std::path::{Path, PathBuf};
@@ -38,7 +41,7 @@ use std::time::Instant;
 use import::{Lang, Sample, Side};
 use setup::{Env, Tree};
 use stats::{Series, Verdict, human, print_table, print_verdicts};
-use sys::{Ext4Image, VeloMount, cmd, drop_caches, remove_tree, run, sync_fs, timed};
+use sys::{LoopExt4, MountGuard, cmd, drop_caches, remove_tree, run, sync_fs, timed};
 
 /// Size of the sparse ext4 image (it holds caches, store and trees: ~10 GiB used).
 const EXT4_BYTES: u64 = 40 << 30;
@@ -113,7 +116,7 @@ fn main() {
         "\nsetup (cached under {}; the first run downloads and installs everything, which takes several minutes) …",
         cache.display()
     );
-    let ext4 = Ext4Image::open_or_create(&cache.join("run"), EXT4_BYTES);
+    let ext4 = LoopExt4::open_or_create(&cache.join("run"), EXT4_BYTES);
     println!(
         "  store, caches and trees on journaled ext4 (has_journal: {}) at {} ({}, direct I/O)",
         ext4.has_journal(),
@@ -145,7 +148,7 @@ fn main() {
 }
 
 fn print_machine() {
-    let load = sys::load1();
+    let [load, _, _] = sys::load_average();
     println!("velo run benchmark");
     println!(
         "  kernel {}, {} CPUs; load average {}{}",
@@ -357,7 +360,7 @@ enum Place {
 }
 
 /// (c) The imports alone, on the mount against local disk, warm and cold.
-fn import_times(env: &Env, ext4: &Ext4Image, tree: &Tree, lang: Lang, runs: &Runs) -> Vec<Verdict> {
+fn import_times(env: &Env, ext4: &LoopExt4, tree: &Tree, lang: Lang, runs: &Runs) -> Vec<Verdict> {
     println!(
         "\n(c) {}: import time (inside the process) on the mount vs local disk",
         lang.name()
@@ -366,7 +369,7 @@ fn import_times(env: &Env, ext4: &Ext4Image, tree: &Tree, lang: Lang, runs: &Run
         "  velo run mounts afresh every run (new overlay and EROFS superblocks: every path is \
          looked up once more); velo mount is mounted once before the runs (the steady state)"
     );
-    let mount = VeloMount::cow(
+    let mount = MountGuard::velo_cow(
         &env.velo,
         &env.store,
         &tree.image,
@@ -412,7 +415,7 @@ fn import_times(env: &Env, ext4: &Ext4Image, tree: &Tree, lang: Lang, runs: &Run
 /// warm), rotating which goes first; `cold` drops the caches before every run.
 fn compare_imports(
     env: &Env,
-    ext4: &Ext4Image,
+    ext4: &LoopExt4,
     tree: &Tree,
     lang: Lang,
     n: usize,

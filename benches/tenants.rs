@@ -6,17 +6,24 @@
 //! of the page cache (`Cached:` in /proc/meminfo) and the pages of the object files that are
 //! resident (mincore), starting from dropped caches each time. It measures; it never fails.
 
+// Shared with the other benchmarks; only a few helpers are used here.
+#[allow(dead_code)]
+#[path = "support/sys.rs"]
+mod sys;
+
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use sys::{cmd, drop_caches, run};
 
 const TENANTS: usize = 8;
 const FILES: usize = 8;
 const FILE_MIB: usize = 48;
 
 fn main() {
-    if !rustix::process::geteuid().is_root() {
+    if !sys::is_root() {
         println!("SKIPPED: needs root");
         return;
     }
@@ -33,15 +40,8 @@ fn main() {
         "page-cache sharing: {TENANTS} readers of a {FILES} × {FILE_MIB} MiB tree ({})",
         mib(tree_bytes)
     );
-    println!(
-        "load average: {}",
-        fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .trim()
-    );
-    run(Command::new(velo)
-        .arg("--store")
-        .arg(&store)
+    println!("load average: {}", sys::loadavg());
+    run(velo_cmd(&store)
         .args(["-q", "snapshot"])
         .arg(&src)
         .args(["--ref", "shared"]));
@@ -51,9 +51,7 @@ fn main() {
     for t in 0..TENANTS {
         let name = format!("t{t}");
         let dir = work.path().join(format!("mnt-{t}"));
-        run(Command::new(velo)
-            .arg("--store")
-            .arg(&store)
+        run(velo_cmd(&store)
             .args([
                 "-q", "tenant", "create", &name, "--image", "shared", "--mount",
             ])
@@ -77,7 +75,7 @@ fn main() {
         .map(|t| work.path().join(format!("copy-{t}")))
         .collect();
     for c in &copies {
-        run(Command::new("cp").arg("-a").arg(&src).arg(c));
+        run(cmd("cp", ["-a"]).arg(&src).arg(c));
     }
     let cp_growth = measure(&copies);
 
@@ -107,11 +105,7 @@ fn main() {
         cp_growth as f64 / velo_growth.max(1) as f64
     );
     drop(work);
-    let left = fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains("velo-bench-tenants-"))
-        .count();
+    let left = sys::mounts_mentioning("velo-bench-tenants-").len();
     println!("cleanup: {left} mounts left (expected 0)");
 }
 
@@ -147,11 +141,6 @@ fn read_all(dir: &Path) {
         let mut file = fs::File::open(dir.join("lib").join(format!("big{f}.bin"))).expect("open");
         while file.read(&mut buf).expect("read") > 0 {}
     }
-}
-
-fn drop_caches() {
-    run(&mut Command::new("sync"));
-    fs::write("/proc/sys/vm/drop_caches", "3").expect("drop caches");
 }
 
 /// `Cached:` of /proc/meminfo, in bytes.
@@ -193,13 +182,12 @@ fn mib(b: u64) -> String {
     format!("{:.0} MiB", b as f64 / (1 << 20) as f64)
 }
 
-fn run(c: &mut Command) {
-    let out = c.output().unwrap_or_else(|e| panic!("{c:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{c:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// `velo --store STORE`.
+fn velo_cmd(store: &Path) -> Command {
+    cmd(
+        env!("CARGO_BIN_EXE_velo"),
+        ["--store".as_ref(), store.as_os_str()],
+    )
 }
 
 /// Unmounts a tenant on drop (also on panic).

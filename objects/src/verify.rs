@@ -54,7 +54,7 @@ impl Store {
         if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
             return Ok(Verdict::NotAFile);
         }
-        let hasher = match hash_fd(fd.as_fd(), &path) {
+        let hasher = match hash_stat(fd.as_fd(), &path, &st) {
             Ok(h) => h,
             Err(crate::StoreError::Io { source, .. }) => {
                 let error = if source.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error()) {
@@ -78,11 +78,28 @@ impl Store {
 
 /// fs-verity digest of everything in a file, skipping holes without reading them.
 pub fn hash_fd(fd: std::os::fd::BorrowedFd<'_>, path: &std::path::Path) -> Result<VerityHasher> {
+    let st = rustix::fs::fstat(fd).ctx("stat", path)?;
+    hash_stat(fd, path, &st)
+}
+
+/// [`hash_fd`] for a file already `fstat`ed. Small files (most objects) cost one read: the buffer
+/// is sized to the file, and only files with holes are walked extent by extent.
+fn hash_stat(
+    fd: std::os::fd::BorrowedFd<'_>,
+    path: &std::path::Path,
+    st: &rustix::fs::Stat,
+) -> Result<VerityHasher> {
     use crate::fsutil::Extent;
-    let size = rustix::fs::fstat(fd).ctx("stat", path)?.st_size as u64;
+    let size = st.st_size as u64;
+    let sparse = (st.st_blocks as u64) * 512 < size;
+    let extents = if sparse {
+        crate::fsutil::extents(fd, size).ctx("find data in", path)?
+    } else {
+        vec![Extent::Data(0, size)]
+    };
     let mut hasher = VerityHasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    for extent in crate::fsutil::extents(fd, size).ctx("find data in", path)? {
+    let mut buf = vec![0u8; size.clamp(1, 1 << 20) as usize];
+    for extent in extents {
         match extent {
             Extent::Hole(len) => hasher.update_zeros(len),
             Extent::Data(mut pos, end) => {

@@ -1,5 +1,8 @@
-//! Processes, timing, cache drops, and everything the bench mounts or attaches — each behind a
-//! guard that cleans up on drop, so a panic midway leaves no mount and no loop device behind.
+//! Processes, timing, load, cache drops, and everything a bench mounts or attaches — each
+//! behind a guard that cleans up on drop, so a panic midway leaves no mount and no loop device
+//! behind.
+//!
+//! Shared by the benchmarks (each loads it with `#[path = "support/sys.rs"]`).
 
 use std::ffi::OsStr;
 use std::fs::{self, File};
@@ -19,13 +22,13 @@ pub fn loadavg() -> String {
         .unwrap_or_else(|e| format!("unreadable: {e}"))
 }
 
-/// The 1-minute load average (NaN if unreadable).
-pub fn load1() -> f64 {
-    loadavg()
+/// The 1-, 5- and 15-minute load averages (NaN where unreadable).
+pub fn load_average() -> [f64; 3] {
+    let text = loadavg();
+    let mut fields = text
         .split_whitespace()
-        .next()
-        .and_then(|f| f.parse().ok())
-        .unwrap_or(f64::NAN)
+        .map(|f| f.parse::<f64>().unwrap_or(f64::NAN));
+    [(); 3].map(|()| fields.next().unwrap_or(f64::NAN))
 }
 
 /// The running kernel's release string.
@@ -67,6 +70,16 @@ where
     c
 }
 
+/// `sh -c SCRIPT`.
+pub fn sh(script: &str) -> Command {
+    cmd("sh", ["-c", script])
+}
+
+/// `bash -eo pipefail -c SCRIPT` (a failure anywhere in a pipeline fails the script).
+pub fn bash(script: &str) -> Command {
+    cmd("bash", ["-eo", "pipefail", "-c", script])
+}
+
 /// Runs `c` (the whole process: spawn + wait) and returns its wall time and output; panics
 /// with the output if it fails.
 pub fn timed(c: &mut Command) -> (Duration, Output) {
@@ -82,6 +95,13 @@ pub fn timed(c: &mut Command) -> (Duration, Output) {
 /// Runs `c` untimed; panics if it fails.
 pub fn run(c: &mut Command) -> Output {
     timed(c).1
+}
+
+/// Runs `c` untimed and parses its standard output as JSON; panics if it fails.
+pub fn run_json(c: &mut Command) -> serde_json::Value {
+    let out = run(c);
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{c:?} printed no JSON ({e}): {}", tail(&out.stdout)))
 }
 
 fn check(c: &Command, out: &Output) {
@@ -130,19 +150,34 @@ pub fn is_mount_point(path: &Path) -> bool {
         .any(|l| l.split(' ').nth(4) == Some(&*target))
 }
 
+/// The mount source of the mount at `target`, from `/proc/self/mountinfo`.
+pub fn mount_source(target: &Path) -> Option<String> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let target = target.to_str()?;
+    info.lines().rev().find_map(|line| {
+        let (pre, post) = line.split_once(" - ")?;
+        (pre.split(' ').nth(4)? == target).then(|| post.split(' ').nth(1).map(str::to_owned))?
+    })
+}
+
+/// Lines of `/proc/self/mountinfo` that mention `marker`, each as `mount: LINE`.
+pub fn mounts_mentioning(marker: &str) -> Vec<String> {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(marker))
+        .map(|l| format!("mount: {l}"))
+        .collect()
+}
+
 /// Lines of `/proc/self/mountinfo` and `losetup -a` that mention `marker` (should be none once
-/// the bench is done). Loop devices are released asynchronously, so this retries for a couple
-/// of seconds before reporting.
+/// the bench is done). Loop devices (with autoclear) are released asynchronously, so this
+/// retries for a couple of seconds before reporting.
 pub fn leftovers(marker: &Path) -> Vec<String> {
     let marker = marker.to_string_lossy().into_owned();
     let mut found = Vec::new();
     for _ in 0..20 {
-        found = fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains(&marker))
-            .map(|l| format!("mount: {l}"))
-            .collect();
+        found = mounts_mentioning(&marker);
         let losetup = cmd("losetup", ["-a"]).output().expect("run losetup -a");
         found.extend(
             String::from_utf8_lossy(&losetup.stdout)
@@ -158,29 +193,55 @@ pub fn leftovers(marker: &Path) -> Vec<String> {
     found
 }
 
-/// A journaled ext4 filesystem in a sparse image file that persists across bench runs (it
-/// holds the caches, the store and the installed trees), attached to a loop device with direct
-/// I/O and mounted. Dropping it unmounts (lazily if busy) and detaches the loop device; the
-/// image file stays.
-pub struct Ext4Image {
+/// Reads completed on a block device so far: (requests, sectors), from `/proc/diskstats`.
+pub fn disk_reads(device: &str) -> (u64, u64) {
+    fs::read_to_string("/proc/diskstats")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&device))
+                .then(|| Some((f.get(3)?.parse().ok()?, f.get(5)?.parse().ok()?)))?
+        })
+        .unwrap_or((0, 0))
+}
+
+/// A journaled ext4 filesystem in a sparse image file `DIR/ext4.img`, attached to a loop
+/// device with direct I/O and mounted at `DIR/mnt`: fresh ([`LoopExt4::create`]) or kept
+/// across bench runs ([`LoopExt4::open_or_create`]). Dropping it unmounts (lazily if busy) and
+/// detaches the loop device; the image file stays.
+pub struct LoopExt4 {
     image: PathBuf,
     mountpoint: PathBuf,
     device: Option<String>,
     mounted: bool,
 }
 
-impl Ext4Image {
-    /// Mounts `DIR/ext4.img` at `DIR/mnt`, creating the image (`size` bytes, sparse, with a
-    /// journal and inode tables initialised up front) if it does not exist. Leftovers of a run
-    /// that was killed (a mount, a loop device) are removed first.
-    pub fn open_or_create(dir: &Path, size: u64) -> Self {
-        fs::create_dir_all(dir).expect("create the bench cache dir");
-        let mut fs = Self {
+impl LoopExt4 {
+    fn at(dir: &Path) -> Self {
+        Self {
             image: dir.join("ext4.img"),
             mountpoint: dir.join("mnt"),
             device: None,
             mounted: false,
-        };
+        }
+    }
+
+    /// Creates `DIR/ext4.img` (`size` bytes, sparse, with a journal and inode tables
+    /// initialised up front) and mounts it at `DIR/mnt`.
+    pub fn create(dir: &Path, size: u64) -> Self {
+        let mut fs = Self::at(dir);
+        mkfs_ext4(&fs.image, size);
+        fs.attach_and_mount();
+        fs
+    }
+
+    /// Mounts `DIR/ext4.img` at `DIR/mnt`, creating the image (as [`LoopExt4::create`] does)
+    /// if it does not exist. Leftovers of a run that was killed (a mount, a loop device) are
+    /// removed first.
+    pub fn open_or_create(dir: &Path, size: u64) -> Self {
+        fs::create_dir_all(dir).expect("create the bench cache dir");
+        let mut fs = Self::at(dir);
         fs.clear_leftovers();
         if !fs.image.exists() {
             println!(
@@ -189,22 +250,24 @@ impl Ext4Image {
                 size >> 30
             );
             let tmp = dir.join("ext4.img.tmp");
-            File::create(&tmp)
-                .and_then(|f| f.set_len(size))
-                .expect("create the sparse ext4 image file");
-            run(cmd("mkfs.ext4", ["-q", "-F", "-O", "has_journal"])
-                .args(["-E", "lazy_itable_init=0,lazy_journal_init=0"])
-                .arg(&tmp));
+            mkfs_ext4(&tmp, size);
             fs::rename(&tmp, &fs.image).expect("rename the new ext4 image");
         }
-        // Direct I/O to the backing file: without it every block would be cached twice (the
-        // ext4's page cache and the image file's), and cold runs would not be cold.
-        let out = run(cmd("losetup", ["--find", "--show", "--direct-io=on"]).arg(&fs.image));
-        fs.device = Some(String::from_utf8_lossy(&out.stdout).trim().to_owned());
-        fs::create_dir_all(&fs.mountpoint).expect("create the ext4 mountpoint");
-        run(cmd("mount", [fs.device()]).arg(&fs.mountpoint));
-        fs.mounted = true;
+        fs.attach_and_mount();
         fs
+    }
+
+    /// Attaches the image to a loop device and mounts it.
+    fn attach_and_mount(&mut self) {
+        // Direct I/O to the backing file: without it every block is cached twice (ext4's
+        // page cache and the image file's), cold runs are not cold, and after a few rounds of
+        // 300 MiB writes the reclaim slows every later run down (measured: `cp -a` 0.7 → 1.5 s,
+        // mkfs.erofs 0.8 → 2.7 s by the fourth round).
+        let out = run(cmd("losetup", ["--find", "--show", "--direct-io=on"]).arg(&self.image));
+        self.device = Some(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+        fs::create_dir_all(&self.mountpoint).expect("create the ext4 mountpoint");
+        run(cmd("mount", [self.device()]).arg(&self.mountpoint));
+        self.mounted = true;
     }
 
     /// Unmounts a mount left at the mountpoint and detaches loop devices left on the image.
@@ -263,7 +326,7 @@ impl Ext4Image {
     }
 }
 
-impl Drop for Ext4Image {
+impl Drop for LoopExt4 {
     fn drop(&mut self) {
         if self.mounted {
             let _ = cmd("umount", [OsStr::new("-l"), self.mountpoint.as_os_str()]).output();
@@ -275,56 +338,77 @@ impl Drop for Ext4Image {
     }
 }
 
-/// Reads completed on a block device so far: (requests, sectors), from `/proc/diskstats`.
-pub fn disk_reads(device: &str) -> (u64, u64) {
-    fs::read_to_string("/proc/diskstats")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(2) == Some(&device))
-                .then(|| Some((f.get(3)?.parse().ok()?, f.get(5)?.parse().ok()?)))?
-        })
-        .unwrap_or((0, 0))
+/// `mkfs.ext4` of a new sparse `size`-byte image file at `image`, with a journal and with inode
+/// tables initialised up front (no lazy-init writes in the background while timing).
+fn mkfs_ext4(image: &Path, size: u64) {
+    File::create(image)
+        .and_then(|f| f.set_len(size))
+        .expect("create the sparse ext4 image file");
+    run(cmd("mkfs.ext4", ["-q", "-F", "-O", "has_journal"])
+        .args(["-E", "lazy_itable_init=0,lazy_journal_init=0"])
+        .arg(image));
 }
 
-/// A `velo mount` the bench made; [`VeloMount::release`] unmounts it with `velo umount`
-/// (which also removes its copy-on-write upper dir), and dropping an unreleased guard falls
-/// back to `umount -l`.
-pub struct VeloMount {
-    velo: PathBuf,
-    store: PathBuf,
+/// How a mount made by the bench is undone.
+#[derive(Debug, Clone)]
+pub enum Unmount {
+    /// `velo --store STORE -q umount TARGET` (also removes a `--cow` upper dir).
+    Velo { velo: PathBuf, store: PathBuf },
+    /// `umount TARGET` (a loop device set up by `mount` is autocleared).
+    Plain,
+}
+
+/// A mount at `target`; [`MountGuard::release`] unmounts it the proper way (untimed), and
+/// dropping an unreleased guard falls back to `umount -l`.
+pub struct MountGuard {
     target: PathBuf,
+    how: Unmount,
     active: bool,
 }
 
-impl VeloMount {
-    /// `velo --store STORE mount IMAGE TARGET --cow`.
-    pub fn cow(velo: &Path, store: &Path, image: &str, target: &Path) -> Self {
-        run(cmd(velo, [OsStr::new("--store"), store.as_os_str()])
-            .args(["-q", "mount", image])
-            .arg(target)
-            .arg("--cow"));
+impl MountGuard {
+    /// Guards the mount just made (or about to be made) at `target`.
+    pub fn new(target: &Path, how: Unmount) -> Self {
         Self {
-            velo: velo.to_owned(),
-            store: store.to_owned(),
             target: target.to_owned(),
+            how,
             active: true,
         }
     }
 
+    /// `velo --store STORE -q mount IMAGE TARGET --cow` (untimed), guarded.
+    pub fn velo_cow(velo: &Path, store: &Path, image: &str, target: &Path) -> Self {
+        let guard = Self::new(
+            target,
+            Unmount::Velo {
+                velo: velo.to_owned(),
+                store: store.to_owned(),
+            },
+        );
+        run(cmd(velo, [OsStr::new("--store"), store.as_os_str()])
+            .args(["-q", "mount", image])
+            .arg(target)
+            .arg("--cow"));
+        guard
+    }
+
     /// Unmounts, panicking on failure.
     pub fn release(mut self) {
-        run(
-            cmd(&self.velo, [OsStr::new("--store"), self.store.as_os_str()])
-                .args(["-q", "umount"])
-                .arg(&self.target),
-        );
+        match &self.how {
+            Unmount::Velo { velo, store } => {
+                run(cmd(velo, [OsStr::new("--store"), store.as_os_str()])
+                    .args(["-q", "umount"])
+                    .arg(&self.target));
+            }
+            Unmount::Plain => {
+                run(&mut cmd("umount", [&self.target]));
+            }
+        }
         self.active = false;
     }
 }
 
-impl Drop for VeloMount {
+impl Drop for MountGuard {
     fn drop(&mut self) {
         if self.active {
             let _ = cmd("umount", [OsStr::new("-l"), self.target.as_os_str()]).output();

@@ -1,27 +1,34 @@
-//! Timing series, their medians, and the printed table and ratio lines.
+//! Timing series, their medians, and the printed tables, ratio lines and verdict lines.
+//!
+//! Shared by the benchmarks (each loads it with `#[path = "support/stats.rs"]`).
 
 use std::time::Duration;
 
-/// The timings of one operation.
+/// The timings of one operation, in seconds.
 #[derive(Debug, Clone)]
 pub struct Series {
     /// What was timed, as printed.
     pub label: String,
-    runs: Vec<Duration>,
+    runs: Vec<f64>,
 }
 
 impl Series {
     /// An empty series.
-    pub fn new(label: &str) -> Self {
+    pub fn new(label: impl Into<String>) -> Self {
         Self {
-            label: label.to_owned(),
+            label: label.into(),
             runs: Vec::new(),
         }
     }
 
     /// Adds one run.
     pub fn push(&mut self, d: Duration) {
-        self.runs.push(d);
+        self.runs.push(d.as_secs_f64());
+    }
+
+    /// Adds one run given in milliseconds.
+    pub fn push_ms(&mut self, ms: f64) {
+        self.runs.push(ms / 1e3);
     }
 
     /// Number of runs.
@@ -30,7 +37,7 @@ impl Series {
     }
 
     fn sorted(&self) -> Vec<f64> {
-        let mut v: Vec<f64> = self.runs.iter().map(Duration::as_secs_f64).collect();
+        let mut v = self.runs.clone();
         v.sort_by(f64::total_cmp);
         v
     }
@@ -89,7 +96,8 @@ pub fn print_table(series: &[&Series]) {
         .iter()
         .map(|s| s.label.chars().count())
         .max()
-        .unwrap_or(0);
+        .unwrap_or(0)
+        .max("operation".len());
     println!(
         "  {:<width$}  {:>4}  {:>10}  {:>10}  {:>10}",
         "operation", "runs", "median", "min", "max"
@@ -168,11 +176,97 @@ pub fn print_ratios(ratios: &[Ratio]) {
             format!("{:.3}×", r.value),
             target,
             r.verdict(),
-            if r.note.is_empty() {
-                String::new()
-            } else {
-                format!("  ({})", r.note)
-            }
+            note(&r.note)
         );
+    }
+}
+
+/// A figure held to a target, printed with PASS/MISS (or "info" without a target).
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    /// What the figure is.
+    pub label: String,
+    /// The figure as printed (`"63.2× faster"`, `"+4.1%"`).
+    pub figure: String,
+    /// The target as printed, if there is one.
+    pub target: Option<String>,
+    /// Whether the target is met (ignored without a target).
+    pub pass: bool,
+    /// Extra words.
+    pub note: String,
+}
+
+impl Verdict {
+    /// `peer / velo` as "N× faster", held to `≥ target`.
+    pub fn speedup(label: &str, velo: f64, peer: f64, target: f64, note: &str) -> Self {
+        let x = peer / velo;
+        Self {
+            label: label.to_owned(),
+            figure: format!("{x:.1}× faster"),
+            target: Some(format!("≥ {target}×")),
+            pass: x >= target,
+            note: note.to_owned(),
+        }
+    }
+
+    /// `mount / local − 1` as a signed percentage, held to `≤ target` percent.
+    pub fn overhead(label: &str, mount: f64, local: f64, target: f64, note: &str) -> Self {
+        let pct = (mount / local - 1.0) * 100.0;
+        Self {
+            label: label.to_owned(),
+            figure: format!("{pct:+.1}%"),
+            target: Some(format!("≤ +{target}%")),
+            pass: pct <= target,
+            note: note.to_owned(),
+        }
+    }
+
+    /// `mount / local − 1` as a signed percentage, for information.
+    pub fn info_overhead(label: &str, mount: f64, local: f64, note: &str) -> Self {
+        let pct = (mount / local - 1.0) * 100.0;
+        Self {
+            label: label.to_owned(),
+            figure: format!("{pct:+.1}%"),
+            target: None,
+            pass: true,
+            note: note.to_owned(),
+        }
+    }
+
+    /// "PASS"/"MISS" against the target, or "info".
+    pub fn word(&self) -> &'static str {
+        match (&self.target, self.pass) {
+            (None, _) => "info",
+            (Some(_), true) => "PASS",
+            (Some(_), false) => "MISS",
+        }
+    }
+}
+
+/// Prints verdict lines: figure, target, PASS/MISS, note.
+pub fn print_verdicts(verdicts: &[Verdict]) {
+    let width = verdicts
+        .iter()
+        .map(|v| v.label.chars().count())
+        .max()
+        .unwrap_or(0);
+    for v in verdicts {
+        println!(
+            "  {:<width$}  {:>14}  {:<10}  {}{}",
+            v.label,
+            v.figure,
+            v.target.as_deref().unwrap_or(""),
+            v.word(),
+            note(&v.note)
+        );
+    }
+}
+
+/// `"  (NOTE)"`, or nothing for an empty note.
+fn note(note: &str) -> String {
+    if note.is_empty() {
+        String::new()
+    } else {
+        format!("  ({note})")
     }
 }
