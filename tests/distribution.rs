@@ -10,62 +10,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::fixtures::{every_kind_tree, sh};
 use common::registry::{AUTH_PASSWORD, AUTH_USER, Registry};
 use common::{Env, can_mount, compare_trees, describe, path_str};
-
-fn sh(script: &str, dir: &Path) {
-    fs::create_dir_all(dir).unwrap();
-    let out = Command::new("sh")
-        .arg("-ec")
-        .arg(script)
-        .current_dir(dir)
-        .output()
-        .expect("run sh");
-    assert!(
-        out.status.success(),
-        "setup failed: {script}\n{}",
-        describe(&out)
-    );
-}
-
-/// Every kind of entry a snapshot keeps, mountable and comparable (no whiteouts: through a
-/// mount they show in their escaped form). The sparse file is small enough to travel.
-fn every_kind_tree(dir: &Path) {
-    sh(
-        r#"
-        mkdir -p d/empty deep/a/b/c ovl
-        printf tiny > tiny
-        head -c 5000 /dev/urandom > medium
-        head -c 300000 /dev/urandom > big
-        head -c 3000000 /dev/urandom > bigger
-        : > empty
-        truncate -s 64M sparse
-        printf start | dd of=sparse conv=notrunc status=none
-        printf far | dd of=sparse bs=1 seek=50000000 conv=notrunc status=none
-        chmod 4755 medium; chmod 2755 d; chmod 1777 d/empty; chmod 640 big
-        chown 1234:5678 tiny
-        touch -h -d @1234567890.123456789 tiny
-        setfattr -n user.k -v v medium
-        setfattr -n trusted.t -v tv medium
-        setfattr -n security.s -v sv medium
-        setfattr -n trusted.overlay.opaque -v y d
-        setfattr -n trusted.overlay.opaque -v x ovl
-        setfattr -n user.overlay.opaque -v y ovl
-        setfattr -n trusted.overlay.redirect -v /elsewhere big
-        setfattr -n user.overlay.whiteout -v '' bigger
-        setfacl -m u:1000:rx medium
-        setfacl -d -m u:1000:rwx d
-        ln -s tiny rel; ln -s /abs/dangling dang; ln -s deep/a dirlink
-        ln medium hardlink; ln big deep/a/b/c/biglink
-        mkfifo fifo
-        mknod cdev c 1 3; mknod bdev b 7 0
-        touch "$(printf 'bad\377name')"
-        echo x > deep/a/b/c/f
-        touch -h -d @1000000000.5 deep/a/b
-        "#,
-        dir,
-    );
-}
 
 /// Many small files in package-like directories (enough to make many packs).
 fn package_tree(dir: &Path, packages: usize, files: usize) {
@@ -126,7 +73,7 @@ fn round_trip_between_two_stores_is_exact() {
     let a = Env::new();
     let b = Env::new();
     let src = a.path("src");
-    every_kind_tree(&src);
+    every_kind_tree(&src, 64 << 20);
     let digest = a.snapshot(&src, "app/all");
 
     let p = push(&a, &reg, "app/all", "velo/all:v1", &[]);
@@ -677,7 +624,7 @@ fn export_import_round_trip_and_corruption() {
     }
     let a = Env::new();
     let src = a.path("src");
-    every_kind_tree(&src);
+    every_kind_tree(&src, 64 << 20);
     let digest = a.snapshot(&src, "ci/deps");
     let file = a.path("deps.velo");
     let e = a.json(&["export", "ci/deps", path_str(&file)]);

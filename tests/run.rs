@@ -430,15 +430,8 @@ fn without_root_velo_run_says_what_it_needs() {
     }
     let env = Env::new();
     let project = custom_project(&env);
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-        ])
-        .arg(common::velo_bin())
-        .args(["--store", path_str(&env.store), "run", "true"])
+    let out = common::velo_as_nobody(&env.store)
+        .args(["run", "true"])
         .current_dir(&project)
         .output()
         .unwrap();

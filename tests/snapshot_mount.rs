@@ -8,57 +8,11 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
+use common::fixtures::{every_kind_tree, far_offset, sh};
 use common::{Env, can_mount, compare_trees, is_mount_point, path_str};
 
-fn sh(script: &str, dir: &Path) {
-    let out = Command::new("sh")
-        .arg("-ec")
-        .arg(script)
-        .current_dir(dir)
-        .output()
-        .expect("run sh");
-    assert!(
-        out.status.success(),
-        "setup failed: {script}\n{}",
-        common::describe(&out)
-    );
-}
-
-/// A tree with every kind of entry a snapshot must keep (needs root for owners, devices,
-/// trusted.* xattrs).
-fn every_kind_tree(dir: &Path) {
-    fs::create_dir_all(dir).unwrap();
-    sh(
-        r#"
-        mkdir -p d/empty deep/a/b/c
-        printf tiny > tiny
-        head -c 5000 /dev/urandom > medium
-        head -c 300000 /dev/urandom > big
-        : > empty
-        truncate -s 5G sparse
-        printf start | dd of=sparse conv=notrunc status=none
-        printf far | dd of=sparse bs=1 seek=4831838208 conv=notrunc status=none
-        chmod 4755 medium; chmod 2755 d; chmod 1777 d/empty; chmod 640 big
-        chown 1234:5678 tiny
-        touch -h -d @1234567890.123456789 tiny
-        setfattr -n user.k -v v medium
-        setfattr -n trusted.t -v tv medium
-        setfattr -n security.s -v sv medium
-        setfattr -n trusted.overlay.opaque -v y d
-        setfattr -n trusted.overlay.redirect -v /elsewhere big
-        setfacl -m u:1000:rx medium
-        setfacl -d -m u:1000:rwx d
-        ln -s tiny rel; ln -s /abs/dangling dang; ln -s deep/a dirlink
-        ln medium hardlink
-        mkfifo fifo
-        mknod cdev c 1 3; mknod bdev b 7 0
-        touch "$(printf 'bad\377name')"
-        echo x > deep/a/b/c/f
-        touch -h -d @1000000000.5 deep/a/b
-        "#,
-        dir,
-    );
-}
+/// The sparse file of the every-kind tree: over 4 GiB, mostly holes.
+const SPARSE: u64 = 5 << 30;
 
 #[test]
 fn round_trip_keeps_everything() {
@@ -67,10 +21,10 @@ fn round_trip_keeps_everything() {
     }
     let env = Env::new();
     let src = env.path("src");
-    every_kind_tree(&src);
+    every_kind_tree(&src, SPARSE);
     let v = env.json(&["snapshot", path_str(&src), "--ref", "t/all"]);
     assert_eq!(v["ref"], "t/all");
-    assert_eq!(v["files"], 7, "{v}"); // tiny medium(+hardlink) big empty sparse badname f
+    assert_eq!(v["files"], 8, "{v}"); // tiny medium(+hardlink) big(+link) bigger empty sparse badname f
     assert!(v["new_objects"].as_u64().unwrap() >= 3, "{v}");
     let mnt = env.path("mnt");
     let m = env.mount("t/all", &mnt, &[]);
@@ -84,7 +38,7 @@ fn round_trip_keeps_everything() {
     let f = fs::File::open(mnt.join("sparse")).unwrap();
     let mut buf = [0u8; 3];
     use std::os::unix::fs::FileExt;
-    f.read_exact_at(&mut buf, 4831838208).unwrap();
+    f.read_exact_at(&mut buf, far_offset(SPARSE)).unwrap();
     assert_eq!(&buf, b"far");
     drop(f);
     // Mounted read-only, nosuid, nodev.
@@ -352,7 +306,7 @@ fn fsck_erofs_accepts_every_kind_of_image() {
     }
     let env = Env::new();
     let src = env.path("src");
-    every_kind_tree(&src);
+    every_kind_tree(&src, SPARSE);
     let d = env.snapshot(&src, "k");
     fsck_erofs(&env.store.join("images").join(d));
 }
@@ -517,23 +471,6 @@ fn umount_only_removes_velo_mounts() {
     assert!(err.contains("not a mount point"), "{err}");
 }
 
-/// Runs velo as the unprivileged user `nobody`.
-fn as_nobody(env: &Env, args: &[&str]) -> std::process::Output {
-    Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-        ])
-        .arg(common::velo_bin())
-        .arg("--store")
-        .arg(&env.store)
-        .args(args)
-        .output()
-        .expect("setpriv (util-linux) runs velo as nobody")
-}
-
 #[test]
 fn without_root_mounting_is_refused_and_unreadable_files_are_named() {
     if !rustix::process::geteuid().is_root() {
@@ -558,7 +495,10 @@ fn without_root_mounting_is_refused_and_unreadable_files_are_named() {
     )
     .unwrap();
 
-    let out = as_nobody(&env, &["snapshot", path_str(&src), "--ref", "s"]);
+    let out = common::velo_as_nobody(&env.store)
+        .args(["snapshot", path_str(&src), "--ref", "s"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -568,13 +508,19 @@ fn without_root_mounting_is_refused_and_unreadable_files_are_named() {
     assert!(err.contains("no ref was written"), "{err}");
 
     fs::set_permissions(src.join("secret"), fs::Permissions::from_mode(0o644)).unwrap();
-    let out = as_nobody(&env, &["snapshot", path_str(&src), "--ref", "s"]);
+    let out = common::velo_as_nobody(&env.store)
+        .args(["snapshot", path_str(&src), "--ref", "s"])
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "non-root snapshot into an own store: {}",
         common::describe(&out)
     );
-    let out = as_nobody(&env, &["mount", "s", path_str(&env.path("mnt"))]);
+    let out = common::velo_as_nobody(&env.store)
+        .args(["mount", "s", path_str(&env.path("mnt"))])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("needs root"), "{err}");

@@ -129,3 +129,61 @@ pub fn wheel(dir: &Path) -> PathBuf {
         .arg("vrgreet-1.2.3.dist-info"));
     wheel
 }
+
+/// Runs a shell script in `dir` (created if missing), failing the test on error.
+pub fn sh(script: &str, dir: &Path) {
+    fs::create_dir_all(dir).expect("mkdir");
+    run(Command::new("sh").arg("-ec").arg(script).current_dir(dir));
+}
+
+/// A tree with every kind of entry a snapshot must keep (needs root for owners, devices and
+/// `trusted.*` xattrs): inline, empty and hardlinked files, a sparse file of `sparse_bytes`
+/// with data near its end, setuid/setgid/sticky bits, owners, nanosecond mtimes, `user.*`,
+/// `trusted.*`, `security.*` and ACL xattrs, the tree's own `trusted.overlay.*` and
+/// `user.overlay.*` xattrs, symlinks (relative, absolute, dangling, to a dir), a fifo, device
+/// nodes and a name that is not UTF-8. No whiteouts: through a mount they show escaped.
+pub fn every_kind_tree(dir: &Path, sparse_bytes: u64) {
+    fs::create_dir_all(dir).expect("mkdir");
+    let far = sparse_bytes - 3 - (sparse_bytes / 10);
+    sh(
+        &format!(
+            r#"
+        mkdir -p d/empty deep/a/b/c ovl
+        printf tiny > tiny
+        head -c 5000 /dev/urandom > medium
+        head -c 300000 /dev/urandom > big
+        head -c 3000000 /dev/urandom > bigger
+        : > empty
+        truncate -s {sparse_bytes} sparse
+        printf start | dd of=sparse conv=notrunc status=none
+        printf far | dd of=sparse bs=1 seek={far} conv=notrunc status=none
+        chmod 4755 medium; chmod 2755 d; chmod 1777 d/empty; chmod 640 big
+        chown 1234:5678 tiny
+        touch -h -d @1234567890.123456789 tiny
+        setfattr -n user.k -v v medium
+        setfattr -n trusted.t -v tv medium
+        setfattr -n security.s -v sv medium
+        setfattr -n trusted.overlay.opaque -v y d
+        setfattr -n trusted.overlay.opaque -v x ovl
+        setfattr -n user.overlay.opaque -v y ovl
+        setfattr -n trusted.overlay.redirect -v /elsewhere big
+        setfattr -n user.overlay.whiteout -v '' bigger
+        setfacl -m u:1000:rx medium
+        setfacl -d -m u:1000:rwx d
+        ln -s tiny rel; ln -s /abs/dangling dang; ln -s deep/a dirlink
+        ln medium hardlink; ln big deep/a/b/c/biglink
+        mkfifo fifo
+        mknod cdev c 1 3; mknod bdev b 7 0
+        touch "$(printf 'bad\377name')"
+        echo x > deep/a/b/c/f
+        touch -h -d @1000000000.5 deep/a/b
+        "#
+        ),
+        dir,
+    );
+}
+
+/// The offset of the bytes "far" in the sparse file of [`every_kind_tree`].
+pub fn far_offset(sparse_bytes: u64) -> u64 {
+    sparse_bytes - 3 - (sparse_bytes / 10)
+}

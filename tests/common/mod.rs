@@ -193,6 +193,21 @@ impl Drop for Mounted {
     }
 }
 
+/// `setpriv … velo --store STORE`: velo as the unprivileged user `nobody`, no capabilities.
+pub fn velo_as_nobody(store: &Path) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+    ])
+    .arg(velo_bin())
+    .arg("--store")
+    .arg(store);
+    c
+}
+
 /// True if `path` is a mount point (per mountinfo).
 pub fn is_mount_point(path: &Path) -> bool {
     let Ok(abs) = std::fs::canonicalize(path) else {
