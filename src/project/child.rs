@@ -142,7 +142,7 @@ fn run_inner(plan: &Plan, argv: &[OsString]) -> anyhow::Result<i32> {
             cmd.arg("-c").arg(&build.install).current_dir(&plan.project);
             cmd.envs(&plan.env);
             // The install's output goes to stderr: stdout belongs to the command velo runs next.
-            if let Ok(err) = std::io::stderr().lock().try_clone_stdout() {
+            if let Ok(err) = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
                 cmd.stdout(err);
             }
             user.apply(&mut cmd);
@@ -177,19 +177,5 @@ fn run_inner(plan: &Plan, argv: &[OsString]) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-    }
-}
-
-/// Turns our stderr into a `Stdio` for a child's stdout.
-trait CloneStdout {
-    fn try_clone_stdout(&self) -> std::io::Result<std::process::Stdio>;
-}
-
-impl CloneStdout for std::io::StderrLock<'_> {
-    fn try_clone_stdout(&self) -> std::io::Result<std::process::Stdio> {
-        use std::os::fd::AsFd;
-        Ok(std::process::Stdio::from(
-            self.as_fd().try_clone_to_owned()?,
-        ))
     }
 }
