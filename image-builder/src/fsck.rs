@@ -114,7 +114,7 @@ fn check_image(store: &Store, digest: &Digest) -> Result<Vec<Finding>> {
     let path = store.image_path(digest);
     let mut out = Vec::new();
     match store.verify(Kind::Image, digest)? {
-        Verdict::Good => {}
+        Verdict::Good { .. } => {}
         Verdict::Missing => return Ok(out),
         Verdict::Mismatch { found, size } => {
             out.push(Finding {
@@ -196,7 +196,7 @@ pub fn verify_image(
     let started = Instant::now();
     let mut bad = Vec::new();
     let image_problem = match store.verify(Kind::Image, digest)? {
-        Verdict::Good => None,
+        Verdict::Good { .. } => None,
         Verdict::Mismatch { found, .. } => Some(("image-mismatch", found.to_hex())),
         Verdict::Unreadable { error } => Some(("image-unreadable", error)),
         Verdict::Missing => Some(("image-missing", "missing".to_owned())),
@@ -224,7 +224,7 @@ pub fn verify_image(
             .map(|(d, size)| {
                 let path = store.object_path(d);
                 Ok(match store.verify(Kind::Object, d)? {
-                    Verdict::Good => None,
+                    Verdict::Good { .. } => None,
                     Verdict::Missing => Some(Finding {
                         kind: "object-missing",
                         path,

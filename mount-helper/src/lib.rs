@@ -26,5 +26,4 @@ pub use mount::{
     ImageBacking, LayerPassing, MountReport, MountRequest, ProbeReport, SOURCE_PREFIX, Writes,
     enter_private_namespace, liveness, mount_image, probe, tenant_mount_point, work_dir_name,
 };
-pub use target::open_target;
 pub use umount::{UmountReport, umount};

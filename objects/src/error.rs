@@ -138,14 +138,6 @@ impl StoreError {
             source: source.into(),
         }
     }
-
-    /// The OS error number, if this is an I/O error.
-    pub fn raw_os_error(&self) -> Option<i32> {
-        match self {
-            Self::Io { source, .. } => source.raw_os_error(),
-            _ => None,
-        }
-    }
 }
 
 /// Result of store operations.

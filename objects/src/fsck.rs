@@ -145,14 +145,8 @@ impl Store {
             };
             n += 1;
             match self.verify(Kind::Object, &digest)? {
-                Verdict::Good => {
-                    bytes += rustix::fs::statat(
-                        dir.as_fd(),
-                        name.as_os_str(),
-                        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-                    )
-                    .map(|st| st.st_size as u64)
-                    .unwrap_or(0);
+                Verdict::Good { size } => {
+                    bytes += size;
                     if self.verity() == VerityMode::Enabled
                         && let Some(f) = self.check_kernel_verity(Kind::Object, &digest)
                     {

@@ -49,4 +49,4 @@ pub use refs::{MAX_REF_LEN, validate_ref_name};
 pub use session::{Recovery, WriteSession};
 pub use store::{Area, DEFAULT_STORE, Store, filesystem_supports_verity};
 pub use tenants::{Tenant, TenantDirs, validate_tenant_name};
-pub use verify::{Verdict, hash_fd};
+pub use verify::Verdict;

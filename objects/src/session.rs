@@ -192,7 +192,7 @@ impl Store {
         for (kind, digest) in suspects {
             report.rechecked += 1;
             match self.verify(kind, &digest)? {
-                Verdict::Good | Verdict::Missing => {}
+                Verdict::Good { .. } | Verdict::Missing => {}
                 Verdict::Mismatch { .. } | Verdict::NotAFile | Verdict::Unreadable { .. } => {
                     report.quarantined.push(self.quarantine(kind, &digest)?);
                 }

@@ -14,7 +14,10 @@ use crate::verity::VerityHasher;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// Its bytes hash to its name.
-    Good,
+    Good {
+        /// Its size in bytes.
+        size: u64,
+    },
     /// It is not there.
     Missing,
     /// It is there but its bytes hash to something else.
@@ -69,20 +72,15 @@ impl Store {
         let size = hasher.len();
         let found = hasher.finalize();
         Ok(if found == *digest {
-            Verdict::Good
+            Verdict::Good { size }
         } else {
             Verdict::Mismatch { found, size }
         })
     }
 }
 
-/// fs-verity digest of everything in a file, skipping holes without reading them.
-pub fn hash_fd(fd: std::os::fd::BorrowedFd<'_>, path: &std::path::Path) -> Result<VerityHasher> {
-    let st = rustix::fs::fstat(fd).ctx("stat", path)?;
-    hash_stat(fd, path, &st)
-}
-
-/// [`hash_fd`] for a file already `fstat`ed. Small files (most objects) cost one read: the buffer
+/// fs-verity digest of everything in a file already `fstat`ed, skipping holes without reading
+/// them. Small files (most objects) cost one read: the buffer
 /// is sized to the file, and only files with holes are walked extent by extent.
 fn hash_stat(
     fd: std::os::fd::BorrowedFd<'_>,
