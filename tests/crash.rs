@@ -318,26 +318,7 @@ fn a_full_disk_fails_clearly_and_leaves_a_consistent_store() {
     }
     let env = Env::new();
     let small = env.path("small");
-    fs::create_dir(&small).unwrap();
-    let st = Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=2m",
-            "velo-full",
-            path_str(&small),
-        ])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _u = Unmount(small.clone());
+    let _tmpfs = common::Tmpfs::mount(&small, "velo-full", Some("2m"));
     let store = small.join("store");
     let velo = |args: &[&str]| {
         Command::new(common::velo_bin())

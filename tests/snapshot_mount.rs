@@ -448,19 +448,7 @@ fn umount_only_removes_velo_mounts() {
     fs::create_dir_all(&src).unwrap();
     env.snapshot(&src, "u");
     let dir = env.path("tmpfs");
-    fs::create_dir(&dir).unwrap();
-    let status = Command::new("mount")
-        .args(["-t", "tmpfs", "velo-test", path_str(&dir)])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(self.0).status();
-        }
-    }
-    let _guard = Unmount(&dir);
+    let _tmpfs = common::Tmpfs::mount(&dir, "velo-test", None);
     let err = env.fails(&["umount", path_str(&dir)]);
     assert!(
         err.contains("tmpfs") && err.contains("velo only unmounts what it mounted"),

@@ -208,6 +208,35 @@ pub fn velo_as_nobody(store: &Path) -> Command {
     c
 }
 
+/// A tmpfs the test mounted (`size` like `2m`, or none); unmounted on drop, even on failure.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Creates `dir` and mounts a tmpfs named `source` on it.
+    pub fn mount(dir: &Path, source: &str, size: Option<&str>) -> Self {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let mut c = Command::new("mount");
+        c.args(["-t", "tmpfs"]);
+        if let Some(size) = size {
+            c.arg("-o").arg(format!("size={size}"));
+        }
+        let out = c.arg(source).arg(dir).output().expect("run mount");
+        assert!(
+            out.status.success(),
+            "mount tmpfs on {}:\n{}",
+            dir.display(),
+            describe(&out)
+        );
+        Self(dir.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 /// True if `path` is a mount point (per mountinfo).
 pub fn is_mount_point(path: &Path) -> bool {
     let Ok(abs) = std::fs::canonicalize(path) else {
