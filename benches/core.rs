@@ -530,18 +530,7 @@ fn print_dedup(tree: &TreeStats, w: &WriteResults, store: &StoreUsage) {
 
 /// Checks that nothing the bench mounted or attached is left, and prints the final load.
 fn print_cleanup(marker: &Path) {
-    let left = sys::leftovers(marker);
-    if left.is_empty() {
-        println!(
-            "\ncleanup: OK (no mounts or loop devices under {} remain)",
-            marker.display()
-        );
-    } else {
-        println!("\ncleanup: LEFTOVERS under {}:", marker.display());
-        for l in left {
-            println!("  {l}");
-        }
-    }
+    sys::print_leftovers(marker);
     let [l1, l5, l15] = sys::load_average();
     println!("load average at the end: {l1:.2} {l5:.2} {l15:.2}");
 }

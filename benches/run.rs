@@ -140,7 +140,7 @@ fn main() {
     println!("\n  load average at the end: {}", sys::loadavg());
     let marker = cache.join("run");
     ext4.close();
-    print_cleanup(&marker);
+    sys::print_leftovers(&marker);
     println!(
         "  total bench time: {:.0} s",
         started.elapsed().as_secs_f64()
@@ -455,21 +455,6 @@ fn import_command(env: &Env, tree: &Tree, lang: Lang, place: Place) -> std::proc
             let mut c = env.command(&argv[0], &argv[1..]);
             c.current_dir(&tree.mounted_project);
             c
-        }
-    }
-}
-
-fn print_cleanup(marker: &Path) {
-    let left = sys::leftovers(marker);
-    if left.is_empty() {
-        println!(
-            "\ncleanup: OK (no mounts or loop devices under {} remain)",
-            marker.display()
-        );
-    } else {
-        println!("\ncleanup: LEFT BEHIND:");
-        for l in &left {
-            println!("  {l}");
         }
     }
 }

@@ -415,3 +415,19 @@ impl Drop for MountGuard {
         }
     }
 }
+
+/// Prints whether anything the bench mounted or attached under `marker` is left behind.
+pub fn print_leftovers(marker: &Path) {
+    let left = leftovers(marker);
+    if left.is_empty() {
+        println!(
+            "\ncleanup: OK (no mounts or loop devices under {} remain)",
+            marker.display()
+        );
+    } else {
+        println!("\ncleanup: LEFTOVERS under {}:", marker.display());
+        for l in left {
+            println!("  {l}");
+        }
+    }
+}

@@ -67,15 +67,15 @@ pub fn run(store_path: &Path, argv: Vec<OsString>, opts: &RunOptions) -> anyhow:
         if !missing(&store) {
             continue; // another velo run built it while we waited
         }
+        let names = unit_dirs
+            .iter()
+            .map(|d| d.dir.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
         if !opts.quiet {
             eprintln!(
                 "velo: building {} with `{}` (first run for this lockfile)",
-                unit_dirs
-                    .iter()
-                    .map(|d| d.dir.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                unit.install
+                names, unit.install
             );
         }
         let empty = empty_image(&store)?;
@@ -101,11 +101,7 @@ pub fn run(store_path: &Path, argv: Vec<OsString>, opts: &RunOptions) -> anyhow:
         if status != 0 {
             bail!(
                 "building {} failed: `{}` exited with {}; no ref was written (its output is above)",
-                unit_dirs
-                    .iter()
-                    .map(|d| d.dir.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                names,
                 unit.install,
                 describe_status(status)
             );
