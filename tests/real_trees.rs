@@ -349,35 +349,21 @@ print(sys.prefix)\n";
 /// from a two-module package with a console script — offline, without precompiling bytecode.
 /// Returns `lib/pythonX.Y/site-packages/vrgreet`, relative to the venv.
 fn make_venv(env: &Env, venv: &Path) -> PathBuf {
-    let src = env.path("wheel-src");
-    write(
-        &src.join("vrgreet/__init__.py"),
-        "from ._calc import checksum\n\n\
-         def something():\n    return f\"vrgreet 1.2.3 says {checksum('velo rift')}\"\n\n\
-         def main():\n    import sys\n    print('console script:', something(), 'prefix', sys.prefix)\n",
+    let wheel = common::fixtures::wheel_with(
+        env.dir.path(),
+        &[
+            (
+                "__init__.py",
+                "from ._calc import checksum\n\n\
+                 def something():\n    return f\"vrgreet 1.2.3 says {checksum('velo rift')}\"\n\n\
+                 def main():\n    import sys\n    print('console script:', something(), 'prefix', sys.prefix)\n",
+            ),
+            (
+                "_calc.py",
+                "def checksum(text):\n    return sum((i + 1) * ord(c) for i, c in enumerate(text)) % 9973\n",
+            ),
+        ],
     );
-    write(
-        &src.join("vrgreet/_calc.py"),
-        "def checksum(text):\n    return sum((i + 1) * ord(c) for i, c in enumerate(text)) % 9973\n",
-    );
-    let di = src.join("vrgreet-1.2.3.dist-info");
-    write(
-        &di.join("METADATA"),
-        "Metadata-Version: 2.1\nName: vrgreet\nVersion: 1.2.3\n",
-    );
-    write(
-        &di.join("WHEEL"),
-        "Wheel-Version: 1.0\nGenerator: velo-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-    );
-    write(
-        &di.join("entry_points.txt"),
-        "[console_scripts]\nvrgreet = vrgreet:main\n",
-    );
-    let wheel = env.path("vrgreet-1.2.3-py3-none-any.whl");
-    run(python(Path::new("python3"))
-        .args(["-c", common::fixtures::MAKE_WHEEL])
-        .args([&src, &wheel])
-        .arg("vrgreet-1.2.3.dist-info"));
 
     run(python(Path::new("python3")).args(["-m", "venv"]).arg(venv));
     run(python(&venv.join("bin/pip"))

@@ -81,7 +81,7 @@ pub fn npm(dir: &Path, cache: &Path) -> Command {
 }
 
 /// Zips a directory laid out as a wheel, adding its RECORD: no setuptools/wheel needed offline.
-pub const MAKE_WHEEL: &str = r#"
+const MAKE_WHEEL: &str = r#"
 import base64, hashlib, os, sys, zipfile
 src, out, dist_info = sys.argv[1], sys.argv[2], sys.argv[3]
 record = []
@@ -102,12 +102,23 @@ with zipfile.ZipFile(out, "w") as z:
 /// Builds `vrgreet-1.2.3-py3-none-any.whl` (a package printing a checksum, with a console script
 /// `vrgreet`) in `dir` and returns its path.
 pub fn wheel(dir: &Path) -> PathBuf {
+    wheel_with(
+        dir,
+        &[(
+            "__init__.py",
+            "def something():\n    return 'vrgreet 1.2.3 says ' + str(sum(map(ord, 'velo rift')))\n\n\
+             def main():\n    print('console script:', something())\n",
+        )],
+    )
+}
+
+/// Builds `vrgreet-1.2.3-py3-none-any.whl` in `dir` from these module files of package
+/// `vrgreet` (which must define `main` for the `vrgreet` console script) and returns its path.
+pub fn wheel_with(dir: &Path, modules: &[(&str, &str)]) -> PathBuf {
     let src = dir.join("wheel-src");
-    write(
-        &src.join("vrgreet/__init__.py"),
-        "def something():\n    return 'vrgreet 1.2.3 says ' + str(sum(map(ord, 'velo rift')))\n\n\
-         def main():\n    print('console script:', something())\n",
-    );
+    for (name, text) in modules {
+        write(&src.join("vrgreet").join(name), text);
+    }
     let di = src.join("vrgreet-1.2.3.dist-info");
     write(
         &di.join("METADATA"),
