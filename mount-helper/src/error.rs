@@ -48,6 +48,8 @@ pub enum MountError {
         what: String,
         /// The kernel's answer (errno and its log).
         detail: String,
+        /// The errno, where the kernel gave one (to act on, not only to print).
+        errno: Option<rustix::io::Errno>,
     },
     /// The path is not a mount velo made.
     #[error("{}: {reason}; velo only unmounts what it mounted", path.display())]

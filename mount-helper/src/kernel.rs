@@ -24,16 +24,19 @@ impl FsContext {
         match rustix::mount::fsopen(fstype, FsOpenFlags::FSOPEN_CLOEXEC) {
             Ok(fd) => Ok(Self { fd, fstype }),
             Err(Errno::NODEV) => Err(MountError::Kernel {
+                errno: Some(Errno::NODEV),
                 what: format!("mount {fstype}"),
                 detail: format!(
                     "this kernel has no {fstype} filesystem (module not loaded or not built)"
                 ),
             }),
             Err(Errno::NOSYS) => Err(MountError::Kernel {
+                errno: Some(Errno::NOSYS),
                 what: "open a filesystem context".into(),
                 detail: "fsopen(2) is missing; velo needs Linux 6.6 or newer".into(),
             }),
             Err(e) => Err(MountError::Kernel {
+                errno: Some(e),
                 what: format!("open a {fstype} filesystem context"),
                 detail: e.to_string(),
             }),
@@ -61,6 +64,7 @@ impl FsContext {
     fn fail(&self, what: String, e: Errno) -> MountError {
         let log = self.log();
         MountError::Kernel {
+            errno: Some(e),
             what,
             detail: if log.is_empty() {
                 e.to_string()

@@ -275,11 +275,17 @@ fn erofs_mount(image: BorrowedFd<'_>, digest: &Digest) -> Result<(OwnedFd, Image
         Err(e) => e,
     };
     tracing::debug!("EROFS mount with directio failed: {direct_err}; without: {file_err}");
-    let not_blk = matches!(&file_err, MountError::Kernel { detail, .. } if detail.contains(&Errno::NOTBLK.to_string()));
-    if !not_blk {
+    if !matches!(
+        &file_err,
+        MountError::Kernel {
+            errno: Some(Errno::NOTBLK),
+            ..
+        }
+    ) {
         return Err(file_err);
     }
     let (dev, path) = crate::loopdev::attach(image).map_err(|e| MountError::Kernel {
+        errno: Some(e),
         what: format!(
             "set up a loop device for image {digest} (its filesystem cannot back EROFS directly)"
         ),
@@ -332,6 +338,7 @@ fn erofs_mount_with(source: &str, digest: &Digest, directio: bool) -> Result<Own
     let _ = ctx.try_flag("ro");
     if directio {
         ctx.try_flag("directio").map_err(|e| MountError::Kernel {
+            errno: Some(e),
             what: "use direct I/O for EROFS".into(),
             detail: e.to_string(),
         })?;
@@ -340,7 +347,8 @@ fn erofs_mount_with(source: &str, digest: &Digest, directio: bool) -> Result<Own
         | MountAttrFlags::MOUNT_ATTR_NOSUID
         | MountAttrFlags::MOUNT_ATTR_NODEV;
     ctx.mount(attrs).map_err(|e| match e {
-        MountError::Kernel { detail, .. } => MountError::Kernel {
+        MountError::Kernel { detail, errno, .. } => MountError::Kernel {
+            errno,
             what: format!(
                 "mount image {digest} (file-backed EROFS needs Linux 6.12+; EIO means the image cannot be read)"
             ),
@@ -457,6 +465,7 @@ fn overlay_with(
     ctx.set("redirect_dir", "on")?;
     ctx.set("verity", verity_option(verity))?;
     let fail = |what: &str, e: Errno| MountError::Kernel {
+        errno: Some(e),
         what: format!("pass the {what} to overlayfs"),
         detail: format!("{e} ({})", ctx.log()),
     };
@@ -600,6 +609,7 @@ pub fn enter_private_namespace() -> Result<()> {
     // (file descriptor tables), which this does not touch.
     unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }.map_err(
         |e| MountError::Kernel {
+            errno: Some(e),
             what: "create a private mount namespace".into(),
             detail: e.to_string(),
         },
