@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 use velo_objects::{Digest, Finding, FsckProgress, Kind, Store, Verdict, VerityMode};
 
+use crate::cfs;
 use crate::error::Result;
 use crate::inspect;
 
@@ -109,47 +110,50 @@ fn digest_from_path(kind: Kind, path: &std::path::Path) -> Option<Digest> {
     }
 }
 
+/// The finding for an image whose bytes are not good.
+fn image_finding(store: &Store, digest: &Digest, verdict: Verdict) -> Option<Finding> {
+    let (kind, expected, found) = match verdict {
+        Verdict::Good { .. } => return None,
+        Verdict::Missing => ("image-missing", digest.to_hex(), "missing".into()),
+        Verdict::Mismatch { found, size } => (
+            "image-mismatch",
+            digest.to_hex(),
+            format!("{found} ({size} bytes)"),
+        ),
+        Verdict::Unreadable { error } => ("image-unreadable", digest.to_hex(), error),
+        Verdict::NotAFile => (
+            "image-mismatch",
+            "a regular file".into(),
+            "another file type".into(),
+        ),
+    };
+    Some(Finding {
+        kind,
+        path: store.image_path(digest),
+        expected,
+        found,
+    })
+}
+
 /// One image: its bytes match its name, it parses, and every object it references is there.
 fn check_image(store: &Store, digest: &Digest) -> Result<Vec<Finding>> {
     let path = store.image_path(digest);
     let mut out = Vec::new();
-    match store.verify(Kind::Image, digest)? {
-        Verdict::Good { .. } => {}
-        Verdict::Missing => return Ok(out),
-        Verdict::Mismatch { found, size } => {
-            out.push(Finding {
-                kind: "image-mismatch",
-                path,
-                expected: digest.to_hex(),
-                found: format!("{found} ({size} bytes)"),
-            });
+    let bytes = match store.read_verified(Kind::Image, digest, inspect::MAX_IMAGE_BYTES)? {
+        Ok(bytes) => bytes,
+        // Gone since it was listed (collected meanwhile): nothing to report.
+        Err(Verdict::Missing) => return Ok(out),
+        Err(verdict) => {
+            out.extend(image_finding(store, digest, verdict));
             return Ok(out);
         }
-        Verdict::Unreadable { error } => {
-            out.push(Finding {
-                kind: "image-unreadable",
-                path,
-                expected: digest.to_hex(),
-                found: error,
-            });
-            return Ok(out);
-        }
-        Verdict::NotAFile => {
-            out.push(Finding {
-                kind: "image-mismatch",
-                path,
-                expected: "a regular file".into(),
-                found: "another file type".into(),
-            });
-            return Ok(out);
-        }
-    }
+    };
     if store.verity() == VerityMode::Enabled
         && let Some(f) = store.check_kernel_verity(Kind::Image, digest)
     {
         out.push(f);
     }
-    let fs = match inspect::load(store, digest) {
+    let fs = match cfs::read_image(&bytes, &digest.to_hex()) {
         Ok(fs) => fs,
         Err(e) => {
             out.push(Finding {
@@ -195,28 +199,19 @@ pub fn verify_image(
 ) -> Result<VerifyReport> {
     let started = Instant::now();
     let mut bad = Vec::new();
-    let image_problem = match store.verify(Kind::Image, digest)? {
-        Verdict::Good { .. } => None,
-        Verdict::Mismatch { found, .. } => Some(("image-mismatch", found.to_hex())),
-        Verdict::Unreadable { error } => Some(("image-unreadable", error)),
-        Verdict::Missing => Some(("image-missing", "missing".to_owned())),
-        Verdict::NotAFile => Some(("image-mismatch", "another file type".to_owned())),
+    let bytes = match store.read_verified(Kind::Image, digest, inspect::MAX_IMAGE_BYTES)? {
+        Ok(bytes) => bytes,
+        Err(verdict) => {
+            bad.extend(image_finding(store, digest, verdict));
+            return Ok(VerifyReport {
+                objects: 0,
+                bytes: 0,
+                bad,
+                seconds: started.elapsed().as_secs_f64(),
+            });
+        }
     };
-    if let Some((kind, found)) = image_problem {
-        bad.push(Finding {
-            kind,
-            path: store.image_path(digest),
-            expected: digest.to_hex(),
-            found,
-        });
-        return Ok(VerifyReport {
-            objects: 0,
-            bytes: 0,
-            bad,
-            seconds: started.elapsed().as_secs_f64(),
-        });
-    }
-    let fs = inspect::load(store, digest)?;
+    let fs = cfs::read_image(&bytes, &digest.to_hex())?;
     let objects = inspect::objects(&fs);
     let results: Vec<Option<Finding>> = pool.install(|| {
         objects

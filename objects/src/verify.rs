@@ -1,7 +1,7 @@
 //! Re-hashing stored files in userspace: the check that stands in for kernel fs-verity where
 //! the filesystem has none (`mount --verify`, `fsck`, crash recovery).
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 
 use crate::digest::Digest;
@@ -37,9 +37,24 @@ pub enum Verdict {
     },
 }
 
+/// A stored file opened for checking, or why it cannot be.
+enum Opened {
+    File(OwnedFd, rustix::fs::Stat, PathBuf),
+    Not(Verdict),
+}
+
+/// How a failed read reads in a report (EIO from a verity file means tampering).
+fn unreadable(source: &std::io::Error) -> Verdict {
+    let error = if source.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error()) {
+        format!("{source} (with fs-verity: data does not match its Merkle tree)")
+    } else {
+        source.to_string()
+    };
+    Verdict::Unreadable { error }
+}
+
 impl Store {
-    /// Re-hashes an object or image and compares with its name.
-    pub fn verify(&self, kind: Kind, digest: &Digest) -> Result<Verdict> {
+    fn open_checked(&self, kind: Kind, digest: &Digest) -> Result<Opened> {
         let path: PathBuf = self.path_of(kind, digest);
         let (dir, name) = self.final_dir(kind, digest)?;
         let fd = match crate::fsutil::open_beneath(
@@ -49,24 +64,26 @@ impl Store {
             rustix::fs::Mode::empty(),
         ) {
             Ok(fd) => fd,
-            Err(rustix::io::Errno::NOENT) => return Ok(Verdict::Missing),
-            Err(rustix::io::Errno::LOOP) => return Ok(Verdict::NotAFile),
+            Err(rustix::io::Errno::NOENT) => return Ok(Opened::Not(Verdict::Missing)),
+            Err(rustix::io::Errno::LOOP) => return Ok(Opened::Not(Verdict::NotAFile)),
             Err(e) => return Err(crate::StoreError::io("open", path, e)),
         };
         let st = rustix::fs::fstat(&fd).ctx("stat", &path)?;
         if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
-            return Ok(Verdict::NotAFile);
+            return Ok(Opened::Not(Verdict::NotAFile));
         }
+        Ok(Opened::File(fd, st, path))
+    }
+
+    /// Re-hashes an object or image and compares with its name.
+    pub fn verify(&self, kind: Kind, digest: &Digest) -> Result<Verdict> {
+        let (fd, st, path) = match self.open_checked(kind, digest)? {
+            Opened::File(fd, st, path) => (fd, st, path),
+            Opened::Not(verdict) => return Ok(verdict),
+        };
         let hasher = match hash_stat(fd.as_fd(), &path, &st) {
             Ok(h) => h,
-            Err(crate::StoreError::Io { source, .. }) => {
-                let error = if source.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error()) {
-                    format!("{source} (with fs-verity: data does not match its Merkle tree)")
-                } else {
-                    source.to_string()
-                };
-                return Ok(Verdict::Unreadable { error });
-            }
+            Err(crate::StoreError::Io { source, .. }) => return Ok(unreadable(&source)),
             Err(e) => return Err(e),
         };
         let size = hasher.len();
@@ -75,6 +92,43 @@ impl Store {
             Verdict::Good { size }
         } else {
             Verdict::Mismatch { found, size }
+        })
+    }
+
+    /// Reads a whole stored file (at most `max` bytes) and checks it against its name in the
+    /// same pass: the bytes when they are good, else the verdict. For images, which are
+    /// checked and then parsed: one read instead of two.
+    pub fn read_verified(
+        &self,
+        kind: Kind,
+        digest: &Digest,
+        max: u64,
+    ) -> Result<std::result::Result<Vec<u8>, Verdict>> {
+        let (fd, st, path) = match self.open_checked(kind, digest)? {
+            Opened::File(fd, st, path) => (fd, st, path),
+            Opened::Not(verdict) => return Ok(Err(verdict)),
+        };
+        let size = st.st_size as u64;
+        if size > max {
+            return Err(crate::StoreError::Unexpected {
+                path,
+                reason: format!("{size} bytes is larger than any velo writes here ({max})"),
+            });
+        }
+        let mut buf = vec![0u8; size as usize];
+        let n = match crate::fsutil::pread_full(fd.as_fd(), &mut buf, 0) {
+            Ok(n) => n,
+            Err(e) => return Ok(Err(unreadable(&e.into()))),
+        };
+        buf.truncate(n);
+        let found = VerityHasher::digest(&buf);
+        Ok(if found == *digest {
+            Ok(buf)
+        } else {
+            Err(Verdict::Mismatch {
+                found,
+                size: buf.len() as u64,
+            })
         })
     }
 }
