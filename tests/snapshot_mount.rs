@@ -639,3 +639,39 @@ fn velo_store_supports_verity(store: &Path) -> bool {
         serde_json::from_slice(&fs::read(store.join("meta.json")).unwrap()).unwrap();
     meta["verity"] == "enabled"
 }
+
+#[test]
+fn a_busy_mount_is_refused_unless_lazy() {
+    if !can_mount("a_busy_mount_is_refused_unless_lazy") {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), "busy ".repeat(100)).unwrap();
+    env.snapshot(&src, "busy");
+    let mnt = env.path("mnt");
+    let m = env.mount("busy", &mnt, &[]);
+    let ls = env.json(&["ls"]);
+    assert_eq!(
+        ls["mounts"][0]["target"],
+        path_str(&fs::canonicalize(&mnt).unwrap()),
+        "{ls}"
+    );
+    assert_eq!(ls["mounts"][0]["writable"], false);
+    let open = fs::File::open(mnt.join("f")).unwrap();
+    let err = env.fails(&["umount", path_str(&mnt)]);
+    assert!(err.contains("busy") && err.contains("--lazy"), "{err}");
+    assert!(
+        is_mount_point(&mnt),
+        "a refused umount must leave the mount"
+    );
+    let v = env.json(&["umount", "--lazy", path_str(&mnt)]);
+    assert_eq!(v["record_found"], true, "{v}");
+    assert!(
+        !is_mount_point(&mnt),
+        "--lazy detaches it while a file is still open"
+    );
+    drop(open);
+    std::mem::forget(m); // already unmounted
+}
