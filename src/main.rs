@@ -10,9 +10,12 @@ mod project;
 use std::process::ExitCode;
 
 use clap::Parser;
+use tracing_subscriber::filter::LevelFilter;
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // `velo run`, the hot path, skips building clap's parser for every subcommand.
+    let cli = cli::parse_run_fast(&argv).unwrap_or_else(|| cli::Cli::parse_from(argv));
     init_logging(&cli);
     let json = cli.json;
     match commands::run(cli) {
@@ -29,18 +32,24 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(cli: &cli::Cli) {
-    let default = match (cli.quiet, cli.verbose) {
-        (true, _) => "error",
-        (false, 0) => "warn",
-        (false, 1) => "info",
-        (false, _) => "debug",
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => LevelFilter::ERROR,
+        (false, 0) => LevelFilter::WARN,
+        (false, 1) => LevelFilter::INFO,
+        (false, _) => LevelFilter::DEBUG,
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VELO_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_target(false)
-        .without_time()
-        .init();
+        .without_time();
+    // A plain level unless VELO_LOG asks for more (an EnvFilter costs a little at every start).
+    match std::env::var("VELO_LOG") {
+        Ok(spec) => fmt
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_new(&spec)
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level.to_string())),
+            )
+            .init(),
+        Err(_) => fmt.with_max_level(level).init(),
+    }
 }

@@ -422,6 +422,112 @@ fn signals_reach_the_command_and_persist_keeps_writes() {
     );
 }
 
+/// The discarded upper is mounted `volatile` (no sync of the store's filesystem when the run
+/// ends). If velo itself is killed, the command it started runs on in the private namespace:
+/// the image stays pinned until the last process there is gone, and then GC clears the pin.
+#[test]
+fn the_pin_lives_as_long_as_the_namespace_and_the_upper_is_volatile() {
+    if !can_mount("the_pin_lives_as_long_as_the_namespace_and_the_upper_is_volatile") {
+        return;
+    }
+    let env = Env::new();
+    let project = custom_project(&env);
+    let (info, _) = ok(
+        velo_in(&env, &project, &["run", "cat", "/proc/self/mountinfo"])
+            .output()
+            .unwrap(),
+        "run cat mountinfo",
+    );
+    let deps = fs::canonicalize(&project).unwrap().join("deps");
+    let line = info
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(path_str(&deps)))
+        .unwrap_or_else(|| panic!("no mount at {} in the run:\n{info}", deps.display()));
+    assert!(
+        line.contains(" overlay ") && line.contains("volatile"),
+        "the run's overlay is not volatile: {line}"
+    );
+
+    let status = status_json(&env, &project);
+    let image = status[0]["image"].as_str().unwrap().to_owned();
+    let ref_name = status[0]["ref"].as_str().unwrap().to_owned();
+    // First collect what the build left unreferenced (its empty base image).
+    env.ok(&["gc", "--keep-last", "0", "--older-than", "0s"]);
+    let fifo = env.path("fifo");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    let pid_file = env.path("pid");
+    let script = format!(
+        "echo $$ > {pid}.tmp && mv {pid}.tmp {pid} && read line < {fifo} && cat deps/lib/deps.lock",
+        pid = path_str(&pid_file),
+        fifo = path_str(&fifo)
+    );
+    let mut velo = velo_in(&env, &project, &["run", "sh", "-c", &script])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let command_pid = loop {
+        if let Ok(p) = fs::read_to_string(&pid_file) {
+            break p.trim().parse::<i32>().unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the command never started"
+        );
+        std::thread::yield_now();
+    };
+    // Whatever happens below, the command does not outlive the test.
+    struct Kill(i32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            if let Some(pid) = rustix::process::Pid::from_raw(self.0) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
+    }
+    let _kill = Kill(command_pid);
+    velo.kill().unwrap();
+    velo.wait().unwrap();
+
+    env.ok(&["ref", "rm", &ref_name]);
+    let r = env.json(&["gc", "--keep-last", "0", "--older-than", "0s"]);
+    assert_eq!(
+        r["images_removed"], 0,
+        "the command still runs on the image, velo's death notwithstanding: {r}"
+    );
+    assert_eq!(r["stale_pins_cleared"], 0, "{r}");
+    assert!(env.store.join("images").join(&image).exists());
+
+    // Let the command finish (it reads the mounted tree last), then wait until it is gone.
+    fs::write(&fifo, "go\n").unwrap();
+    let gone = |pid: i32| {
+        fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+            s.rsplit(')').next().is_some_and(|r| r.starts_with(" Z"))
+        })
+    };
+    while !gone(command_pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the command did not finish"
+        );
+        std::thread::yield_now();
+    }
+    let r = env.json(&["gc", "--keep-last", "0", "--older-than", "0s"]);
+    assert_eq!(
+        r["images_removed"], 1,
+        "nothing uses the image any more: {r}"
+    );
+    assert_eq!(r["stale_pins_cleared"], 1, "{r}");
+    no_mounts_left(&env);
+}
+
 #[test]
 fn without_root_velo_run_says_what_it_needs() {
     if !rustix::process::geteuid().is_root() {

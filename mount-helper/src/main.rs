@@ -75,6 +75,7 @@ fn run(cli: Cli) -> anyhow::Result<String> {
                 writes,
                 create_target: !no_mkdir,
                 owner: None,
+                prefetch: true,
             };
             let r = velo_mount::mount_image(&store, &req)?;
             if cli.json {

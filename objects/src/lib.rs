@@ -44,7 +44,9 @@ pub use gc::{GcHooks, GcOptions, GcReport};
 pub use ingest::{Kind, Stored};
 pub use lock::StoreLock;
 pub use meta::{FORMAT_VERSION, Meta, VerityMode};
-pub use mounts::{Liveness, MountRecord, MountSlot, current_mnt_ns, process_start_time};
+pub use mounts::{
+    Liveness, MountRecord, MountSlot, current_mnt_ns, mnt_ns_populated, process_start_time,
+};
 pub use refs::{MAX_REF_LEN, validate_ref_name};
 pub use session::{Recovery, WriteSession};
 pub use store::{Area, DEFAULT_STORE, Store, filesystem_supports_verity};

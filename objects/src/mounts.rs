@@ -42,7 +42,8 @@ pub struct MountRecord {
     #[serde(default)]
     pub mnt_ns: Option<u64>,
     /// For mounts inside a private namespace (`velo run`): the process that owns it, as
-    /// (pid, start time in clock ticks since boot); the pin lives as long as that process.
+    /// (pid, start time in clock ticks since boot); the pin lives as long as that process, or
+    /// as long as any process is left in the namespace (`mnt_ns`), whichever is longer.
     #[serde(default)]
     pub owner: Option<(u32, u64)>,
 }
@@ -64,6 +65,22 @@ pub fn current_mnt_ns() -> Option<u64> {
     std::fs::metadata("/proc/self/ns/mnt")
         .ok()
         .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+}
+
+/// Whether any process is in the mount namespace with inode `ns` — it, and the mounts in it,
+/// exist exactly as long as one does. (A freed namespace's inode number can be reused: a false
+/// "yes" keeps a pin a little longer, never the other way round.)
+pub fn mnt_ns_populated(ns: u64) -> bool {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return true; // cannot tell: assume it is
+    };
+    procs.flatten().any(|p| {
+        p.file_name()
+            .to_str()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            && std::fs::metadata(p.path().join("ns/mnt"))
+                .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == ns)
+    })
 }
 
 /// A process's start time (clock ticks since boot), to tell it from a later one with its pid.

@@ -58,6 +58,7 @@ pub fn mount(
         writes,
         create_target: !no_mkdir,
         owner: None,
+        prefetch: true,
     };
     let r = velo_mount::mount_image(&store, &req)?;
     if digest.to_hex() != image {

@@ -26,6 +26,7 @@ fn mount_tenant(
         writes: Writes::Tenant(name.to_owned()),
         create_target: true,
         owner,
+        prefetch: true,
     };
     let r = velo_mount::mount_image(store, &req)?;
     if let Some(from) = &t.from_ref {

@@ -1,13 +1,10 @@
-//! The single-threaded child of `velo run` (forked, not re-executed: a process start is a
-//! large part of a warm run): it enters a private mount namespace (copied mounts made slaves
-//! first, so nothing leaks to the host), opens the store there, mounts each image over its dir
-//! with a copy-on-write upper, then either execs the user's command as the invoking user, or —
-//! to build a missing image — runs the install at the real path and snapshots what it produced.
-//! Its mounts vanish with it.
+//! The namespace side of `velo run`: entering a private mount namespace (copied mounts made
+//! slaves first, so nothing leaks to the host), opening the store there and mounting each image
+//! over its dir with a copy-on-write upper; and the build child, which does that with an empty
+//! image, runs the install at the real path and snapshots what it produced. Mounts vanish with
+//! the namespace.
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -25,11 +22,8 @@ pub struct Plan {
     pub user: (u32, u32),
     /// Mounts to make, in order.
     pub mounts: Vec<PlannedMount>,
-    /// Environment to set.
+    /// Environment to set for the command (or the install).
     pub env: BTreeMap<String, String>,
-    /// Build: run this install, then snapshot each mount's view into its ref. Absent: exec the
-    /// command given on the child's command line.
-    pub build: Option<Build>,
 }
 
 /// One mount of the plan.
@@ -45,7 +39,7 @@ pub struct PlannedMount {
     pub snapshot_ref: Option<String>,
 }
 
-/// A build.
+/// A build: run this install, then snapshot each mount's view into its ref.
 #[derive(Debug, Clone)]
 pub struct Build {
     /// The install command (`sh -c`).
@@ -76,22 +70,11 @@ fn ensure_target(target: &std::path::Path, owner: (u32, u32)) -> anyhow::Result<
     Ok(())
 }
 
-/// The child's work, in the forked process; never returns on a successful exec. Its result is
-/// the process's exit status.
-pub fn run(plan: &Plan, argv: &[OsString]) -> i32 {
-    match run_inner(plan, argv) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("velo: error: {e:#}");
-            1
-        }
-    }
-}
-
-fn run_inner(plan: &Plan, argv: &[OsString]) -> anyhow::Result<i32> {
-    // This process is single-threaded here: the namespace is entered before any thread starts
-    // and before the store is opened (overlayfs takes layers only from the caller's own
-    // namespace).
+/// Enters a private mount namespace (copied mounts made slaves first, so nothing leaks to the
+/// host) and mounts every mount of `plan` in it, owned by this process. The caller must be
+/// single-threaded: `unshare(CLONE_NEWNS)` moves only the calling thread. The store is opened
+/// inside, as overlayfs takes layers only from the caller's own namespace.
+pub fn enter_and_mount(plan: &Plan) -> anyhow::Result<Store> {
     velo_mount::enter_private_namespace()?;
     let store = Store::open(&plan.store)?;
     let pid = std::process::id();
@@ -106,76 +89,98 @@ fn run_inner(plan: &Plan, argv: &[OsString]) -> anyhow::Result<i32> {
             },
             create_target: false,
             owner: Some(pid),
+            prefetch: false,
         };
-        velo_mount::mount_image(&store, &req)?;
-        if plan.build.is_some() {
-            // The install writes into the (empty) mount as the invoking user.
-            rustix::fs::chown(
-                &m.target,
-                Some(rustix::fs::Uid::from_raw(plan.user.0)),
-                Some(rustix::fs::Gid::from_raw(plan.user.1)),
-            )
-            .with_context(|| format!("chown {}", m.target.display()))?;
+        if let Err(e) = velo_mount::mount_image(&store, &req) {
+            release(&store, plan);
+            return Err(e.into());
         }
+    }
+    Ok(store)
+}
+
+/// Unmounts this process's mounts of `plan` (in its private namespace) and removes their
+/// slots and discarded upper dirs from the store.
+pub fn release(store: &Store, plan: &Plan) {
+    for m in plan.mounts.iter().rev() {
+        let _ = rustix::mount::unmount(
+            &m.target,
+            rustix::mount::UnmountFlags::DETACH | rustix::mount::UnmountFlags::NOFOLLOW,
+        );
+    }
+    let pid = std::process::id();
+    let Ok(records) = store.list_mount_records() else {
+        return;
+    };
+    for (token, record) in records {
+        if let Ok(r) = record
+            && r.owner.is_some_and(|(p, _)| p == pid)
+            && let Err(e) = store.remove_mount_slot(&token)
+        {
+            tracing::warn!("could not remove {token}: {e}");
+        }
+    }
+}
+
+/// The build child's work (forked; single-threaded): mounts an empty image over each dir,
+/// runs the install there at the real path as the invoking user, and snapshots the result
+/// into each dir's ref. Its result is the process's exit status; its mounts vanish with it.
+pub fn build(plan: &Plan, build: &Build) -> i32 {
+    match build_inner(plan, build) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("velo: error: {e:#}");
+            1
+        }
+    }
+}
+
+fn build_inner(plan: &Plan, build: &Build) -> anyhow::Result<i32> {
+    let store = enter_and_mount(plan)?;
+    for m in &plan.mounts {
+        // The install writes into the (empty) mount as the invoking user.
+        rustix::fs::chown(
+            &m.target,
+            Some(rustix::fs::Uid::from_raw(plan.user.0)),
+            Some(rustix::fs::Gid::from_raw(plan.user.1)),
+        )
+        .with_context(|| format!("chown {}", m.target.display()))?;
     }
     let user = user(plan);
-    match &plan.build {
-        None => {
-            let Some((program, args)) = argv.split_first() else {
-                anyhow::bail!("no command to run");
-            };
-            let mut cmd = std::process::Command::new(program);
-            cmd.args(args)
-                .current_dir(std::env::current_dir().unwrap_or_else(|_| plan.project.clone()));
-            cmd.envs(&plan.env);
-            user.apply(&mut cmd);
-            let err = cmd.exec();
-            eprintln!("velo: cannot run {}: {err}", program.to_string_lossy());
-            Ok(if err.kind() == std::io::ErrorKind::NotFound {
-                127
-            } else {
-                126
-            })
-        }
-        Some(build) => {
-            let mut cmd = std::process::Command::new("sh");
-            cmd.arg("-c").arg(&build.install).current_dir(&plan.project);
-            cmd.envs(&plan.env);
-            // The install's output goes to stderr: stdout belongs to the command velo runs next.
-            if let Ok(err) = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
-                cmd.stdout(err);
-            }
-            user.apply(&mut cmd);
-            let status = cmd
-                .status()
-                .with_context(|| format!("start the install `{}`", build.install))?;
-            if !status.success() {
-                eprintln!(
-                    "velo: the install `{}` failed ({status}); no image was made",
-                    build.install
-                );
-                return Ok(status.code().map_or(1, |c| c.clamp(1, 255)));
-            }
-            for m in &plan.mounts {
-                let Some(ref_name) = &m.snapshot_ref else {
-                    continue;
-                };
-                let opts = velo_image::SnapshotOptions {
-                    ref_name: Some(ref_name.clone()),
-                    ..Default::default()
-                };
-                let r = velo_image::snapshot(&store, &m.target, &opts, &velo_image::NoProgress)
-                    .with_context(|| {
-                        format!("snapshot {} after the install", m.target.display())
-                    })?;
-                tracing::info!(
-                    "{}: {} files, {} new objects -> {ref_name}",
-                    m.target.display(),
-                    r.files,
-                    r.new_objects
-                );
-            }
-            Ok(0)
-        }
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c").arg(&build.install).current_dir(&plan.project);
+    cmd.envs(&plan.env);
+    // The install's output goes to stderr: stdout belongs to the command velo runs next.
+    if let Ok(err) = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
+        cmd.stdout(err);
     }
+    user.apply(&mut cmd);
+    let status = cmd
+        .status()
+        .with_context(|| format!("start the install `{}`", build.install))?;
+    if !status.success() {
+        eprintln!(
+            "velo: the install `{}` failed ({status}); no image was made",
+            build.install
+        );
+        return Ok(status.code().map_or(1, |c| c.clamp(1, 255)));
+    }
+    for m in &plan.mounts {
+        let Some(ref_name) = &m.snapshot_ref else {
+            continue;
+        };
+        let opts = velo_image::SnapshotOptions {
+            ref_name: Some(ref_name.clone()),
+            ..Default::default()
+        };
+        let r = velo_image::snapshot(&store, &m.target, &opts, &velo_image::NoProgress)
+            .with_context(|| format!("snapshot {} after the install", m.target.display()))?;
+        tracing::info!(
+            "{}: {} files, {} new objects -> {ref_name}",
+            m.target.display(),
+            r.files,
+            r.new_objects
+        );
+    }
+    Ok(0)
 }

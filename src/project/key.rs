@@ -120,24 +120,18 @@ pub fn unit_hasher(
     tools: &mut ToolCache,
 ) -> anyhow::Result<blake3::Hasher> {
     let mut h = blake3::Hasher::new();
-    let mut field = |name: &str, value: &[u8]| {
-        h.update(name.as_bytes());
-        h.update(&[0]);
-        h.update(&(value.len() as u64).to_le_bytes());
-        h.update(value);
-    };
-    field("velo-deps-key", b"v1");
-    field("ecosystem", unit.ecosystem.as_bytes());
-    field("install", unit.install.as_bytes());
+    put(&mut h, "velo-deps-key", b"v1");
+    put(&mut h, "ecosystem", unit.ecosystem.as_bytes());
+    put(&mut h, "install", unit.install.as_bytes());
     for (k, v) in &unit.env {
-        field("env-set", format!("{k}={v}").as_bytes());
+        put(&mut h, "env-set", format!("{k}={v}").as_bytes());
     }
     for input in &unit.inputs {
         let path = input_path(project, user, input);
-        match std::fs::read(&path) {
-            Ok(bytes) => field(&format!("input {input}"), &bytes),
+        match put_file(&mut h, &format!("input {input}"), &path) {
+            Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                field(&format!("input {input}"), b"\0absent")
+                put(&mut h, &format!("input {input}"), b"\0absent")
             }
             Err(e) => {
                 return Err(e).with_context(|| {
@@ -156,7 +150,7 @@ pub fn unit_hasher(
         .chain(unit.versions.iter().map(String::as_str))
     {
         let out = tools.output(command, user, project);
-        field(&format!("version {command}"), out.as_bytes());
+        put(&mut h, &format!("version {command}"), out.as_bytes());
     }
     let mut env: Vec<(String, String)> = std::env::vars()
         .filter(|(k, _)| unit.env_prefixes.iter().any(|p| k.starts_with(p.as_str())))
@@ -164,19 +158,60 @@ pub fn unit_hasher(
     env.sort();
     for (k, v) in env {
         // The value may be a secret (a registry token): only its hash enters the key.
-        field(
+        put(
+            &mut h,
             &format!("environment {k}"),
             blake3::hash(v.as_bytes()).as_bytes(),
         );
     }
     let uname = rustix::system::uname();
-    field("os", uname.sysname().to_bytes());
-    field("arch", uname.machine().to_bytes());
+    put(&mut h, "os", uname.sysname().to_bytes());
+    put(&mut h, "arch", uname.machine().to_bytes());
     if unit.path_sensitive {
         use std::os::unix::ffi::OsStrExt;
-        field("project path", project.as_os_str().as_bytes());
+        put(&mut h, "project path", project.as_os_str().as_bytes());
     }
     Ok(h)
+}
+
+/// Feeds one named field into the key: name, NUL, length (u64 LE), bytes.
+fn put(h: &mut blake3::Hasher, name: &str, value: &[u8]) {
+    h.update(name.as_bytes());
+    h.update(&[0]);
+    h.update(&(value.len() as u64).to_le_bytes());
+    h.update(value);
+}
+
+/// Feeds a file's bytes as a field, exactly as [`put`] would, read through one small buffer
+/// (a lockfile can be megabytes, and a buffer that size is fresh memory to fault in on every
+/// `velo run`). A file that changes length while read is an error (the key is then not used).
+fn put_file(h: &mut blake3::Hasher, name: &str, path: &Path) -> std::io::Result<()> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    h.update(name.as_bytes());
+    h.update(&[0]);
+    h.update(&len.to_le_bytes());
+    let mut buf = [0u8; 16 << 10];
+    let mut read = 0u64;
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                h.update(&buf[..n]);
+                read += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if read == len {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "it changed while being read ({len} bytes, then {read})"
+        )))
+    }
 }
 
 /// The key of one dir: 32 hex digits.

@@ -1,6 +1,7 @@
-//! The supervising side of `velo run`: computes keys, builds missing images (once, under a
-//! lock, in a child), then starts the child that mounts and execs the command, forwards
-//! signals to it, passes its exit status through, and cleans up its copy-on-write layers.
+//! The supervising side of `velo run`: computes keys and builds missing images (once, under a
+//! lock, in a forked child); then, on the warm path, enters a private mount namespace itself,
+//! mounts every dir, starts the command, forwards signals to it, passes its exit status
+//! through, and removes the mounts and their copy-on-write layers.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -93,11 +94,11 @@ pub fn run(store_path: &Path, argv: Vec<OsString>, opts: &RunOptions) -> anyhow:
                 })
                 .collect(),
             env: unit_env(unit, &project).into_iter().collect(),
-            build: Some(Build {
-                install: unit.install.clone(),
-            }),
         };
-        let status = supervise(&store, &plan, &[])?;
+        let build = Build {
+            install: unit.install.clone(),
+        };
+        let status = build_in_child(&store, &plan, &build)?;
         if status != 0 {
             bail!(
                 "building {} failed: `{}` exited with {}; no ref was written (its output is above)",
@@ -147,9 +148,9 @@ pub fn run(store_path: &Path, argv: Vec<OsString>, opts: &RunOptions) -> anyhow:
         user: (user.uid, user.gid),
         mounts,
         env,
-        build: None,
     };
-    let status = supervise(&store, &plan, &argv)?;
+    drop(store); // reopened inside the namespace
+    let status = run_mounted(&plan, &argv, &user)?;
     exit_like(status)
 }
 
@@ -162,22 +163,66 @@ fn describe_status(status: i32) -> String {
     }
 }
 
-/// Forks the child that carries out `plan`, forwards signals to it, waits, and removes its
-/// copy-on-write layers. Returns the exit code, or minus the signal number that killed it.
-fn supervise(store: &Store, plan: &Plan, argv: &[OsString]) -> anyhow::Result<i32> {
+/// Forks the child that builds `plan`'s images, forwards signals to it, waits, and removes
+/// its copy-on-write layers. Returns the exit code, or minus the signal number that killed it.
+fn build_in_child(store: &Store, plan: &Plan, build: &Build) -> anyhow::Result<i32> {
     use std::io::Write;
     let _ = std::io::stdout().flush();
     // SAFETY: velo has started no thread at this point (the signal forwarder below starts
     // after the fork and is joined before the next one), so the child is a complete copy of a
     // single-threaded process and may allocate, lock and spawn freely. It never returns here:
-    // it execs or exits.
+    // it exits.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
-        return Err(std::io::Error::last_os_error()).context("fork velo's run child");
+        return Err(std::io::Error::last_os_error()).context("fork velo's build child");
     }
     if pid == 0 {
-        std::process::exit(super::child::run(plan, argv));
+        std::process::exit(super::child::build(plan, build));
     }
+    let status = wait_forwarding(pid)?;
+    cleanup_after(store, pid as u32);
+    Ok(status)
+}
+
+/// The warm path: this process (single-threaded) enters a private mount namespace, mounts
+/// every dir there, starts the command (posix_spawn where no user switch is needed: no copy
+/// of velo's memory to make and tear down), forwards signals to it and waits; then the mounts
+/// go and their discarded uppers with them.
+fn run_mounted(plan: &Plan, argv: &[OsString], user: &User) -> anyhow::Result<i32> {
+    let Some((program, args)) = argv.split_first() else {
+        bail!("no command to run");
+    };
+    let store = super::child::enter_and_mount(plan)?;
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args)
+        .current_dir(std::env::current_dir().unwrap_or_else(|_| plan.project.clone()))
+        .envs(&plan.env);
+    user.apply(&mut cmd);
+    let status = match cmd.spawn() {
+        Ok(child) => {
+            // The command is starting (exec and its runtime's start-up take a while): read the
+            // images' metadata ahead of its first lookups from here, not before it.
+            for m in &plan.mounts {
+                velo_mount::prefetch_image(&store, &m.image);
+            }
+            wait_forwarding(child.id() as i32)
+        }
+        Err(e) => {
+            eprintln!("velo: cannot run {}: {e}", program.to_string_lossy());
+            Ok(if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            })
+        }
+    };
+    super::child::release(&store, plan);
+    status
+}
+
+/// Waits for `pid`, passing signals sent to velo on to it. Returns its exit code, or minus
+/// the signal number that killed it.
+fn wait_forwarding(pid: i32) -> anyhow::Result<i32> {
     let forwarding = forward_signals(pid)?;
     let status = loop {
         match rustix::process::waitpid(
@@ -187,13 +232,12 @@ fn supervise(store: &Store, plan: &Plan, argv: &[OsString]) -> anyhow::Result<i3
             Ok(Some((_, status))) => break status,
             Ok(None) => continue,
             Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(e).context("wait for velo's run child"),
+            Err(e) => return Err(e).context("wait for the command"),
         }
     };
     for id in forwarding {
         signal_hook_registry::unregister(id);
     }
-    cleanup_after(store, pid as u32);
     Ok(match (status.exit_status(), status.terminating_signal()) {
         (Some(c), _) => c,
         (None, Some(s)) => -s,
