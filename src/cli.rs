@@ -127,6 +127,12 @@ pub enum Command {
         #[command(subcommand)]
         command: TenantCommand,
     },
+    /// The image cache: a root-only service that keeps recently run images' EROFS superblocks
+    /// warm for `velo run` (started by it; exits after 10 idle minutes or when stopped).
+    ImageCache {
+        #[command(subcommand)]
+        command: ImageCacheCommand,
+    },
     /// Remove images no ref, tenant or live mount needs, then objects no image references.
     Gc {
         /// Report what would go, remove nothing.
@@ -212,6 +218,17 @@ pub struct RegistryArgs {
     /// Blobs in flight at once.
     #[arg(long, short = 'j', default_value_t = 8)]
     pub jobs: usize,
+}
+
+/// `velo image-cache …`
+#[derive(Debug, Subcommand)]
+pub enum ImageCacheCommand {
+    /// Serve in the foreground (what `velo run` starts in the background).
+    Serve,
+    /// Stop the store's image cache (it lets go of every image it holds).
+    Stop,
+    /// Whether it runs.
+    Status,
 }
 
 /// `velo tenant …`

@@ -72,9 +72,11 @@ fn no_mounts_left(env: &Env) {
         !info.contains(path_str(env.dir.path())),
         "a mount was left behind:\n{info}"
     );
+    // (The image cache's socket, `.image-cache.sock`, is not a mount slot.)
     let slots: Vec<_> = fs::read_dir(env.store.join("mounts"))
         .unwrap()
         .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
         .collect();
     assert!(slots.is_empty(), "mount slots left in the store: {slots:?}");
 }
@@ -526,6 +528,77 @@ fn the_pin_lives_as_long_as_the_namespace_and_the_upper_is_volatile() {
     );
     assert_eq!(r["stale_pins_cleared"], 1, "{r}");
     no_mounts_left(&env);
+}
+
+/// Runs share one EROFS superblock per image through the image cache, which the first warm
+/// run starts: later runs are served from it (hits), see the same tree, and leave nothing
+/// mounted; without the cache (`VELO_IMAGE_CACHE=off`) runs work as before; GC that removes
+/// images stops the cache so that it lets them go.
+#[test]
+fn runs_share_the_image_through_the_image_cache() {
+    if !can_mount("runs_share_the_image_through_the_image_cache") {
+        return;
+    }
+    let env = Env::new();
+    let project = custom_project(&env);
+    let cache_status = || {
+        let (out, _) = ok(
+            velo_in(&env, &project, &["--json", "image-cache", "status"])
+                .output()
+                .unwrap(),
+            "image-cache status",
+        );
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let cat = ["run", "cat", "deps/lib/deps.lock"];
+    ok(velo_in(&env, &project, &cat).output().unwrap(), "build");
+    // The first warm run finds no cache and starts one (in the background).
+    ok(velo_in(&env, &project, &cat).output().unwrap(), "run 1");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while cache_status()["running"] != true {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no image cache started"
+        );
+        std::thread::yield_now();
+    }
+    let image = status_json(&env, &project)[0]["image"].clone();
+    for i in 0..3 {
+        let (out, _) = ok(velo_in(&env, &project, &cat).output().unwrap(), "run");
+        assert_eq!(out, "v1\n", "run {i} through the cache");
+    }
+    let s = cache_status();
+    let cached = s["images"].as_array().unwrap();
+    assert_eq!(cached.len(), 1, "{s}");
+    assert_eq!(cached[0]["image"], image, "{s}");
+    assert!(
+        cached[0]["hits"].as_u64().unwrap() >= 2,
+        "later runs reuse the superblock: {s}"
+    );
+    let hits = cached[0]["hits"].as_u64().unwrap();
+    let (out, _) = ok(
+        velo_in(&env, &project, &cat)
+            .env("VELO_IMAGE_CACHE", "off")
+            .output()
+            .unwrap(),
+        "run without the cache",
+    );
+    assert_eq!(out, "v1\n");
+    assert_eq!(cache_status()["images"][0]["hits"].as_u64(), Some(hits));
+    no_mounts_left(&env);
+
+    let ref_name = status_json(&env, &project)[0]["ref"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    env.ok(&["ref", "rm", &ref_name]);
+    let r = env.json(&["gc", "--keep-last", "0", "--older-than", "0s"]);
+    assert!(r["images_removed"].as_u64().unwrap() >= 1, "{r}");
+    assert_eq!(
+        cache_status()["running"],
+        false,
+        "GC stops the cache that held the collected image"
+    );
 }
 
 #[test]

@@ -36,6 +36,9 @@ pub struct Env {
     pub uv: PathBuf,
     /// The Python interpreter of the venvs.
     pub python: PathBuf,
+    /// A program that prints the time it started (`CLOCK_MONOTONIC`, ns) and exits, with no C
+    /// library start-up of its own: `velo run PROBE` shows when velo handed over to a command.
+    pub probe: PathBuf,
     /// `PATH` with the bench's pnpm and uv first.
     path: OsString,
 }
@@ -57,6 +60,7 @@ impl Env {
         let caches = root.join("caches");
         fs::create_dir_all(caches.join("matplotlib")).expect("create the cache dirs");
         let python = find_python(&uv);
+        let probe = build_probe(&tools);
         Self {
             velo: velo.to_owned(),
             root: root.to_owned(),
@@ -65,6 +69,7 @@ impl Env {
             pnpm,
             uv,
             python,
+            probe,
             path,
         }
     }
@@ -166,6 +171,56 @@ fn ensure_pnpm(tools: &Path) -> PathBuf {
                 .arg(format!("pnpm@{PNPM_VERSION}")),
         );
     }
+    bin
+}
+
+/// The start probe's source: raw system calls, no C library, so that nothing but the exec
+/// itself stands between velo handing over and the clock being read.
+const PROBE_C: &str = r#"
+#include <sys/syscall.h>
+#include <time.h>
+static long sys3(long n, long a, long b, long c) {
+    long r;
+    __asm__ volatile("syscall" : "=a"(r) : "a"(n), "D"(a), "S"(b), "d"(c) : "rcx", "r11", "memory");
+    return r;
+}
+void _start(void) {
+    struct timespec t;
+    sys3(SYS_clock_gettime, CLOCK_MONOTONIC, (long)&t, 0);
+    unsigned long long ns = (unsigned long long)t.tv_sec * 1000000000ULL + t.tv_nsec;
+    char d[24], buf[32];
+    int k = 0, n = 0;
+    do { d[k++] = '0' + ns % 10; ns /= 10; } while (ns);
+    while (k) buf[n++] = d[--k];
+    buf[n++] = '\n';
+    sys3(SYS_write, 1, (long)buf, n);
+    sys3(SYS_exit_group, 0, 0, 0);
+    for (;;) {}
+}
+"#;
+
+/// Builds the start probe (x86-64 Linux) with the C compiler, once.
+fn build_probe(tools: &Path) -> PathBuf {
+    let bin = tools.join("start-probe");
+    let src = tools.join("start-probe.c");
+    if fs::read_to_string(&src).is_ok_and(|s| s == PROBE_C) && bin.exists() {
+        return bin;
+    }
+    fs::create_dir_all(tools).expect("create the tools dir");
+    fs::write(&src, PROBE_C).expect("write the probe source");
+    let out = cmd(
+        "cc",
+        ["-O2", "-static", "-nostdlib", "-fno-stack-protector", "-o"],
+    )
+    .arg(&bin)
+    .arg(&src)
+    .output()
+    .expect("run cc");
+    assert!(
+        out.status.success(),
+        "building the start probe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     bin
 }
 

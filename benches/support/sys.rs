@@ -92,6 +92,18 @@ pub fn timed(c: &mut Command) -> (Duration, Output) {
     (elapsed, out)
 }
 
+/// `CLOCK_MONOTONIC` in nanoseconds (what a probe process reads too; `Instant` hides it).
+pub fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which `t` is.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC)");
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
 /// Runs `c` untimed; panics if it fails.
 pub fn run(c: &mut Command) -> Output {
     timed(c).1

@@ -13,6 +13,7 @@
 //! identified by mount ID through an fd.
 
 mod error;
+pub mod image_cache;
 pub mod kernel;
 mod loopdev;
 mod mount;
@@ -24,7 +25,7 @@ mod umount;
 pub use error::{MountError, Result};
 pub use mount::{
     ImageBacking, LayerPassing, MountReport, MountRequest, ProbeReport, SOURCE_PREFIX, Writes,
-    enter_private_namespace, liveness, mount_image, prefetch_image, probe, tenant_mount_point,
-    work_dir_name,
+    enter_private_namespace, liveness, mount_image, mount_image_over, prefetch_image, probe,
+    tenant_mount_point, work_dir_name,
 };
 pub use umount::{UmountReport, umount};

@@ -95,6 +95,17 @@ pub struct MountReport {
 /// Mounts an image. Requires root (checked). On any error nothing stays mounted and no slot
 /// or managed upper dir is left in the store.
 pub fn mount_image(store: &Store, req: &MountRequest) -> Result<MountReport> {
+    mount_image_over(store, req, None)
+}
+
+/// [`mount_image`], with the image's EROFS layer given: a detached mount of it that the image
+/// cache holds (`shared`). Where the kernel does not take it as a layer, the image is mounted
+/// here as usual.
+pub fn mount_image_over(
+    store: &Store,
+    req: &MountRequest,
+    shared: Option<OwnedFd>,
+) -> Result<MountReport> {
     crate::privilege::require_root("velo mount")?;
     let _lock = store.lock_shared()?;
     let target_fd = open_target(&req.target, req.create_target)?;
@@ -118,17 +129,45 @@ pub fn mount_image(store: &Store, req: &MountRequest) -> Result<MountReport> {
         if req.prefetch {
             prefetch_fd(image_fd.as_fd());
         }
-        let (erofs, backing) = erofs_mount(image_fd.as_fd(), &req.image)?;
+        let mut shared = shared;
+        let (mut erofs, mut backing) = match shared.take() {
+            Some(fd) => (fd, ImageBacking::Shared),
+            None => erofs_mount(image_fd.as_fd(), &req.image)?,
+        };
         let upper = prepare_upper(store, &slot, &req.writes, &target, erofs.as_fd())?;
+        let upper_fds = upper
+            .as_ref()
+            .map(|u| (u.upper_fd.as_fd(), u.work_fd.as_fd()));
+        let discard_upper = upper.as_ref().is_some_and(|u| u.managed);
         let layers = Layers {
             meta: erofs.as_fd(),
             data: objects_fd.as_fd(),
-            upper: upper
-                .as_ref()
-                .map(|u| (u.upper_fd.as_fd(), u.work_fd.as_fd())),
-            discard_upper: upper.as_ref().is_some_and(|u| u.managed),
+            upper: upper_fds,
+            discard_upper,
         };
-        let (ovl, passing) = overlay_mount(&req.image, &layers, verity, &slot.path.join("image"))?;
+        // A shared superblock goes in only as an fd (never attached: it is not ours to move);
+        // a kernel that refuses it gets the image mounted here.
+        let attempt = if backing == ImageBacking::Shared {
+            overlay_with(&req.image, &layers, verity, LayerPassing::Fds)
+                .map(|fd| (fd, LayerPassing::Fds))
+        } else {
+            overlay_mount(&req.image, &layers, verity, &slot.path.join("image"))
+        };
+        let (ovl, passing) = match attempt {
+            Ok(done) => done,
+            Err(e) if backing == ImageBacking::Shared => {
+                tracing::debug!("the shared image layer was refused ({e}); mounting the image");
+                (erofs, backing) = erofs_mount(image_fd.as_fd(), &req.image)?;
+                let layers = Layers {
+                    meta: erofs.as_fd(),
+                    data: objects_fd.as_fd(),
+                    upper: upper_fds,
+                    discard_upper,
+                };
+                overlay_mount(&req.image, &layers, verity, &slot.path.join("image"))?
+            }
+            Err(e) => return Err(e),
+        };
         rustix::mount::move_mount(
             ovl.as_fd(),
             "",
@@ -218,7 +257,7 @@ fn refuse_if_velo_mount(target_fd: BorrowedFd<'_>, target: &Path) -> Result<()> 
 /// In a verity store the image is checked against its name before the kernel parses it: its
 /// fs-verity digest must be its name, and every block must read (fs-verity fails the read of a
 /// block tampered with on disk; once read, the verified pages stay cached for the mount).
-fn check_image_verity(store: &Store, fd: BorrowedFd<'_>, digest: &Digest) -> Result<()> {
+pub(crate) fn check_image_verity(store: &Store, fd: BorrowedFd<'_>, digest: &Digest) -> Result<()> {
     match velo_objects::kverity::measure(fd) {
         Ok(measured) if measured == *digest => {
             let mut buf = vec![0u8; 1 << 20];
@@ -266,12 +305,18 @@ pub enum ImageBacking {
     File,
     /// Through an autoclear loop device (the store's filesystem, e.g. tmpfs, cannot back EROFS).
     Loop,
+    /// The superblock the image cache keeps for this image, shared with other runs
+    /// ([`crate::image_cache`]).
+    Shared,
 }
 
 /// A detached, read-only EROFS mount of the image: file-backed with `directio` where the
 /// kernel and the store's filesystem support it, file-backed without it otherwise, and through
 /// a loop device only where the kernel cannot mount the file itself.
-fn erofs_mount(image: BorrowedFd<'_>, digest: &Digest) -> Result<(OwnedFd, ImageBacking)> {
+pub(crate) fn erofs_mount(
+    image: BorrowedFd<'_>,
+    digest: &Digest,
+) -> Result<(OwnedFd, ImageBacking)> {
     let source = proc_fd_path(image);
     let direct_err = match erofs_mount_with(&source, digest, true) {
         Ok(fd) => return Ok((fd, ImageBacking::FileDirectIo)),

@@ -62,6 +62,16 @@ impl Store {
     /// Takes the named lock `locks/<name>` exclusively, waiting for its holder (used so that
     /// concurrent `velo run`s needing the same dependency key build it once).
     pub fn lock_named(&self, name: &str) -> Result<StoreLock> {
+        self.named_lock(name, true)
+            .map(|l| l.expect("a blocking lock is always taken"))
+    }
+
+    /// Takes the named lock `locks/<name>` exclusively if nobody holds it.
+    pub fn try_lock_named(&self, name: &str) -> Result<Option<StoreLock>> {
+        self.named_lock(name, false)
+    }
+
+    fn named_lock(&self, name: &str, wait: bool) -> Result<Option<StoreLock>> {
         let path = self.area_path(crate::Area::Locks).join(name);
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
             return Err(crate::StoreError::Unexpected {
@@ -77,7 +87,15 @@ impl Store {
             Mode::from_raw_mode(0o600),
         )
         .ctx("open lock", &path)?;
-        rustix::fs::flock(&fd, FlockOperation::LockExclusive).ctx("lock", &path)?;
-        Ok(StoreLock { _fd: fd })
+        let op = if wait {
+            FlockOperation::LockExclusive
+        } else {
+            FlockOperation::NonBlockingLockExclusive
+        };
+        match rustix::fs::flock(&fd, op) {
+            Ok(()) => Ok(Some(StoreLock { _fd: fd })),
+            Err(rustix::io::Errno::WOULDBLOCK) if !wait => Ok(None),
+            Err(e) => Err(e).ctx("lock", &path),
+        }
     }
 }

@@ -25,6 +25,10 @@ pub fn gc(ctx: &Ctx, opts: GcOptions) -> anyhow::Result<ExitCode> {
         liveness: &velo_mount::liveness,
     };
     let r = store.gc(&opts, &hooks)?;
+    if !opts.dry_run && r.images_removed > 0 {
+        // Let go of the superblocks of collected images (the cache starts again on demand).
+        velo_mount::image_cache::stop(&store);
+    }
     if ctx.json {
         output::json(&r)?;
     } else {

@@ -3,6 +3,7 @@
 mod doctor;
 mod fsck;
 mod gc;
+mod image_cache;
 mod ls;
 mod mount;
 mod project;
@@ -42,6 +43,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Doctor => doctor::doctor(&ctx),
         Command::Fsck { repair, jobs } => fsck::fsck(&ctx, repair, jobs),
         Command::Tenant { command } => tenant::tenant(&ctx, command),
+        Command::ImageCache { command } => image_cache::image_cache(&ctx, command),
         Command::Init { project, force } => project::init(&ctx, project.as_deref(), force),
         Command::Run {
             project,

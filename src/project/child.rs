@@ -5,6 +5,7 @@
 //! the namespace.
 
 use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -74,11 +75,14 @@ fn ensure_target(target: &std::path::Path, owner: (u32, u32)) -> anyhow::Result<
 /// host) and mounts every mount of `plan` in it, owned by this process. The caller must be
 /// single-threaded: `unshare(CLONE_NEWNS)` moves only the calling thread. The store is opened
 /// inside, as overlayfs takes layers only from the caller's own namespace.
-pub fn enter_and_mount(plan: &Plan) -> anyhow::Result<Store> {
+///
+/// `shared` holds, per mount, the image cache's EROFS layer for its image, where it gave one.
+pub fn enter_and_mount(plan: &Plan, mut shared: Vec<Option<OwnedFd>>) -> anyhow::Result<Store> {
     velo_mount::enter_private_namespace()?;
     let store = Store::open(&plan.store)?;
     let pid = std::process::id();
-    for m in &plan.mounts {
+    shared.resize_with(plan.mounts.len(), || None);
+    for (m, shared) in plan.mounts.iter().zip(shared) {
         ensure_target(&m.target, plan.user)?;
         let req = MountRequest {
             image: m.image,
@@ -91,7 +95,7 @@ pub fn enter_and_mount(plan: &Plan) -> anyhow::Result<Store> {
             owner: Some(pid),
             prefetch: false,
         };
-        if let Err(e) = velo_mount::mount_image(&store, &req) {
+        if let Err(e) = velo_mount::mount_image_over(&store, &req, shared) {
             release(&store, plan);
             return Err(e.into());
         }
@@ -136,7 +140,7 @@ pub fn build(plan: &Plan, build: &Build) -> i32 {
 }
 
 fn build_inner(plan: &Plan, build: &Build) -> anyhow::Result<i32> {
-    let store = enter_and_mount(plan)?;
+    let store = enter_and_mount(plan, Vec::new())?;
     for m in &plan.mounts {
         // The install writes into the (empty) mount as the invoking user.
         rustix::fs::chown(

@@ -5,10 +5,12 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
+use velo_mount::image_cache;
 use velo_objects::{Digest, Store};
 
 use super::child::{Build, Plan, PlannedMount};
@@ -149,8 +151,9 @@ pub fn run(store_path: &Path, argv: Vec<OsString>, opts: &RunOptions) -> anyhow:
         mounts,
         env,
     };
+    let shared = shared_layers(&store, &plan);
     drop(store); // reopened inside the namespace
-    let status = run_mounted(&plan, &argv, &user)?;
+    let status = run_mounted(&plan, &argv, &user, shared)?;
     exit_like(status)
 }
 
@@ -188,11 +191,16 @@ fn build_in_child(store: &Store, plan: &Plan, build: &Build) -> anyhow::Result<i
 /// every dir there, starts the command (posix_spawn where no user switch is needed: no copy
 /// of velo's memory to make and tear down), forwards signals to it and waits; then the mounts
 /// go and their discarded uppers with them.
-fn run_mounted(plan: &Plan, argv: &[OsString], user: &User) -> anyhow::Result<i32> {
+fn run_mounted(
+    plan: &Plan,
+    argv: &[OsString],
+    user: &User,
+    shared: Vec<Option<OwnedFd>>,
+) -> anyhow::Result<i32> {
     let Some((program, args)) = argv.split_first() else {
         bail!("no command to run");
     };
-    let store = super::child::enter_and_mount(plan)?;
+    let store = super::child::enter_and_mount(plan, shared)?;
     let mut cmd = std::process::Command::new(program);
     cmd.args(args)
         .current_dir(std::env::current_dir().unwrap_or_else(|_| plan.project.clone()))
@@ -218,6 +226,55 @@ fn run_mounted(plan: &Plan, argv: &[OsString], user: &User) -> anyhow::Result<i3
     };
     super::child::release(&store, plan);
     status
+}
+
+/// The image cache's EROFS layer for each mount of `plan` (asked for here, in the host's
+/// namespace, before entering the run's). Where no cache runs for the store, one is started in
+/// the background for the runs to come; `VELO_IMAGE_CACHE=off` leaves it out.
+fn shared_layers(store: &Store, plan: &Plan) -> Vec<Option<OwnedFd>> {
+    if std::env::var_os("VELO_IMAGE_CACHE").is_some_and(|v| v == "off") {
+        return Vec::new();
+    }
+    let mut started = false;
+    plan.mounts
+        .iter()
+        .map(|m| match image_cache::get(store, &m.image) {
+            Ok(fd) => Some(fd),
+            Err(image_cache::Miss::NoService) => {
+                if !started {
+                    start_image_cache(store.root());
+                    started = true;
+                }
+                None
+            }
+            Err(image_cache::Miss::Refused) => None,
+        })
+        .collect()
+}
+
+/// Starts `velo image-cache serve` for the store, detached: its own session (no terminal
+/// signals), no stdio, working directory `/`. It exits on its own when idle.
+fn start_image_cache(store: &Path) {
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--store")
+        .arg(store)
+        .args(["-q", "image-cache", "serve"])
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: setsid(2) is async-signal-safe and touches nothing of the parent's.
+    unsafe {
+        cmd.pre_exec(|| rustix::process::setsid().map(drop).map_err(Into::into));
+    }
+    if let Err(e) = cmd.spawn() {
+        tracing::debug!("could not start the image cache: {e}");
+    }
 }
 
 /// Waits for `pid`, passing signals sent to velo on to it. Returns its exit code, or minus
