@@ -187,12 +187,17 @@ fn handle(store: &Store, mut stream: UnixStream, cache: &mut Vec<Entry>) -> bool
         refuse(&mut stream, "only root may use the image cache");
         return true;
     }
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while line.len() < 100 && stream.read_exact(&mut byte).is_ok() && byte[0] != b'\n' {
-        line.push(byte[0]);
+    // A request is one short line, sent in one write: read until its newline.
+    let mut buf = [0u8; 128];
+    let mut len = 0;
+    while len < buf.len() && !buf[..len].contains(&b'\n') {
+        match stream.read(&mut buf[len..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => len += n,
+        }
     }
-    let line = String::from_utf8_lossy(&line);
+    let line = String::from_utf8_lossy(&buf[..len]);
+    let line = line.trim_end_matches('\n');
     if line == "stop" {
         let _ = stream.write_all(b"+");
         return false;

@@ -16,36 +16,117 @@ use super::user::User;
 /// Version commands every key includes: the C library (native addons link it).
 const ALWAYS: &[&str] = &["ldd --version"];
 
-/// Outputs of version commands, cached in the store by the identity of the binary they run
-/// (path, device, inode, size, mtime), so a warm `velo run` spawns nothing to compute keys.
-#[derive(Debug, Default)]
-pub struct ToolCache {
-    map: BTreeMap<String, String>,
+/// What a warm `velo run` need not recompute, cached in the store: the outputs of version
+/// commands by the identity of the binary they run (path, device, inode, size, mtime), so
+/// nothing is spawned to compute keys; and each input file's blake3 by its stat (device,
+/// inode, size, mtime, ctime), so an unchanged lockfile is not read again.
+#[derive(Debug)]
+pub struct KeyCache {
+    data: CacheData,
     dirty: bool,
+    racy_ns: u64,
 }
 
-const CACHE: &str = "tool-versions-v1.json";
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct CacheData {
+    tools: BTreeMap<String, String>,
+    inputs: BTreeMap<PathBuf, InputDigest>,
+}
 
-impl ToolCache {
+/// An input file's digest and the stat it was taken under.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct InputDigest {
+    stat: [u64; 5],
+    blake3: String,
+}
+
+const CACHE: &str = "key-cache-v2.json";
+/// Input digests kept at most (the least recently recorded go first).
+const MAX_INPUTS: usize = 4096;
+/// A file whose ctime is this close to now may still change within the same timestamp tick:
+/// its digest is not cached (as git treats "racily clean" index entries).
+const RACY_NS: u64 = 2_000_000_000;
+
+impl KeyCache {
     /// Loads the cache (an unreadable one is empty).
     pub fn load(store: &Store) -> Self {
-        let map = store
+        let data = store
             .read_cache(CACHE)
             .ok()
             .flatten()
             .and_then(|d| serde_json::from_slice(&d).ok())
             .unwrap_or_default();
-        Self { map, dirty: false }
+        Self {
+            data,
+            dirty: false,
+            racy_ns: RACY_NS,
+        }
     }
 
     /// Saves it if it changed.
     pub fn save(&self, store: &Store) {
         if self.dirty
-            && let Ok(data) = serde_json::to_vec(&self.map)
+            && let Ok(data) = serde_json::to_vec(&self.data)
             && let Err(e) = store.write_cache(CACHE, &data)
         {
-            tracing::warn!("could not save the tool version cache: {e}");
+            tracing::warn!("could not save the key cache: {e}");
         }
+    }
+
+    /// blake3 of the file at `path`, from the cache if its stat is the one recorded.
+    /// `NotFound` if there is no such file.
+    pub fn input_digest(&mut self, path: &Path) -> std::io::Result<blake3::Hash> {
+        use std::io::Read;
+        let mut file = std::fs::File::open(path)?;
+        let md = file.metadata()?;
+        let stat = [
+            md.dev(),
+            md.ino(),
+            md.size(),
+            nanos(md.mtime(), md.mtime_nsec()),
+            nanos(md.ctime(), md.ctime_nsec()),
+        ];
+        if let Some(hit) = self.data.inputs.get(path)
+            && hit.stat == stat
+            && let Ok(h) = blake3::Hash::from_hex(&hit.blake3)
+        {
+            return Ok(h);
+        }
+        let mut h = blake3::Hasher::new();
+        let mut buf = [0u8; 16 << 10];
+        let mut read = 0u64;
+        loop {
+            match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    h.update(&buf[..n]);
+                    read += n as u64;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let digest = h.finalize();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let settled = file.metadata().is_ok_and(|again| {
+            again.ctime() == md.ctime() && again.ctime_nsec() == md.ctime_nsec()
+        });
+        if read == md.size() && settled && stat[4].saturating_add(self.racy_ns) < now {
+            if self.data.inputs.len() >= MAX_INPUTS {
+                self.data.inputs.clear(); // rare: start over rather than track ages
+            }
+            self.data.inputs.insert(
+                path.to_owned(),
+                InputDigest {
+                    stat,
+                    blake3: digest.to_hex().to_string(),
+                },
+            );
+            self.dirty = true;
+        }
+        Ok(digest)
     }
 
     /// The output of `command` run as `user` in `dir` (cached).
@@ -66,7 +147,7 @@ impl ToolCache {
             None => return format!("{program}: not found"),
         };
         let cache_key = format!("{command}\0{identity}");
-        if let Some(out) = self.map.get(&cache_key) {
+        if let Some(out) = self.data.tools.get(&cache_key) {
             return out.clone();
         }
         let mut cmd = std::process::Command::new("sh");
@@ -86,10 +167,16 @@ impl ToolCache {
             ),
             Err(e) => format!("failed to run: {e}"),
         };
-        self.map.insert(cache_key, out.clone());
+        self.data.tools.insert(cache_key, out.clone());
         self.dirty = true;
         out
     }
+}
+
+fn nanos(secs: i64, nsec: i64) -> u64 {
+    (secs as u64)
+        .wrapping_mul(1_000_000_000)
+        .wrapping_add(nsec as u64)
 }
 
 /// Resolves a program name through `$PATH` (names with a `/` are taken as they are).
@@ -117,10 +204,10 @@ pub fn unit_hasher(
     project: &Path,
     unit: &Unit,
     user: &User,
-    tools: &mut ToolCache,
+    cache: &mut KeyCache,
 ) -> anyhow::Result<blake3::Hasher> {
     let mut h = blake3::Hasher::new();
-    put(&mut h, "velo-deps-key", b"v1");
+    put(&mut h, "velo-deps-key", b"v2");
     put(&mut h, "ecosystem", unit.ecosystem.as_bytes());
     put(&mut h, "install", unit.install.as_bytes());
     for (k, v) in &unit.env {
@@ -128,8 +215,9 @@ pub fn unit_hasher(
     }
     for input in &unit.inputs {
         let path = input_path(project, user, input);
-        match put_file(&mut h, &format!("input {input}"), &path) {
-            Ok(()) => {}
+        // v2: an input enters as the blake3 of its bytes (cached by stat), not the bytes.
+        match cache.input_digest(&path) {
+            Ok(digest) => put(&mut h, &format!("input {input}"), digest.as_bytes()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 put(&mut h, &format!("input {input}"), b"\0absent")
             }
@@ -149,7 +237,7 @@ pub fn unit_hasher(
         .copied()
         .chain(unit.versions.iter().map(String::as_str))
     {
-        let out = tools.output(command, user, project);
+        let out = cache.output(command, user, project);
         put(&mut h, &format!("version {command}"), out.as_bytes());
     }
     let mut env: Vec<(String, String)> = std::env::vars()
@@ -182,38 +270,6 @@ fn put(h: &mut blake3::Hasher, name: &str, value: &[u8]) {
     h.update(value);
 }
 
-/// Feeds a file's bytes as a field, exactly as [`put`] would, read through one small buffer
-/// (a lockfile can be megabytes, and a buffer that size is fresh memory to fault in on every
-/// `velo run`). A file that changes length while read is an error (the key is then not used).
-fn put_file(h: &mut blake3::Hasher, name: &str, path: &Path) -> std::io::Result<()> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
-    let len = file.metadata()?.len();
-    h.update(name.as_bytes());
-    h.update(&[0]);
-    h.update(&len.to_le_bytes());
-    let mut buf = [0u8; 16 << 10];
-    let mut read = 0u64;
-    loop {
-        match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                h.update(&buf[..n]);
-                read += n as u64;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    if read == len {
-        Ok(())
-    } else {
-        Err(std::io::Error::other(format!(
-            "it changed while being read ({len} bytes, then {read})"
-        )))
-    }
-}
-
 /// The key of one dir: 32 hex digits.
 pub fn dir_key(unit_hasher: &blake3::Hasher, dir: &str) -> String {
     let mut h = unit_hasher.clone();
@@ -225,4 +281,47 @@ pub fn dir_key(unit_hasher: &blake3::Hasher, dir: &str) -> String {
 /// The ref a dir's image lives under.
 pub fn ref_name(unit: &Unit, key: &str) -> String {
     format!("deps/{}/{key}", unit.ecosystem)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(racy_ns: u64) -> KeyCache {
+        KeyCache {
+            data: CacheData::default(),
+            dirty: false,
+            racy_ns,
+        }
+    }
+
+    #[test]
+    fn input_digests_are_cached_by_stat_and_never_while_racy() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = dir.path().join("uv.lock");
+        std::fs::write(&lock, "a = 1\n").unwrap();
+
+        // Just written: its ctime is within the racy window, so nothing is cached.
+        let mut fresh = cache(RACY_NS);
+        assert_eq!(fresh.input_digest(&lock).unwrap(), blake3::hash(b"a = 1\n"));
+        assert!(fresh.data.inputs.is_empty() && !fresh.dirty);
+
+        // Settled (no window): cached, and a hit is served from the cache without reading.
+        let mut c = cache(0);
+        assert_eq!(c.input_digest(&lock).unwrap(), blake3::hash(b"a = 1\n"));
+        assert!(c.dirty);
+        let fake = blake3::hash(b"from the cache");
+        c.data.inputs.get_mut(&lock).unwrap().blake3 = fake.to_hex().to_string();
+        assert_eq!(c.input_digest(&lock).unwrap(), fake);
+
+        // Changed (another size, so whatever the timestamp granularity): read again.
+        std::fs::write(&lock, "a = 22\n").unwrap();
+        assert_eq!(c.input_digest(&lock).unwrap(), blake3::hash(b"a = 22\n"));
+        assert_eq!(
+            c.input_digest(&dir.path().join("absent"))
+                .unwrap_err()
+                .kind(),
+            std::io::ErrorKind::NotFound
+        );
+    }
 }

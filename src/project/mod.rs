@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use velo_objects::Store;
 
 use config::{Config, Unit};
-use key::ToolCache;
+use key::KeyCache;
 use user::User;
 
 /// One managed dir, resolved for the current state of the project.
@@ -41,10 +41,10 @@ pub fn resolve(
     config: &Config,
     user: &User,
 ) -> anyhow::Result<Vec<ManagedDir>> {
-    let mut tools = ToolCache::load(store);
+    let mut cache = KeyCache::load(store);
     let mut out = Vec::new();
     for (i, unit) in config.units.iter().enumerate() {
-        let h = key::unit_hasher(project, unit, user, &mut tools)?;
+        let h = key::unit_hasher(project, unit, user, &mut cache)?;
         for dir in &unit.dirs {
             let k = key::dir_key(&h, dir);
             out.push(ManagedDir {
@@ -57,18 +57,20 @@ pub fn resolve(
             });
         }
     }
-    tools.save(store);
+    cache.save(store);
     Ok(out)
 }
 
 /// The project dir: `--project` or the current directory, made absolute and canonical (keys of
 /// path-sensitive ecosystems include it).
 pub fn project_dir(given: Option<&Path>) -> anyhow::Result<PathBuf> {
-    let p = match given {
-        Some(p) => p.to_owned(),
-        None => std::env::current_dir()?,
-    };
-    std::fs::canonicalize(&p).map_err(|e| anyhow::anyhow!("project {}: {e}", p.display()))
+    match given {
+        Some(p) => {
+            std::fs::canonicalize(p).map_err(|e| anyhow::anyhow!("project {}: {e}", p.display()))
+        }
+        // getcwd(2) already answers with the canonical path (no symlinks, no `..`).
+        None => std::env::current_dir().map_err(|e| anyhow::anyhow!("the current directory: {e}")),
+    }
 }
 
 /// `env` of a unit with `{project}` expanded.

@@ -202,9 +202,14 @@ fn run_mounted(
     };
     let store = super::child::enter_and_mount(plan, shared)?;
     let mut cmd = std::process::Command::new(program);
-    cmd.args(args)
-        .current_dir(std::env::current_dir().unwrap_or_else(|_| plan.project.clone()))
-        .envs(&plan.env);
+    cmd.args(args).envs(&plan.env);
+    // A working directory inside a mounted dir still points at what is under the mount:
+    // enter it again by name. (Only then: a chdir keeps std from using posix_spawn.)
+    if let Ok(cwd) = std::env::current_dir()
+        && plan.mounts.iter().any(|m| cwd.starts_with(&m.target))
+    {
+        cmd.current_dir(cwd);
+    }
     user.apply(&mut cmd);
     let status = match cmd.spawn() {
         Ok(child) => {

@@ -38,8 +38,10 @@ fn passwd() -> Vec<(String, u32, u32, PathBuf)> {
 impl User {
     /// `--user NAME|UID[:GID]` if given, else the sudo caller, else this process's user.
     pub fn invoking(explicit: Option<&str>) -> anyhow::Result<Self> {
-        let entries = passwd();
-        let by_uid = |uid: u32| entries.iter().find(|e| e.1 == uid);
+        // /etc/passwd is read only when needed (not on a plain root `velo run`).
+        let entries = std::cell::OnceCell::new();
+        let entries = || entries.get_or_init(passwd);
+        let by_uid = |uid: u32| entries().iter().find(|e| e.1 == uid);
         if let Some(spec) = explicit {
             let (who, group) = match spec.split_once(':') {
                 Some((w, g)) => (w, Some(g)),
@@ -50,7 +52,7 @@ impl User {
                     Some(e) => (uid, e.2, e.3.clone()),
                     None => (uid, uid, PathBuf::from("/nonexistent")),
                 },
-                Err(_) => match entries.iter().find(|e| e.0 == who) {
+                Err(_) => match entries().iter().find(|e| e.0 == who) {
                     Some(e) => (e.1, e.2, e.3.clone()),
                     None => bail!("--user {spec}: no such user in /etc/passwd"),
                 },
