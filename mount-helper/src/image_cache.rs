@@ -60,12 +60,37 @@ pub enum Miss {
 /// Asks the store's image cache for a detached EROFS mount of `image`. On a miss the caller
 /// mounts the image itself.
 pub fn get(store: &Store, image: &Digest) -> std::result::Result<OwnedFd, Miss> {
-    let mut stream = connect(store).ok_or(Miss::NoService)?;
-    ask(&mut stream, image).ok_or(Miss::Refused)
+    request(store, image)?.receive()
 }
 
-fn ask(stream: &mut UnixStream, image: &Digest) -> Option<OwnedFd> {
-    stream.write_all(format!("get {image}\n").as_bytes()).ok()?;
+/// A request sent to the image cache, its answer not read yet: the service works on it while
+/// the caller gets on with something else.
+#[derive(Debug)]
+pub struct Pending {
+    stream: UnixStream,
+    image: Digest,
+}
+
+/// Sends a request for `image`; [`Pending::receive`] takes the answer.
+pub fn request(store: &Store, image: &Digest) -> std::result::Result<Pending, Miss> {
+    let mut stream = connect(store).ok_or(Miss::NoService)?;
+    stream
+        .write_all(format!("get {image}\n").as_bytes())
+        .map_err(|_| Miss::Refused)?;
+    Ok(Pending {
+        stream,
+        image: *image,
+    })
+}
+
+impl Pending {
+    /// The mount, or why there is none.
+    pub fn receive(mut self) -> std::result::Result<OwnedFd, Miss> {
+        answer(&mut self.stream, &self.image).ok_or(Miss::Refused)
+    }
+}
+
+fn answer(stream: &mut UnixStream, image: &Digest) -> Option<OwnedFd> {
     let mut byte = [0u8; 1];
     let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = RecvAncillaryBuffer::new(&mut space);

@@ -143,9 +143,15 @@ pub fn pread_full(
 
 /// This boot's id (`/proc/sys/kernel/random/boot_id`), or empty if unknown.
 pub fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
+    // It cannot change while this process lives: read it once.
+    static BOOT_ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BOOT_ID
+        .get_or_init(|| {
+            std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default()
+        })
+        .clone()
 }
 
 /// Nanoseconds since the Unix epoch, now.

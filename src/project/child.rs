@@ -5,7 +5,6 @@
 //! the namespace.
 
 use std::collections::BTreeMap;
-use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -76,8 +75,12 @@ fn ensure_target(target: &std::path::Path, owner: (u32, u32)) -> anyhow::Result<
 /// single-threaded: `unshare(CLONE_NEWNS)` moves only the calling thread. The store is opened
 /// inside, as overlayfs takes layers only from the caller's own namespace.
 ///
-/// `shared` holds, per mount, the image cache's EROFS layer for its image, where it gave one.
-pub fn enter_and_mount(plan: &Plan, mut shared: Vec<Option<OwnedFd>>) -> anyhow::Result<Store> {
+/// `shared` holds, per mount, a request to the image cache for its image's EROFS layer, where
+/// one was sent; its answer is read here, after the namespace and the store are set up.
+pub fn enter_and_mount(
+    plan: &Plan,
+    mut shared: Vec<Option<velo_mount::image_cache::Pending>>,
+) -> anyhow::Result<Store> {
     velo_mount::enter_private_namespace()?;
     let store = Store::open(&plan.store)?;
     let pid = std::process::id();
@@ -95,6 +98,7 @@ pub fn enter_and_mount(plan: &Plan, mut shared: Vec<Option<OwnedFd>>) -> anyhow:
             owner: Some(pid),
             prefetch: false,
         };
+        let shared = shared.and_then(|p| p.receive().ok());
         if let Err(e) = velo_mount::mount_image_over(&store, &req, shared) {
             release(&store, plan);
             return Err(e.into());

@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -195,7 +194,7 @@ fn run_mounted(
     plan: &Plan,
     argv: &[OsString],
     user: &User,
-    shared: Vec<Option<OwnedFd>>,
+    shared: Vec<Option<image_cache::Pending>>,
 ) -> anyhow::Result<i32> {
     let Some((program, args)) = argv.split_first() else {
         bail!("no command to run");
@@ -233,18 +232,19 @@ fn run_mounted(
     status
 }
 
-/// The image cache's EROFS layer for each mount of `plan` (asked for here, in the host's
-/// namespace, before entering the run's). Where no cache runs for the store, one is started in
-/// the background for the runs to come; `VELO_IMAGE_CACHE=off` leaves it out.
-fn shared_layers(store: &Store, plan: &Plan) -> Vec<Option<OwnedFd>> {
+/// Requests the image cache's EROFS layer for each mount of `plan` (here, in the host's
+/// namespace, before entering the run's; the answers are read once inside). Where no cache
+/// runs for the store, one is started in the background for the runs to come;
+/// `VELO_IMAGE_CACHE=off` leaves it out.
+fn shared_layers(store: &Store, plan: &Plan) -> Vec<Option<image_cache::Pending>> {
     if std::env::var_os("VELO_IMAGE_CACHE").is_some_and(|v| v == "off") {
         return Vec::new();
     }
     let mut started = false;
     plan.mounts
         .iter()
-        .map(|m| match image_cache::get(store, &m.image) {
-            Ok(fd) => Some(fd),
+        .map(|m| match image_cache::request(store, &m.image) {
+            Ok(pending) => Some(pending),
             Err(image_cache::Miss::NoService) => {
                 if !started {
                     start_image_cache(store.root());
