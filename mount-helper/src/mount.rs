@@ -208,6 +208,7 @@ pub fn mount_image_over(
                 _ => None,
             },
             mnt_ns: velo_objects::current_mnt_ns(),
+            mnt_ns_id: velo_objects::mnt_ns_id("/proc/self/ns/mnt".as_ref()),
             owner: req
                 .owner
                 .and_then(|pid| velo_objects::process_start_time(pid).map(|start| (pid, start))),
@@ -703,7 +704,9 @@ pub fn liveness(record: &MountRecord) -> velo_objects::Liveness {
         // namespace (a daemon the command left behind, or the command after its supervisor
         // was killed): the namespace, not the owner, decides.
         let alive = velo_objects::process_start_time(pid) == Some(start)
-            || record.mnt_ns.is_some_and(velo_objects::mnt_ns_populated);
+            || record
+                .mnt_ns
+                .is_some_and(|ns| velo_objects::mnt_ns_populated(ns, record.mnt_ns_id));
         return if alive {
             Liveness::Alive
         } else {

@@ -45,7 +45,8 @@ pub use ingest::{Kind, Stored};
 pub use lock::StoreLock;
 pub use meta::{FORMAT_VERSION, Meta, VerityMode};
 pub use mounts::{
-    Liveness, MountRecord, MountSlot, current_mnt_ns, mnt_ns_populated, process_start_time,
+    Liveness, MountRecord, MountSlot, current_mnt_ns, mnt_ns_id, mnt_ns_populated,
+    process_start_time,
 };
 pub use refs::{MAX_REF_LEN, validate_ref_name};
 pub use session::{Recovery, WriteSession};

@@ -41,6 +41,10 @@ pub struct MountRecord {
     /// Inode number of the mount namespace the mount was made in (`/proc/self/ns/mnt`).
     #[serde(default)]
     pub mnt_ns: Option<u64>,
+    /// That namespace's 64-bit ID, never reused (Linux 6.8+; `None` before): inode numbers of
+    /// namespaces are reused as soon as one is freed.
+    #[serde(default)]
+    pub mnt_ns_id: Option<u64>,
     /// For mounts inside a private namespace (`velo run`): the process that owns it, as
     /// (pid, start time in clock ticks since boot); the pin lives as long as that process, or
     /// as long as any process is left in the namespace (`mnt_ns`), whichever is longer.
@@ -67,19 +71,39 @@ pub fn current_mnt_ns() -> Option<u64> {
         .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
 }
 
-/// Whether any process is in the mount namespace with inode `ns` — it, and the mounts in it,
-/// exist exactly as long as one does. (A freed namespace's inode number can be reused: a false
-/// "yes" keeps a pin a little longer, never the other way round.)
-pub fn mnt_ns_populated(ns: u64) -> bool {
+/// The never-reused ID of the mount namespace an nsfs file (`/proc/PID/ns/mnt`) refers to
+/// (`NS_GET_MNTNS_ID`, Linux 6.8+).
+pub fn mnt_ns_id(ns_file: &std::path::Path) -> Option<u64> {
+    /// `_IOR(0xb7, 0x5, __u64)` from `<linux/nsfs.h>`.
+    const NS_GET_MNTNS_ID: libc::c_ulong = 0x8008_b705;
+    let file = std::fs::File::open(ns_file).ok()?;
+    let mut id: u64 = 0;
+    // SAFETY: the ioctl writes one u64 into `id`, which outlives the call; the fd is open.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            NS_GET_MNTNS_ID as _,
+            &mut id as *mut u64,
+        )
+    };
+    (rc == 0).then_some(id)
+}
+
+/// Whether any process is in the mount namespace with inode `ns` (and, where known, the
+/// never-reused `id`: a freed namespace's inode number goes to the next new one at once) —
+/// the namespace, and the mounts in it, exist exactly as long as one does.
+pub fn mnt_ns_populated(ns: u64, id: Option<u64>) -> bool {
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return true; // cannot tell: assume it is
     };
     procs.flatten().any(|p| {
+        let ns_file = p.path().join("ns/mnt");
         p.file_name()
             .to_str()
             .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
-            && std::fs::metadata(p.path().join("ns/mnt"))
+            && std::fs::metadata(&ns_file)
                 .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == ns)
+            && id.is_none_or(|id| mnt_ns_id(&ns_file) == Some(id))
     })
 }
 
