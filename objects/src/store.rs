@@ -173,6 +173,33 @@ impl Store {
         self.meta.verity
     }
 
+    /// Reads every `objects/xx/` directory through, so that their blocks are in the page cache.
+    ///
+    /// After a reboot or a dropped page cache, each object a command opens first costs a
+    /// synchronous read of a block of its `objects/xx/` directory (there are 256 of them, and
+    /// a program's files spread over all): node importing 13 packages cold waited on ~1,000
+    /// more reads than from a local tree. Reading the directories ahead, beside the starting
+    /// command, takes most of that off its path. Best effort.
+    pub fn prefetch_object_dirs(&self) {
+        let Ok(objects) = self.open_area(Area::Objects) else {
+            return;
+        };
+        let Ok(names) = fsutil::list_dir(objects.as_fd()) else {
+            return;
+        };
+        for name in names {
+            if let Ok(dir) = rustix::fs::openat(
+                &objects,
+                name.as_os_str(),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) && let Ok(entries) = rustix::fs::Dir::read_from(&dir)
+            {
+                entries.for_each(drop);
+            }
+        }
+    }
+
     /// The absolute path of a store area.
     pub fn area_path(&self, area: Area) -> PathBuf {
         self.root.join(area.dir_name())

@@ -181,7 +181,7 @@ fn build_in_child(store: &Store, plan: &Plan, build: &Build) -> anyhow::Result<i
     if pid == 0 {
         std::process::exit(super::child::build(plan, build));
     }
-    let status = wait_forwarding(pid)?;
+    let status = wait_forwarding(pid, || {})?;
     cleanup_after(store, pid as u32);
     Ok(status)
 }
@@ -211,14 +211,21 @@ fn run_mounted(
     }
     user.apply(&mut cmd);
     let status = match cmd.spawn() {
-        Ok(child) => {
+        Ok(child) => wait_forwarding(child.id() as i32, || {
             // The command is starting (exec and its runtime's start-up take a while): read the
-            // images' metadata ahead of its first lookups from here, not before it.
+            // images' metadata ahead of its first lookups from here, not before it; after a
+            // reboot or a dropped cache also the store's object directories.
+            let cold = plan
+                .mounts
+                .iter()
+                .any(|m| !velo_mount::image_is_cached(&store, &m.image));
             for m in &plan.mounts {
                 velo_mount::prefetch_image(&store, &m.image);
             }
-            wait_forwarding(child.id() as i32)
-        }
+            if cold {
+                store.prefetch_object_dirs();
+            }
+        }),
         Err(e) => {
             eprintln!("velo: cannot run {}: {e}", program.to_string_lossy());
             Ok(if e.kind() == std::io::ErrorKind::NotFound {
@@ -282,10 +289,12 @@ fn start_image_cache(store: &Path) {
     }
 }
 
-/// Waits for `pid`, passing signals sent to velo on to it. Returns its exit code, or minus
-/// the signal number that killed it.
-fn wait_forwarding(pid: i32) -> anyhow::Result<i32> {
+/// Waits for `pid`, passing signals sent to velo on to it (`meanwhile` runs first, with
+/// signals already forwarded). Returns its exit code, or minus the signal number that killed
+/// it.
+fn wait_forwarding(pid: i32, meanwhile: impl FnOnce()) -> anyhow::Result<i32> {
     let forwarding = forward_signals(pid)?;
+    meanwhile();
     let status = loop {
         match rustix::process::waitpid(
             rustix::process::Pid::from_raw(pid),
