@@ -116,7 +116,11 @@ pub fn release(store: &Store, plan: &Plan) {
             rustix::mount::UnmountFlags::DETACH | rustix::mount::UnmountFlags::NOFOLLOW,
         );
     }
-    let pid = std::process::id();
+    remove_slots_of(store, std::process::id());
+}
+
+/// Removes the mount slots (and discarded upper dirs) whose pins `pid` owns.
+pub fn remove_slots_of(store: &Store, pid: u32) {
     let Ok(records) = store.list_mount_records() else {
         return;
     };

@@ -182,7 +182,7 @@ fn build_in_child(store: &Store, plan: &Plan, build: &Build) -> anyhow::Result<i
         std::process::exit(super::child::build(plan, build));
     }
     let status = wait_forwarding(pid, || {})?;
-    cleanup_after(store, pid as u32);
+    super::child::remove_slots_of(store, pid as u32);
     Ok(status)
 }
 
@@ -347,21 +347,6 @@ fn forward_signals(child: i32) -> anyhow::Result<Vec<signal_hook_registry::SigId
         ids.push(id);
     }
     Ok(ids)
-}
-
-/// Removes the mount slots (and managed upper dirs) of a child that has exited.
-fn cleanup_after(store: &Store, pid: u32) {
-    let Ok(records) = store.list_mount_records() else {
-        return;
-    };
-    for (token, record) in records {
-        if let Ok(r) = record
-            && r.owner.is_some_and(|(p, _)| p == pid)
-            && let Err(e) = store.remove_mount_slot(&token)
-        {
-            tracing::warn!("could not remove {token}: {e}");
-        }
-    }
 }
 
 /// Exits the way the command did: with its code, or killed by the same signal.
