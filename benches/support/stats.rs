@@ -74,21 +74,11 @@ pub fn human(secs: f64) -> String {
     }
 }
 
-/// Bytes in a readable binary unit.
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
-}
+// Sizes print as velo prints them: its own helper, not a copy.
+#[path = "../../src/output.rs"]
+mod output;
+#[allow(unused_imports)] // not every benchmark prints sizes
+pub use output::bytes;
 
 /// Prints the table of medians (and min/max) of every series.
 pub fn print_table(series: &[&Series]) {

@@ -57,12 +57,6 @@ pub enum Miss {
     Refused,
 }
 
-/// Asks the store's image cache for a detached EROFS mount of `image`. On a miss the caller
-/// mounts the image itself.
-pub fn get(store: &Store, image: &Digest) -> std::result::Result<OwnedFd, Miss> {
-    request(store, image)?.receive()
-}
-
 /// A request sent to the image cache, its answer not read yet: the service works on it while
 /// the caller gets on with something else.
 #[derive(Debug)]
@@ -71,7 +65,8 @@ pub struct Pending {
     image: Digest,
 }
 
-/// Sends a request for `image`; [`Pending::receive`] takes the answer.
+/// Asks the store's image cache for a detached EROFS mount of `image`; [`Pending::receive`]
+/// takes the answer. On a miss the caller mounts the image itself.
 pub fn request(store: &Store, image: &Digest) -> std::result::Result<Pending, Miss> {
     let mut stream = connect(store).ok_or(Miss::NoService)?;
     stream

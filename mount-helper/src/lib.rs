@@ -25,7 +25,7 @@ mod umount;
 pub use error::{MountError, Result};
 pub use mount::{
     ImageBacking, LayerPassing, MountReport, MountRequest, ProbeReport, SOURCE_PREFIX, Writes,
-    enter_private_namespace, image_is_cached, liveness, mount_image, mount_image_over,
-    prefetch_image, probe, tenant_mount_point, work_dir_name,
+    enter_private_namespace, liveness, mount_image, mount_image_over, prefetch_image, probe,
+    tenant_mount_point, work_dir_name,
 };
 pub use umount::{UmountReport, umount};

@@ -359,7 +359,9 @@ const PREFETCH_CHUNK: u64 = 2 << 20;
 /// metadata a run is likely to touch, not for filling the page cache with a huge tree's.
 const PREFETCH_MAX: u64 = 64 << 20;
 
-/// Starts reading the image into the page cache, without waiting for it.
+/// Starts reading the image into the page cache, without waiting for it. Returns whether its
+/// start was in the page cache already: false is the cheap sign of a cold start after a
+/// reboot or a dropped cache.
 ///
 /// EROFS reads inodes, directory entries and xattrs (in composefs images: everything but
 /// file data) through the image file's page cache — `directio` applies only to data blocks —
@@ -370,26 +372,26 @@ const PREFETCH_MAX: u64 = 64 << 20;
 /// and +13.3% with it; Python importing numpy, pandas, scipy…: +9.1% → +3.9%. With the image
 /// already cached (the usual case) it costs a page-cache walk, ~40 µs for a 9 MiB image (no
 /// difference measurable in `velo run true`). Best effort: a failure only loses the prefetch.
-/// Whether the start of the image is in the page cache (a read that would wait for the disk is
-/// refused, `RWF_NOWAIT`): the cheap sign of a cold start after a reboot or a dropped cache.
-pub fn image_is_cached(store: &Store, image: &Digest) -> bool {
+pub fn prefetch_image(store: &Store, image: &Digest) -> bool {
     let Ok(fd) = store.open_image(image) else {
         return true;
     };
+    let cached = is_cached(fd.as_fd());
+    prefetch_fd(fd.as_fd());
+    cached
+}
+
+/// Whether the file's first page is in the page cache (a read that would wait for the disk is
+/// refused: `RWF_NOWAIT`).
+fn is_cached(fd: BorrowedFd<'_>) -> bool {
     let mut byte = [0u8; 1];
     rustix::io::preadv2(
-        &fd,
+        fd,
         &mut [std::io::IoSliceMut::new(&mut byte)],
         0,
         rustix::io::ReadWriteFlags::NOWAIT,
     )
     .is_ok()
-}
-
-pub fn prefetch_image(store: &Store, image: &Digest) {
-    if let Ok(fd) = store.open_image(image) {
-        prefetch_fd(fd.as_fd());
-    }
 }
 
 fn prefetch_fd(image: BorrowedFd<'_>) {
@@ -900,12 +902,12 @@ mod tests {
     /// The cold-start sign: an image whose pages were dropped reads as not cached, and as
     /// cached once read.
     #[test]
-    fn image_is_cached_tells_a_dropped_image_from_a_read_one() {
+    fn is_cached_tells_a_dropped_image_from_a_read_one() {
         let dir = tempfile::tempdir().unwrap();
         let fs = rustix::fs::statfs(dir.path()).unwrap();
         if fs.f_type == TMPFS_MAGIC {
             eprintln!(
-                "SKIPPED image_is_cached test: {} is tmpfs (pages cannot be dropped)",
+                "SKIPPED is_cached test: {} is tmpfs (pages cannot be dropped)",
                 dir.path().display()
             );
             return;
@@ -918,10 +920,10 @@ mod tests {
         let fd = store.open_image(&image).unwrap();
         rustix::fs::fsync(&fd).unwrap();
         rustix::fs::fadvise(&fd, 0, None, rustix::fs::Advice::DontNeed).unwrap();
-        assert!(!image_is_cached(&store, &image), "dropped, yet cached");
+        assert!(!is_cached(fd.as_fd()), "dropped, yet cached");
         let mut buf = vec![0u8; 4096];
         rustix::io::pread(&fd, &mut buf, 0).unwrap();
-        assert!(image_is_cached(&store, &image), "read, yet not cached");
+        assert!(is_cached(fd.as_fd()), "read, yet not cached");
     }
 
     /// `TMPFS_MAGIC` from `<linux/magic.h>`.

@@ -215,12 +215,9 @@ fn run_mounted(
             // The command is starting (exec and its runtime's start-up take a while): read the
             // images' metadata ahead of its first lookups from here, not before it; after a
             // reboot or a dropped cache also the store's object directories.
-            let cold = plan
-                .mounts
-                .iter()
-                .any(|m| !velo_mount::image_is_cached(&store, &m.image));
+            let mut cold = false;
             for m in &plan.mounts {
-                velo_mount::prefetch_image(&store, &m.image);
+                cold |= !velo_mount::prefetch_image(&store, &m.image);
             }
             if cold {
                 store.prefetch_object_dirs();
