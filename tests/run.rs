@@ -601,6 +601,161 @@ fn runs_share_the_image_through_the_image_cache() {
     );
 }
 
+/// The image cache lends each run a whole overlay and lends it again only when it came back
+/// untouched and unreachable: a run that wrote into the tree, a process left holding a
+/// directory of it, or a mount namespace the command made (holding a copy of the mount) each
+/// get the overlay discarded, so the next run sees the pristine image; an overlay discarded
+/// while still reachable is removed once nothing reaches it.
+#[test]
+fn a_lent_overlay_is_lent_again_only_when_untouched_and_unreachable() {
+    if !can_mount("a_lent_overlay_is_lent_again_only_when_untouched_and_unreachable") {
+        return;
+    }
+    let env = Env::new();
+    let project = custom_project(&env);
+    let wait_for = |what: &str, done: &dyn Fn(&serde_json::Value) -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let (out, _) = ok(
+                velo_in(&env, &project, &["--json", "image-cache", "status"])
+                    .output()
+                    .unwrap(),
+                "image-cache status",
+            );
+            let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+            if s["running"] == true && done(&s["images"][0]) {
+                return s["images"][0].clone();
+            }
+            assert!(std::time::Instant::now() < deadline, "{what}: {s}");
+            std::thread::yield_now();
+        }
+    };
+    // Waits until no overlay is lent or being checked; returns the image's counters.
+    let settled = || {
+        wait_for("the overlay was not handed back", &|i| {
+            i["lent"] == 0 && i["checking"] == 0
+        })
+    };
+    let run = |script: &str| {
+        ok(
+            velo_in(&env, &project, &["run", "sh", "-c", script])
+                .output()
+                .unwrap(),
+            script,
+        )
+        .0
+    };
+    let count = |i: &serde_json::Value, k: &str| i[k].as_u64().unwrap();
+    // Processes left behind are killed whatever happens.
+    struct Holders(Vec<PathBuf>);
+    impl Drop for Holders {
+        fn drop(&mut self) {
+            for f in &self.0 {
+                if let Ok(pid) = fs::read_to_string(f) {
+                    let _ = Command::new("kill").arg(pid.trim()).status();
+                }
+            }
+        }
+    }
+    let holders = Holders(vec![env.path("cwd-holder.pid"), env.path("ns-holder.pid")]);
+    let lease_dirs = || {
+        fs::read_dir(env.store.join("mounts"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".lease-"))
+            .count()
+    };
+
+    run("true"); // builds, and starts the image cache
+    wait_for("no image cache", &|_| true);
+    assert_eq!(run("cat deps/lib/deps.lock"), "v1\n");
+    let s = settled();
+    assert_eq!((count(&s, "idle"), count(&s, "reused")), (1, 0), "{s}");
+    assert_eq!(run("cat deps/lib/deps.lock"), "v1\n");
+    let s = settled();
+    assert_eq!(
+        count(&s, "reused"),
+        1,
+        "an untouched overlay is lent again: {s}"
+    );
+    assert_eq!(count(&s, "idle"), 1, "{s}");
+
+    // A run that writes: its overlay is discarded; the next run does not see the write.
+    run("echo x > deps/lib/new");
+    let s = settled();
+    assert_eq!(count(&s, "reused"), 2, "{s}");
+    assert_eq!((count(&s, "idle"), count(&s, "discarded")), (0, 1), "{s}");
+    assert_eq!(run("test ! -e deps/lib/new && echo pristine"), "pristine\n");
+    let s = settled();
+    assert_eq!((count(&s, "idle"), count(&s, "reused")), (1, 2), "{s}");
+    // A create and delete leaves the upper empty, but changed: discarded too.
+    run("touch deps/tmp && rm deps/tmp");
+    let s = settled();
+    assert_eq!((count(&s, "discarded"), count(&s, "reused")), (2, 3), "{s}");
+    run("true");
+    settled();
+
+    // A process left holding a directory of the tree (its working directory).
+    let script = format!(
+        "cd deps/lib && {{ sleep 300 </dev/null >/dev/null 2>&1 & echo $! > {}; }}",
+        path_str(&holders.0[0])
+    );
+    run(&script);
+    let s = settled();
+    assert_eq!(
+        count(&s, "discarded"),
+        3,
+        "a held overlay is discarded: {s}"
+    );
+    assert_eq!(
+        count(&s, "retired"),
+        1,
+        "and kept until nothing holds it: {s}"
+    );
+    let reused = count(&s, "reused");
+    run("true");
+    let s = settled();
+    assert_eq!(
+        count(&s, "reused"),
+        reused,
+        "a held overlay is never lent: {s}"
+    );
+    let dirs = lease_dirs();
+    let pid = fs::read_to_string(&holders.0[0]).unwrap();
+    assert!(
+        Command::new("kill")
+            .arg(pid.trim())
+            .status()
+            .unwrap()
+            .success()
+    );
+    let s = wait_for("the freed overlay was not removed", &|i| {
+        i["retired"] == 0 && i["checking"] == 0
+    });
+    assert_eq!(lease_dirs(), dirs - 1, "its dir goes with it: {s}");
+
+    // A mount namespace the command made holds a copy of the mount.
+    // (It runs on after the command, which waits until the namespace exists.)
+    let script = format!(
+        "unshare -m sh -c 'echo $$ > {pid}.tmp; exec sleep 300' </dev/null >/dev/null 2>&1 & \
+         while [ ! -s {pid}.tmp ]; do :; done; mv {pid}.tmp {pid}",
+        pid = path_str(&holders.0[1])
+    );
+    run(&script);
+    let s = settled();
+    assert_eq!(
+        count(&s, "discarded"),
+        4,
+        "a copied mount keeps it reachable: {s}"
+    );
+    assert_eq!(count(&s, "retired"), 1, "{s}");
+    drop(holders);
+    wait_for("the freed overlay was not removed", &|i| {
+        i["retired"] == 0 && i["checking"] == 0
+    });
+    no_mounts_left(&env);
+}
+
 #[test]
 fn without_root_velo_run_says_what_it_needs() {
     if !rustix::process::geteuid().is_root() {

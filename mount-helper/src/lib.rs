@@ -15,6 +15,7 @@
 mod error;
 pub mod image_cache;
 pub mod kernel;
+mod lease;
 mod loopdev;
 mod mount;
 pub mod mountinfo;
@@ -24,8 +25,8 @@ mod umount;
 
 pub use error::{MountError, Result};
 pub use mount::{
-    ImageBacking, LayerPassing, MountReport, MountRequest, ProbeReport, SOURCE_PREFIX, Writes,
-    enter_private_namespace, liveness, mount_image, mount_image_over, prefetch_image, probe,
-    tenant_mount_point, work_dir_name,
+    GivenLayer, ImageBacking, LayerPassing, MountReport, MountRequest, ProbeReport, SOURCE_PREFIX,
+    Writes, enter_private_namespace, liveness, mount_image, mount_image_over, prefetch_image,
+    probe, tenant_mount_point, work_dir_name,
 };
 pub use umount::{UmountReport, umount};

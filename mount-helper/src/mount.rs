@@ -98,13 +98,28 @@ pub fn mount_image(store: &Store, req: &MountRequest) -> Result<MountReport> {
     mount_image_over(store, req, None)
 }
 
-/// [`mount_image`], with the image's EROFS layer given: a detached mount of it that the image
-/// cache holds (`shared`). Where the kernel does not take it as a layer, the image is mounted
-/// here as usual.
+/// A layer the image cache hands out for a mount (see [`crate::image_cache`]).
+#[derive(Debug)]
+pub enum GivenLayer {
+    /// A detached EROFS mount of the image: the overlay is built over it here.
+    Erofs(OwnedFd),
+    /// A whole detached overlay of the image with a discarded upper dir at `upper`, lent for
+    /// one copy-on-write mount: a clone of it is attached (its upper is the lease's, not a
+    /// fresh one in the mount's slot).
+    Overlay {
+        /// The detached overlay mount.
+        mount: OwnedFd,
+        /// Its upper dir.
+        upper: PathBuf,
+    },
+}
+
+/// [`mount_image`], with a layer the image cache holds (`given`). Where the kernel does not
+/// take it, the image is mounted here as usual.
 pub fn mount_image_over(
     store: &Store,
     req: &MountRequest,
-    shared: Option<OwnedFd>,
+    given: Option<GivenLayer>,
 ) -> Result<MountReport> {
     crate::privilege::require_root("velo mount")?;
     let _lock = store.lock_shared()?;
@@ -128,6 +143,24 @@ pub fn mount_image_over(
     let result = (|| {
         if req.prefetch {
             prefetch_fd(image_fd.as_fd());
+        }
+        let (shared, leased) = match given {
+            Some(GivenLayer::Erofs(fd)) => (Some(fd), None),
+            Some(GivenLayer::Overlay { mount, upper }) if req.writes == Writes::CowManaged => {
+                (None, Some((mount, upper)))
+            }
+            Some(GivenLayer::Overlay { .. }) | None => (None, None),
+        };
+        if let Some((lent, upper)) = leased {
+            match attach_clone(lent.as_fd(), target_fd.as_fd()) {
+                Ok(ovl) => {
+                    drop(lent);
+                    let upper = Some((upper, true));
+                    let how = (ImageBacking::Shared, LayerPassing::Fds);
+                    return record_mount(store, &slot, req, &target, ovl, upper, verity, how);
+                }
+                Err(e) => tracing::debug!("the lent overlay was refused ({e}); mounting here"),
+            }
         }
         let mut shared = shared;
         let (mut erofs, mut backing) = match shared.take() {
@@ -176,53 +209,135 @@ pub fn mount_image_over(
             MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
         )
         .map_err(|e| MountError::io("attach mount at", &target, e))?;
-        let (mnt_id, mnt_id_unique, _) = kernel::mount_ids(ovl.as_fd())
-            .map_err(|e| MountError::io("read mount id of", &target, e))?;
-        let report = MountReport {
-            image: req.image,
-            target: target.clone(),
-            writable: upper.is_some(),
-            upper: upper.as_ref().map(|u| u.path.clone()),
-            managed_upper: upper.as_ref().is_some_and(|u| u.managed),
-            verity: verity_option(verity),
-            image_backing: backing,
-            layers: passing,
-            mnt_id,
-            mnt_id_unique,
-        };
-        let record = MountRecord {
-            image: req.image,
-            target: target.clone(),
-            mnt_id_unique,
-            mnt_id,
-            upper: report.upper.clone(),
-            managed_upper: report.managed_upper,
-            verity: report.verity.to_owned(),
-            boot_id: velo_objects::fsutil::boot_id(),
-            created: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-            tenant: match &req.writes {
-                Writes::Tenant(name) => Some(name.clone()),
-                _ => None,
-            },
-            mnt_ns: velo_objects::current_mnt_ns(),
-            mnt_ns_id: velo_objects::mnt_ns_id("/proc/self/ns/mnt".as_ref()),
-            owner: req
-                .owner
-                .and_then(|pid| velo_objects::process_start_time(pid).map(|start| (pid, start))),
-        };
-        if let Err(e) = store.write_mount_record(&slot, &record) {
-            let _ = detach(ovl.as_fd());
-            return Err(e.into());
-        }
-        Ok(report)
+        let upper = upper.as_ref().map(|u| (u.path.clone(), u.managed));
+        record_mount(
+            store,
+            &slot,
+            req,
+            &target,
+            ovl,
+            upper,
+            verity,
+            (backing, passing),
+        )
     })();
     if result.is_err() {
         let _ = store.remove_mount_slot(&slot.token);
     }
     result
+}
+
+/// Attaches a clone of the detached mount `lent` at `target` (the original stays detached
+/// with its holder). Returns the clone.
+fn attach_clone(lent: BorrowedFd<'_>, target: BorrowedFd<'_>) -> rustix::io::Result<OwnedFd> {
+    let clone = rustix::mount::open_tree(
+        lent,
+        "",
+        rustix::mount::OpenTreeFlags::OPEN_TREE_CLONE
+            | rustix::mount::OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | rustix::mount::OpenTreeFlags::AT_EMPTY_PATH,
+    )?;
+    rustix::mount::move_mount(
+        clone.as_fd(),
+        "",
+        target,
+        "",
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+    )?;
+    Ok(clone)
+}
+
+/// Writes the record of the mount `ovl`, just attached at `target`, into its slot (the pin
+/// that keeps its image from GC); detaches it again if that fails.
+#[allow(clippy::too_many_arguments)]
+fn record_mount(
+    store: &Store,
+    slot: &MountSlot,
+    req: &MountRequest,
+    target: &Path,
+    ovl: OwnedFd,
+    upper: Option<(PathBuf, bool)>,
+    verity: VerityMode,
+    (image_backing, layers): (ImageBacking, LayerPassing),
+) -> Result<MountReport> {
+    let (mnt_id, mnt_id_unique, _) = kernel::mount_ids(ovl.as_fd())
+        .map_err(|e| MountError::io("read mount id of", target, e))?;
+    let report = MountReport {
+        image: req.image,
+        target: target.to_owned(),
+        writable: upper.is_some(),
+        managed_upper: upper.as_ref().is_some_and(|u| u.1),
+        upper: upper.map(|u| u.0),
+        verity: verity_option(verity),
+        image_backing,
+        layers,
+        mnt_id,
+        mnt_id_unique,
+    };
+    let record = MountRecord {
+        image: req.image,
+        target: target.to_owned(),
+        mnt_id_unique,
+        mnt_id,
+        upper: report.upper.clone(),
+        managed_upper: report.managed_upper,
+        verity: report.verity.to_owned(),
+        boot_id: velo_objects::fsutil::boot_id(),
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        tenant: match &req.writes {
+            Writes::Tenant(name) => Some(name.clone()),
+            _ => None,
+        },
+        mnt_ns: velo_objects::current_mnt_ns(),
+        mnt_ns_id: velo_objects::mnt_ns_id("/proc/self/ns/mnt".as_ref()),
+        owner: req
+            .owner
+            .and_then(|pid| velo_objects::process_start_time(pid).map(|start| (pid, start))),
+    };
+    if let Err(e) = store.write_mount_record(slot, &record) {
+        let _ = detach(ovl.as_fd());
+        return Err(e.into());
+    }
+    Ok(report)
+}
+
+/// A detached overlay of `image` over its detached EROFS mount `erofs`, with a fresh upper and
+/// work dir in `dir` (created here, inside the store; the caller removes it with the overlay),
+/// its upper discarded (`volatile`). The image cache lends these out. Returns the overlay and
+/// its upper dir.
+pub(crate) fn lease_overlay(
+    store: &Store,
+    image: &Digest,
+    erofs: BorrowedFd<'_>,
+    dir: &Path,
+) -> Result<(OwnedFd, PathBuf)> {
+    let mk = |path: &Path, mode: u32| -> Result<OwnedFd> {
+        rustix::fs::mkdir(path, Mode::from_raw_mode(mode))
+            .map_err(|e| MountError::io("create", path, e))?;
+        rustix::fs::open(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| MountError::io("open", path, e))
+    };
+    let _dir = mk(dir, 0o700)?;
+    let upper_path = dir.join("upper");
+    let upper = mk(&upper_path, 0o755)?;
+    let work = mk(&dir.join("work"), 0o755)?;
+    copy_root_metadata(erofs, upper.as_fd(), &upper_path)?;
+    let objects = store.open_area(Area::Objects)?;
+    let layers = Layers {
+        meta: erofs,
+        data: objects.as_fd(),
+        upper: Some((upper.as_fd(), work.as_fd())),
+        discard_upper: true,
+    };
+    let ovl = overlay_with(image, &layers, store.verity(), LayerPassing::Fds)?;
+    Ok((ovl, upper_path))
 }
 
 fn verity_option(mode: VerityMode) -> &'static str {
@@ -912,7 +1027,7 @@ mod tests {
             );
             return;
         }
-        let store = Store::open_or_create(&dir.path().join("store")).unwrap();
+        let store = Store::open_or_create(dir.path().join("store")).unwrap();
         let image = store
             .store_bytes(velo_objects::Kind::Image, &vec![7u8; 64 << 10])
             .unwrap()

@@ -33,7 +33,10 @@ pub fn image_cache(ctx: &Ctx, command: ImageCacheCommand) -> anyhow::Result<Exit
                     Some(list) => {
                         ctx.say(format!("image cache: running, {} images", list.len()));
                         for c in list {
-                            ctx.say(format!("  {}  {} hits", c.image, c.hits));
+                            ctx.say(format!(
+                                "  {}  {} hits; overlays: {} lent, {} idle, {} reused, {} discarded",
+                                c.image, c.hits, c.lent, c.idle, c.reused, c.discarded
+                            ));
                         }
                     }
                     None => ctx.say("image cache: not running"),

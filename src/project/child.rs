@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use velo_mount::{MountRequest, Writes};
+use velo_mount::{MountRequest, Writes, image_cache};
 use velo_objects::{Digest, Store};
 
 /// What the child does.
@@ -75,16 +75,19 @@ fn ensure_target(target: &std::path::Path, owner: (u32, u32)) -> anyhow::Result<
 /// single-threaded: `unshare(CLONE_NEWNS)` moves only the calling thread. The store is opened
 /// inside, as overlayfs takes layers only from the caller's own namespace.
 ///
-/// `shared` holds, per mount, a request to the image cache for its image's EROFS layer, where
-/// one was sent; its answer is read here, after the namespace and the store are set up.
+/// `shared` holds, per mount, a request to the image cache for a layer of its image (a lent
+/// overlay, or the EROFS layer), where one was sent; its answer is read here, after the
+/// namespace and the store are set up. Returns the store and the leases to hand back (see
+/// [`release`]).
 pub fn enter_and_mount(
     plan: &Plan,
-    mut shared: Vec<Option<velo_mount::image_cache::Pending>>,
-) -> anyhow::Result<Store> {
+    mut shared: Vec<Option<image_cache::Pending>>,
+) -> anyhow::Result<(Store, Vec<image_cache::Lease>)> {
     velo_mount::enter_private_namespace()?;
     let store = Store::open(&plan.store)?;
     let pid = std::process::id();
     shared.resize_with(plan.mounts.len(), || None);
+    let mut leases = Vec::new();
     for (m, shared) in plan.mounts.iter().zip(shared) {
         ensure_target(&m.target, plan.user)?;
         let req = MountRequest {
@@ -98,18 +101,24 @@ pub fn enter_and_mount(
             owner: Some(pid),
             prefetch: false,
         };
-        let shared = shared.and_then(|p| p.receive().ok());
-        if let Err(e) = velo_mount::mount_image_over(&store, &req, shared) {
-            release(&store, plan);
+        let layer = match shared.map(|p| p.receive()) {
+            Some(Ok(granted)) => {
+                leases.extend(granted.lease);
+                Some(granted.layer)
+            }
+            _ => None,
+        };
+        if let Err(e) = velo_mount::mount_image_over(&store, &req, layer) {
+            release(&store, plan, leases);
             return Err(e.into());
         }
     }
-    Ok(store)
+    Ok((store, leases))
 }
 
-/// Unmounts this process's mounts of `plan` (in its private namespace) and removes their
-/// slots and discarded upper dirs from the store.
-pub fn release(store: &Store, plan: &Plan) {
+/// Unmounts this process's mounts of `plan` (in its private namespace), removes their slots
+/// and discarded upper dirs from the store, and hands the image cache's overlays back.
+pub fn release(store: &Store, plan: &Plan, leases: Vec<image_cache::Lease>) {
     for m in plan.mounts.iter().rev() {
         let _ = rustix::mount::unmount(
             &m.target,
@@ -117,6 +126,9 @@ pub fn release(store: &Store, plan: &Plan) {
         );
     }
     remove_slots_of(store, std::process::id());
+    for lease in leases {
+        lease.done();
+    }
 }
 
 /// Removes the mount slots (and discarded upper dirs) whose pins `pid` owns.
@@ -148,7 +160,7 @@ pub fn build(plan: &Plan, build: &Build) -> i32 {
 }
 
 fn build_inner(plan: &Plan, build: &Build) -> anyhow::Result<i32> {
-    let store = enter_and_mount(plan, Vec::new())?;
+    let (store, _) = enter_and_mount(plan, Vec::new())?;
     for m in &plan.mounts {
         // The install writes into the (empty) mount as the invoking user.
         rustix::fs::chown(

@@ -199,7 +199,7 @@ fn run_mounted(
     let Some((program, args)) = argv.split_first() else {
         bail!("no command to run");
     };
-    let store = super::child::enter_and_mount(plan, shared)?;
+    let (store, leases) = super::child::enter_and_mount(plan, shared)?;
     let mut cmd = std::process::Command::new(program);
     cmd.args(args).envs(&plan.env);
     // A working directory inside a mounted dir still points at what is under the mount:
@@ -232,12 +232,13 @@ fn run_mounted(
             })
         }
     };
-    super::child::release(&store, plan);
+    super::child::release(&store, plan, leases);
     status
 }
 
-/// Requests the image cache's EROFS layer for each mount of `plan` (here, in the host's
-/// namespace, before entering the run's; the answers are read once inside). Where no cache
+/// Requests a layer from the image cache for each mount of `plan` — a lent overlay for a
+/// discarded upper, the EROFS layer for a persisted one — here, in the host's namespace,
+/// before entering the run's; the answers are read once inside. Where no cache
 /// runs for the store, one is started in the background for the runs to come;
 /// `VELO_IMAGE_CACHE=off` leaves it out.
 fn shared_layers(store: &Store, plan: &Plan) -> Vec<Option<image_cache::Pending>> {
@@ -247,17 +248,26 @@ fn shared_layers(store: &Store, plan: &Plan) -> Vec<Option<image_cache::Pending>
     let mut started = false;
     plan.mounts
         .iter()
-        .map(|m| match image_cache::request(store, &m.image) {
-            Ok(pending) => Some(pending),
-            Err(image_cache::Miss::NoService) => {
-                if !started {
-                    start_image_cache(store.root());
-                    started = true;
-                }
-                None
-            }
-            Err(image_cache::Miss::Refused) => None,
+        .map(|m| {
+            let want = match m.tenant {
+                None => image_cache::Want::Lease,
+                Some(_) => image_cache::Want::Layer,
+            };
+            (m, want)
         })
+        .map(
+            |(m, want)| match image_cache::request(store, &m.image, want) {
+                Ok(pending) => Some(pending),
+                Err(image_cache::Miss::NoService) => {
+                    if !started {
+                        start_image_cache(store.root());
+                        started = true;
+                    }
+                    None
+                }
+                Err(image_cache::Miss::Refused) => None,
+            },
+        )
         .collect()
 }
 

@@ -1,0 +1,244 @@
+//! When a lent overlay may be lent again: its upper dir untouched, and nothing left that could
+//! still reach it.
+//!
+//! The image cache lends each `velo run` a whole overlay (see [`crate::image_cache`]); the
+//! next run over the same image gets it back with its dentries and inodes warm, instead of a
+//! fresh overlay superblock that looks every path up again. That is only sound when the next
+//! run sees exactly the pristine image, and nothing from the last run can change what it
+//! sees. So a lease is reused only when all of these hold (anything else discards it):
+//!
+//! - the run said it was done, after its command exited and its mount was detached (a run
+//!   that was killed never says so);
+//! - the upper dir is as it was made: no entries, root mode, owner and ctime unchanged (a
+//!   create-and-delete or a `chmod` of the root changes the ctime);
+//! - no mount of the overlay is left in any mount namespace (the command may have made new
+//!   namespaces, e.g. a sandbox, holding copies of it) — mountinfo of every namespace, matched
+//!   by the overlay's device number;
+//! - no process (other than the cache itself, which holds the original) has a file, directory,
+//!   working directory or root on it — every process's fds, matched by the overlay's device
+//!   numbers (overlayfs reports non-directories with per-layer device numbers of its own).
+//!
+//! Not seen: a file descriptor in flight in a unix socket at the moment of the check.
+
+use std::collections::HashSet;
+use std::os::fd::BorrowedFd;
+use std::path::Path;
+
+use rustix::fs::{AtFlags, Mode, OFlags, StatxFlags};
+
+/// How many entries of the overlay are stat'ed to learn its device numbers.
+const DEV_PROBE_ENTRIES: usize = 256;
+
+/// The device numbers files of the overlay `root` report: the overlay's own (directories) and
+/// the per-layer ones of the non-directories found near its root.
+pub(crate) fn overlay_devs(root: BorrowedFd<'_>) -> Vec<u64> {
+    let mut devs = Vec::new();
+    let Ok(st) = rustix::fs::fstat(root) else {
+        return devs;
+    };
+    devs.push(st.st_dev);
+    let mut queue = vec![root.try_clone_to_owned()];
+    let mut seen = 0;
+    while let Some(Ok(dir_fd)) = queue.pop() {
+        let Ok(dir) = rustix::fs::Dir::read_from(&dir_fd) else {
+            continue;
+        };
+        for entry in dir.flatten() {
+            let name = entry.file_name();
+            if name.to_bytes() == b"." || name.to_bytes() == b".." {
+                continue;
+            }
+            seen += 1;
+            if seen > DEV_PROBE_ENTRIES {
+                return devs;
+            }
+            let Ok(st) = rustix::fs::statat(&dir_fd, name, AtFlags::SYMLINK_NOFOLLOW) else {
+                continue;
+            };
+            if !devs.contains(&st.st_dev) {
+                devs.push(st.st_dev);
+            }
+            if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory {
+                queue.push(
+                    rustix::fs::openat(
+                        &dir_fd,
+                        name,
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(std::io::Error::from),
+                );
+            }
+        }
+    }
+    devs
+}
+
+/// The upper dir's state, to tell later whether a run touched it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct UpperState {
+    ctime: (i64, u64),
+    mode: u32,
+    owner: (u32, u32),
+    empty: bool,
+}
+
+/// The upper dir's state now; `None` if it cannot be read.
+pub(crate) fn upper_state(upper: &Path) -> Option<UpperState> {
+    let fd = rustix::fs::open(
+        upper,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    let st = rustix::fs::fstat(&fd).ok()?;
+    let mut dir = rustix::fs::Dir::read_from(&fd).ok()?;
+    let mut empty = true;
+    while let Some(entry) = dir.read() {
+        let entry = entry.ok()?;
+        let name = entry.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            empty = false;
+            break;
+        }
+    }
+    Some(UpperState {
+        ctime: (st.st_ctime, st.st_ctime_nsec as u64),
+        mode: st.st_mode,
+        owner: (st.st_uid, st.st_gid),
+        empty,
+    })
+}
+
+/// Whether any process but `except` can still reach a filesystem whose files report one of
+/// `devs`: a mount of it in any mount namespace, or an open file, working directory or root
+/// on it. Errors count as reachable, except for processes that exited meanwhile.
+pub(crate) fn reachable(devs: &[u64], except: u32) -> bool {
+    let Some(&sb_dev) = devs.first() else {
+        return true;
+    };
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    let mut namespaces = HashSet::new();
+    for p in procs.flatten() {
+        let name = p.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == except {
+            continue;
+        }
+        let dir = Path::new("/proc").join(&name);
+        if let Ok(ns) = std::fs::metadata(dir.join("ns/mnt")) {
+            let ns = std::os::unix::fs::MetadataExt::ino(&ns);
+            if namespaces.insert(ns) && mounts_dev(&dir.join("mountinfo"), sb_dev) {
+                return true;
+            }
+        }
+        for link in ["cwd", "root"] {
+            if dev_of(&dir.join(link)).is_some_and(|d| devs.contains(&d)) {
+                return true;
+            }
+        }
+        let Ok(fds) = std::fs::read_dir(dir.join("fd")) else {
+            continue; // exited meanwhile (or a kernel thread)
+        };
+        if fds
+            .flatten()
+            .any(|fd| dev_of(&fd.path()).is_some_and(|d| devs.contains(&d)))
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// Whether any mount in any mount namespace has `upper` as its upper dir.
+pub(crate) fn upper_mounted(upper: &Path) -> bool {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    let want = format!("upperdir={}", upper.display());
+    let mut namespaces = HashSet::new();
+    procs.flatten().any(|p| {
+        let dir = p.path();
+        let is_pid = p
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.parse::<u32>().is_ok());
+        is_pid
+            && std::fs::metadata(dir.join("ns/mnt"))
+                .is_ok_and(|ns| namespaces.insert(std::os::unix::fs::MetadataExt::ino(&ns)))
+            && std::fs::read_to_string(dir.join("mountinfo")).is_ok_and(|text| {
+                text.lines().any(|l| {
+                    l.split(',')
+                        .any(|opt| opt.rsplit(' ').next() == Some(want.as_str()) || opt == want)
+                })
+            })
+    })
+}
+
+/// Whether the mountinfo file lists a mount of the filesystem with device number `dev`.
+fn mounts_dev(mountinfo: &Path, dev: u64) -> bool {
+    let want = format!("{}:{}", rustix::fs::major(dev), rustix::fs::minor(dev));
+    std::fs::read_to_string(mountinfo)
+        .is_ok_and(|text| text.lines().any(|l| l.split(' ').nth(2) == Some(&want)))
+}
+
+/// The device number of what a `/proc` magic link points at, from cached attributes only (a
+/// hung network or FUSE filesystem must not hang the check).
+fn dev_of(link: &Path) -> Option<u64> {
+    let st = rustix::fs::statx(
+        rustix::fs::CWD,
+        link,
+        AtFlags::STATX_DONT_SYNC,
+        StatxFlags::TYPE,
+    )
+    .ok()?;
+    Some(rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upper_state_sees_entries_and_root_changes() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let upper = dir.path().join("upper");
+        std::fs::create_dir(&upper)?;
+        let before = upper_state(&upper).ok_or(std::io::ErrorKind::NotFound)?;
+        assert!(before.empty);
+        assert_eq!(
+            upper_state(&upper).as_ref(),
+            Some(&before),
+            "stable when untouched"
+        );
+        std::fs::write(upper.join("x"), b"")?;
+        let written = upper_state(&upper).ok_or(std::io::ErrorKind::NotFound)?;
+        assert!(!written.empty);
+        std::fs::remove_file(upper.join("x"))?;
+        let after = upper_state(&upper).ok_or(std::io::ErrorKind::NotFound)?;
+        assert!(after.empty);
+        assert_ne!(
+            after, before,
+            "a create and delete changes the root's ctime"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_held_directory_is_reachable() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let held = std::fs::File::open(dir.path())?;
+        let dev = rustix::fs::fstat(&held)?.st_dev;
+        // This process holds it: reachable unless this process is the exception.
+        assert!(reachable(&[dev], 0));
+        // A device number nothing uses.
+        let unused = rustix::fs::makedev(0, 0xfffff);
+        assert!(!reachable(&[unused], 0));
+        drop(held);
+        Ok(())
+    }
+}
