@@ -41,6 +41,46 @@ fn status_json(env: &Env, project: &Path) -> serde_json::Value {
     serde_json::from_str(&out).unwrap()
 }
 
+/// `velo image-cache status --json`.
+fn image_cache_status(env: &Env, project: &Path) -> serde_json::Value {
+    let (out, _) = ok(
+        velo_in(env, project, &["--json", "image-cache", "status"])
+            .output()
+            .unwrap(),
+        "image-cache status",
+    );
+    serde_json::from_str(&out).unwrap()
+}
+
+/// Waits (at most 30 s) until the image cache runs and `done` holds of its first image's
+/// entry in `velo image-cache status`; returns that entry.
+fn wait_for_image_cache(
+    env: &Env,
+    project: &Path,
+    what: &str,
+    done: &dyn Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let s = image_cache_status(env, project);
+        if s["running"] == true && done(&s["images"][0]) {
+            return s["images"][0].clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {s}");
+        std::thread::yield_now();
+    }
+}
+
+/// The overlay dirs the image cache keeps in the store.
+fn lease_dirs(env: &Env) -> Vec<std::ffi::OsString> {
+    fs::read_dir(env.store.join("mounts"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().starts_with(".lease-"))
+        .collect()
+}
+
 fn npm_project(env: &Env) -> PathBuf {
     let project = env.path("proj");
     fs::create_dir_all(&project).unwrap();
@@ -470,6 +510,13 @@ fn the_pin_lives_as_long_as_the_namespace_and_the_upper_is_volatile() {
         pid = path_str(&pid_file),
         fifo = path_str(&fifo)
     );
+    // (That GC stopped the image cache the first run started.) A run starts it again; the
+    // next one gets an overlay lent by it.
+    ok(
+        velo_in(&env, &project, &["run", "true"]).output().unwrap(),
+        "run",
+    );
+    wait_for_image_cache(&env, &project, "no image cache", &|_| true);
     let mut velo = velo_in(&env, &project, &["run", "sh", "-c", &script])
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -497,6 +544,15 @@ fn the_pin_lives_as_long_as_the_namespace_and_the_upper_is_volatile() {
     let _kill = Kill(command_pid);
     velo.kill().unwrap();
     velo.wait().unwrap();
+    // Its overlay is not lent again while the command still uses it.
+    let c = wait_for_image_cache(&env, &project, "the overlay stays lent", &|i| {
+        i["lent"] == 0 && i["checking"] == 0
+    });
+    assert_eq!(
+        (c["retired"].as_u64(), c["idle"].as_u64()),
+        (Some(1), Some(0)),
+        "{c}"
+    );
 
     env.ok(&["ref", "rm", &ref_name]);
     let r = env.json(&["gc", "--keep-last", "0", "--older-than", "0s"]);
@@ -527,6 +583,8 @@ fn the_pin_lives_as_long_as_the_namespace_and_the_upper_is_volatile() {
         "nothing uses the image any more: {r}"
     );
     assert_eq!(r["stale_pins_cleared"], 1, "{r}");
+    let left = lease_dirs(&env);
+    assert!(left.is_empty(), "overlay dirs left: {left:?}");
     no_mounts_left(&env);
 }
 
@@ -592,6 +650,9 @@ fn runs_share_the_image_through_the_image_cache() {
         .unwrap()
         .to_owned();
     env.ok(&["ref", "rm", &ref_name]);
+    // An overlay dir a killed image cache left behind.
+    let orphan = env.store.join("mounts/.lease-orphan");
+    fs::create_dir_all(orphan.join("upper")).unwrap();
     let r = env.json(&["gc", "--keep-last", "0", "--older-than", "0s"]);
     assert!(r["images_removed"].as_u64().unwrap() >= 1, "{r}");
     assert_eq!(
@@ -599,6 +660,8 @@ fn runs_share_the_image_through_the_image_cache() {
         false,
         "GC stops the cache that held the collected image"
     );
+    let left = lease_dirs(&env);
+    assert!(left.is_empty(), "overlay dirs left after GC: {left:?}");
 }
 
 /// The image cache lends each run a whole overlay and lends it again only when it came back
@@ -614,21 +677,7 @@ fn a_lent_overlay_is_lent_again_only_when_untouched_and_unreachable() {
     let env = Env::new();
     let project = custom_project(&env);
     let wait_for = |what: &str, done: &dyn Fn(&serde_json::Value) -> bool| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            let (out, _) = ok(
-                velo_in(&env, &project, &["--json", "image-cache", "status"])
-                    .output()
-                    .unwrap(),
-                "image-cache status",
-            );
-            let s: serde_json::Value = serde_json::from_str(&out).unwrap();
-            if s["running"] == true && done(&s["images"][0]) {
-                return s["images"][0].clone();
-            }
-            assert!(std::time::Instant::now() < deadline, "{what}: {s}");
-            std::thread::yield_now();
-        }
+        wait_for_image_cache(&env, &project, what, done)
     };
     // Waits until no overlay is lent or being checked; returns the image's counters.
     let settled = || {
@@ -652,20 +701,13 @@ fn a_lent_overlay_is_lent_again_only_when_untouched_and_unreachable() {
         fn drop(&mut self) {
             for f in &self.0 {
                 if let Ok(pid) = fs::read_to_string(f) {
-                    let _ = Command::new("kill").arg(pid.trim()).status();
+                    let _ = Command::new("kill").arg(pid.trim()).output();
                 }
             }
         }
     }
     let holders = Holders(vec![env.path("cwd-holder.pid"), env.path("ns-holder.pid")]);
-    let lease_dirs = || {
-        fs::read_dir(env.store.join("mounts"))
-            .unwrap()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with(".lease-"))
-            .count()
-    };
-
+    let lease_dirs = || lease_dirs(&env).len();
     run("true"); // builds, and starts the image cache
     wait_for("no image cache", &|_| true);
     assert_eq!(run("cat deps/lib/deps.lock"), "v1\n");

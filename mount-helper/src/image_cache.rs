@@ -270,9 +270,18 @@ fn connect(store: &Store) -> Option<UnixStream> {
 }
 
 /// Removes the lease dirs in the store's `mounts/` that no mount in any mount namespace uses
-/// as its upper dir (left by an image cache that was killed or stopped while they were
-/// lent). Call only while no image cache runs for the store. Returns how many it removed.
+/// as its upper dir (left by an image cache that was killed, or stopped while they were lent
+/// or still reachable). Does nothing while an image cache runs for the store. Returns how many
+/// it removed.
 pub fn remove_orphan_leases(store: &Store) -> usize {
+    match store.try_lock_named(LOCK) {
+        Ok(Some(_lock)) => remove_orphans_locked(store),
+        _ => 0,
+    }
+}
+
+/// [`remove_orphan_leases`], the image-cache lock held.
+fn remove_orphans_locked(store: &Store) -> usize {
     let mounts = store.area_path(Area::Mounts);
     let Ok(entries) = std::fs::read_dir(&mounts) else {
         return 0;
@@ -321,6 +330,8 @@ struct Overlay {
     devs: Vec<u64>,
     /// Runs it served.
     uses: u64,
+    /// Checks that found it still reachable after it was retired.
+    retired_checks: u32,
 }
 
 impl Overlay {
@@ -339,8 +350,9 @@ enum Place {
     Idle(Overlay),
     /// In use by a run, which says `done` on this connection.
     Lent(Overlay, UnixStream),
-    /// Discarded while something may still reach it: its dir goes once nothing does.
-    Retired(Overlay),
+    /// Discarded while something may still reach it: its dir goes once nothing does. Checked
+    /// again from the given time on.
+    Retired(Overlay, Instant),
 }
 
 /// What a check thread found, with the overlay it took.
@@ -419,6 +431,9 @@ struct Service<'s> {
     overlays: Vec<Place>,
     checker: Checker,
     next_id: u64,
+    /// Set when the kernel refused to make an overlay here (before Linux 6.13 layers cannot
+    /// be passed as fds): `lease` requests get the EROFS layer from then on.
+    no_leases: bool,
 }
 
 /// Serves the store's image cache until it is idle for `idle`, its store goes, or it is
@@ -429,7 +444,7 @@ pub fn serve(store: &Store, idle: Duration) -> Result<()> {
     let Some(_lock) = store.try_lock_named(LOCK)? else {
         return Ok(()); // another one serves this store
     };
-    let orphans = remove_orphan_leases(store);
+    let orphans = remove_orphans_locked(store);
     if orphans > 0 {
         tracing::info!("image cache: removed {orphans} lease dirs left by an earlier one");
     }
@@ -442,6 +457,7 @@ pub fn serve(store: &Store, idle: Duration) -> Result<()> {
         overlays: Vec::new(),
         checker: Checker::new()?,
         next_id: 0,
+        no_leases: false,
     };
     let mut last = Instant::now();
     let mut tick = Instant::now();
@@ -564,7 +580,7 @@ impl Service<'_> {
                 return None;
             }
         };
-        if verb == "lease" {
+        if verb == "lease" && !self.no_leases {
             match self.lend(&image, erofs) {
                 Ok(overlay) => {
                     let reply = [b"L", overlay.upper.as_os_str().as_bytes(), b"\n"].concat();
@@ -575,7 +591,10 @@ impl Service<'_> {
                     }
                     return None;
                 }
-                Err(e) => tracing::debug!("image cache: no overlay of {image}: {e}"),
+                Err(e) => {
+                    tracing::debug!("image cache: no overlay of {image}: {e}");
+                    self.no_leases |= matches!(e, MountError::Kernel { .. });
+                }
             }
         }
         let _ = send_fd(&stream, b"+", self.images[erofs].mount.as_fd());
@@ -659,6 +678,7 @@ impl Service<'_> {
             upper,
             devs: Vec::new(),
             uses: 1,
+            retired_checks: 0,
         })
     }
 
@@ -679,12 +699,13 @@ impl Service<'_> {
         self.checker.check(overlay, done);
     }
 
-    /// Starts a check of every retired overlay (removed once nothing reaches it).
+    /// Starts a check of every retired overlay that is due (removed once nothing reaches it).
     fn check_retired(&mut self) {
+        let now = Instant::now();
         let mut i = 0;
         while i < self.overlays.len() {
-            if matches!(self.overlays[i], Place::Retired(_)) {
-                if let Place::Retired(o) = self.overlays.swap_remove(i) {
+            if matches!(self.overlays[i], Place::Retired(_, due) if due <= now) {
+                if let Place::Retired(o, _) = self.overlays.swap_remove(i) {
                     self.checker.check(o, false);
                 }
             } else {
@@ -717,11 +738,15 @@ impl Service<'_> {
                         o.remove(); // its image left the cache meanwhile
                     }
                 }
-                Verdict::Retire(o, _) => {
+                Verdict::Retire(mut o, _) => {
                     if let Some(e) = entry {
                         e.discarded += u64::from(discarded);
                     }
-                    self.overlays.push(Place::Retired(o));
+                    // Something may hold it for long (a daemon): check less and less often,
+                    // from every tick up to every 32.
+                    let due = Instant::now() + TICK * (1 << o.retired_checks.min(5));
+                    o.retired_checks += 1;
+                    self.overlays.push(Place::Retired(o, due));
                 }
                 Verdict::Removed(..) => {
                     if let Some(e) = entry {
@@ -796,7 +821,7 @@ impl Service<'_> {
                         .filter(|i| **i == e.image)
                         .count(),
                     retired: count(|p| match p {
-                        Place::Retired(o) => Some(o),
+                        Place::Retired(o, _) => Some(o),
                         _ => None,
                     }),
                     reused: e.reused,

@@ -29,6 +29,10 @@ pub fn gc(ctx: &Ctx, opts: GcOptions) -> anyhow::Result<ExitCode> {
         // Let go of the superblocks of collected images (the cache starts again on demand).
         velo_mount::image_cache::stop(&store);
     }
+    if !opts.dry_run {
+        // Overlay dirs an image cache left behind (killed, or stopped while they were in use).
+        velo_mount::image_cache::remove_orphan_leases(&store);
+    }
     if ctx.json {
         output::json(&r)?;
     } else {
