@@ -464,16 +464,15 @@ pub fn serve(store: &Store, idle: Duration) -> Result<()> {
     let mut stopped_by = None;
     loop {
         // Poll the socket, the checker's wake pipe and every lent overlay's connection.
-        let lent: Vec<usize> = (0..service.overlays.len())
-            .filter(|&i| matches!(service.overlays[i], Place::Lent(..)))
-            .collect();
         let mut fds = vec![
             PollFd::new(&listener, PollFlags::IN),
             PollFd::new(&service.checker.wake_rx, PollFlags::IN),
         ];
-        for &i in &lent {
-            if let Place::Lent(_, stream) = &service.overlays[i] {
+        let mut lent = Vec::new();
+        for place in &service.overlays {
+            if let Place::Lent(overlay, stream) = place {
                 fds.push(PollFd::new(stream, PollFlags::IN));
+                lent.push(overlay.id);
             }
         }
         let timeout = rustix::time::Timespec {
@@ -488,14 +487,14 @@ pub fn serve(store: &Store, idle: Duration) -> Result<()> {
         let revents: Vec<PollFlags> = fds.iter().map(|f| f.revents()).collect();
         drop(fds);
         if ready > 0 {
+            // Connections of lent overlays: `done`, or closed without it.
+            for (k, id) in lent.into_iter().enumerate() {
+                if !revents[2 + k].is_empty() {
+                    service.hand_back(id);
+                }
+            }
             if !revents[1].is_empty() {
                 service.take_verdicts();
-            }
-            // Connections of lent overlays: `done`, or closed without it.
-            for (k, &i) in lent.iter().enumerate().rev() {
-                if !revents[2 + k].is_empty() {
-                    service.hand_back(i);
-                }
             }
             if !revents[0].is_empty()
                 && let Ok((stream, _)) = listener.accept()
@@ -684,7 +683,14 @@ impl Service<'_> {
 
     /// A lent overlay's connection became readable: `done` (check it for reuse) or closed
     /// without it (the run was killed: retire it).
-    fn hand_back(&mut self, i: usize) {
+    fn hand_back(&mut self, id: u64) {
+        let Some(i) = self
+            .overlays
+            .iter()
+            .position(|p| matches!(p, Place::Lent(o, _) if o.id == id))
+        else {
+            return;
+        };
         let Place::Lent(overlay, mut stream) = self.overlays.swap_remove(i) else {
             return;
         };
