@@ -93,6 +93,8 @@ pub enum Want {
 pub struct Pending {
     stream: UnixStream,
     image: Digest,
+    /// The store's `mounts/`, where every lease dir must be.
+    mounts: PathBuf,
 }
 
 /// What the image cache handed out.
@@ -138,6 +140,7 @@ pub fn request(store: &Store, image: &Digest, want: Want) -> std::result::Result
     Ok(Pending {
         stream,
         image: *image,
+        mounts: store.area_path(Area::Mounts),
     })
 }
 
@@ -156,7 +159,17 @@ impl Pending {
             }),
             (Some(b'L'), Some(fd)) => {
                 let upper = PathBuf::from(std::ffi::OsStr::from_bytes(&reply[1..]));
-                let dir = upper.parent().ok_or_else(|| refused("bad lease path"))?;
+                // The run may remove this dir (if the service is gone when it is done): it must
+                // be a lease dir of this store.
+                let dir = upper
+                    .parent()
+                    .filter(|d| {
+                        d.parent().is_some_and(|p| same_dir(p, &self.mounts))
+                            && d.file_name()
+                                .is_some_and(|n| n.as_bytes().starts_with(LEASE_PREFIX.as_bytes()))
+                            && upper.file_name() == Some("upper".as_ref())
+                    })
+                    .ok_or_else(|| refused(&format!("bad lease path {}", upper.display())))?;
                 Ok(Granted {
                     lease: Some(Lease {
                         dir: dir.to_owned(),
@@ -167,6 +180,15 @@ impl Pending {
             }
             _ => Err(refused(&String::from_utf8_lossy(&reply))),
         }
+    }
+}
+
+/// Whether the two paths name the same directory (however spelt).
+fn same_dir(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.is_dir() && (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
     }
 }
 
