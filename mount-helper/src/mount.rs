@@ -162,8 +162,7 @@ pub fn mount_image_over(
                 Err(e) => tracing::debug!("the lent overlay was refused ({e}); mounting here"),
             }
         }
-        let mut shared = shared;
-        let (mut erofs, mut backing) = match shared.take() {
+        let (mut erofs, mut backing) = match shared {
             Some(fd) => (fd, ImageBacking::Shared),
             None => erofs_mount(image_fd.as_fd(), &req.image)?,
         };
