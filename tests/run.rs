@@ -798,6 +798,63 @@ fn a_lent_overlay_is_lent_again_only_when_untouched_and_unreachable() {
     no_mounts_left(&env);
 }
 
+/// Runs at the same time each get an overlay of their own from the image cache: none sees
+/// another's writes, and a later run sees none of them.
+#[test]
+fn parallel_runs_get_overlays_of_their_own() {
+    if !can_mount("parallel_runs_get_overlays_of_their_own") {
+        return;
+    }
+    let env = Env::new();
+    let project = custom_project(&env);
+    ok(
+        velo_in(&env, &project, &["run", "true"]).output().unwrap(),
+        "build",
+    );
+    wait_for_image_cache(&env, &project, "no image cache", &|_| true);
+    // Each writes its own mark, waits until all four have written, then reads its mark back.
+    let marks = env.path("marks");
+    fs::create_dir(&marks).unwrap();
+    let script = format!(
+        "echo $$ > deps/who && touch {m}/$$ && \
+         while [ $(ls {m} | wc -l) -lt 4 ]; do :; done && \
+         [ \"$(cat deps/who)\" = $$ ] && echo own",
+        m = path_str(&marks)
+    );
+    let runs: Vec<_> = (0..4)
+        .map(|_| {
+            velo_in(&env, &project, &["run", "sh", "-c", &script])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for r in runs {
+        let (out, _) = ok(r.wait_with_output().unwrap(), "parallel run");
+        assert_eq!(out, "own\n", "a run saw another's write");
+    }
+    let (out, _) = ok(
+        velo_in(
+            &env,
+            &project,
+            &["run", "sh", "-c", "test ! -e deps/who && echo clean"],
+        )
+        .output()
+        .unwrap(),
+        "run after",
+    );
+    assert_eq!(out, "clean\n");
+    let c = wait_for_image_cache(&env, &project, "overlays not handed back", &|i| {
+        i["lent"] == 0 && i["checking"] == 0
+    });
+    assert!(
+        c["discarded"].as_u64().unwrap() >= 4,
+        "written overlays are discarded: {c}"
+    );
+    no_mounts_left(&env);
+}
+
 #[test]
 fn without_root_velo_run_says_what_it_needs() {
     if !rustix::process::geteuid().is_root() {
