@@ -599,27 +599,12 @@ fn runs_share_the_image_through_the_image_cache() {
     }
     let env = Env::new();
     let project = custom_project(&env);
-    let cache_status = || {
-        let (out, _) = ok(
-            velo_in(&env, &project, &["--json", "image-cache", "status"])
-                .output()
-                .unwrap(),
-            "image-cache status",
-        );
-        serde_json::from_str::<serde_json::Value>(&out).unwrap()
-    };
+    let cache_status = || image_cache_status(&env, &project);
     let cat = ["run", "cat", "deps/lib/deps.lock"];
     ok(velo_in(&env, &project, &cat).output().unwrap(), "build");
     // The first warm run finds no cache and starts one (in the background).
     ok(velo_in(&env, &project, &cat).output().unwrap(), "run 1");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while cache_status()["running"] != true {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no image cache started"
-        );
-        std::thread::yield_now();
-    }
+    wait_for_image_cache(&env, &project, "no image cache started", &|_| true);
     let image = status_json(&env, &project)[0]["image"].clone();
     for i in 0..3 {
         let (out, _) = ok(velo_in(&env, &project, &cat).output().unwrap(), "run");

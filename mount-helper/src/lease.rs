@@ -22,7 +22,7 @@
 
 use std::collections::HashSet;
 use std::os::fd::BorrowedFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rustix::fs::{AtFlags, Mode, OFlags, StatxFlags};
 
@@ -117,24 +117,22 @@ pub(crate) fn reachable(devs: &[u64], except: u32) -> bool {
     let Some(&sb_dev) = devs.first() else {
         return true;
     };
-    let Ok(procs) = std::fs::read_dir("/proc") else {
+    let Some(procs) = processes() else {
         return true;
     };
-    let mut namespaces = HashSet::new();
-    for p in procs.flatten() {
-        let name = p.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
-            continue;
-        };
+    let mount = format!(
+        "{}:{}",
+        rustix::fs::major(sb_dev),
+        rustix::fs::minor(sb_dev)
+    );
+    let mut namespaces = Namespaces::default();
+    for (pid, dir) in procs {
         if pid == except {
             continue;
         }
-        let dir = Path::new("/proc").join(&name);
-        if let Ok(ns) = std::fs::metadata(dir.join("ns/mnt")) {
-            let ns = std::os::unix::fs::MetadataExt::ino(&ns);
-            if namespaces.insert(ns) && mounts_dev(&dir.join("mountinfo"), sb_dev) {
-                return true;
-            }
+        // Field 3 of a mountinfo line is the filesystem's device number.
+        if namespaces.mountinfo_has(&dir, |l| l.split(' ').nth(2) == Some(&mount)) {
+            return true;
         }
         for link in ["cwd", "root"] {
             if dev_of(&dir.join(link)).is_some_and(|d| devs.contains(&d)) {
@@ -156,34 +154,46 @@ pub(crate) fn reachable(devs: &[u64], except: u32) -> bool {
 
 /// Whether any mount in any mount namespace has `upper` as its upper dir.
 pub(crate) fn upper_mounted(upper: &Path) -> bool {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
+    let Some(procs) = processes() else {
         return true;
     };
     let want = format!("upperdir={}", upper.display());
-    let mut namespaces = HashSet::new();
-    procs.flatten().any(|p| {
-        let dir = p.path();
-        let is_pid = p
-            .file_name()
-            .to_str()
-            .is_some_and(|n| n.parse::<u32>().is_ok());
-        is_pid
-            && std::fs::metadata(dir.join("ns/mnt"))
-                .is_ok_and(|ns| namespaces.insert(std::os::unix::fs::MetadataExt::ino(&ns)))
-            && std::fs::read_to_string(dir.join("mountinfo")).is_ok_and(|text| {
-                text.lines().any(|l| {
-                    l.split(',')
-                        .any(|opt| opt.rsplit(' ').next() == Some(want.as_str()) || opt == want)
-                })
-            })
+    let mut namespaces = Namespaces::default();
+    procs.into_iter().any(|(_, dir)| {
+        namespaces.mountinfo_has(&dir, |l| {
+            l.split(',')
+                .any(|opt| opt.rsplit(' ').next() == Some(want.as_str()) || opt == want)
+        })
     })
 }
 
-/// Whether the mountinfo file lists a mount of the filesystem with device number `dev`.
-fn mounts_dev(mountinfo: &Path, dev: u64) -> bool {
-    let want = format!("{}:{}", rustix::fs::major(dev), rustix::fs::minor(dev));
-    std::fs::read_to_string(mountinfo)
-        .is_ok_and(|text| text.lines().any(|l| l.split(' ').nth(2) == Some(&want)))
+/// Every process's pid and `/proc/PID` dir; `None` if `/proc` cannot be read.
+fn processes() -> Option<Vec<(u32, PathBuf)>> {
+    let procs = std::fs::read_dir("/proc").ok()?;
+    Some(
+        procs
+            .flatten()
+            .filter_map(|p| {
+                let pid = p.file_name().to_str()?.parse::<u32>().ok()?;
+                Some((pid, p.path()))
+            })
+            .collect(),
+    )
+}
+
+/// The mount namespaces met so far, so that each one's mount table is read once.
+#[derive(Default)]
+struct Namespaces(HashSet<u64>);
+
+impl Namespaces {
+    /// Whether the process at `dir` is the first met in its mount namespace and a line of its
+    /// mountinfo satisfies `pred`.
+    fn mountinfo_has(&mut self, dir: &Path, pred: impl Fn(&str) -> bool) -> bool {
+        std::fs::metadata(dir.join("ns/mnt"))
+            .is_ok_and(|ns| self.0.insert(std::os::unix::fs::MetadataExt::ino(&ns)))
+            && std::fs::read_to_string(dir.join("mountinfo"))
+                .is_ok_and(|text| text.lines().any(&pred))
+    }
 }
 
 /// The device number of what a `/proc` magic link points at, from cached attributes only (a

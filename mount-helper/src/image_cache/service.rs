@@ -423,14 +423,13 @@ impl Service<'_> {
     /// Starts a check of every retired overlay that is due (removed once nothing reaches it).
     fn check_retired(&mut self) {
         let now = Instant::now();
-        let mut i = 0;
-        while i < self.overlays.len() {
-            if matches!(self.overlays[i], Place::Retired(_, due) if due <= now) {
-                if let Place::Retired(o, _) = self.overlays.swap_remove(i) {
-                    self.checker.check(o, false);
-                }
-            } else {
-                i += 1;
+        let due: Vec<Place> = self
+            .overlays
+            .extract_if(.., |p| matches!(p, Place::Retired(_, due) if *due <= now))
+            .collect();
+        for place in due {
+            if let Place::Retired(o, _) = place {
+                self.checker.check(o, false);
             }
         }
     }
@@ -480,35 +479,27 @@ impl Service<'_> {
 
     /// Keeps at most [`IDLE_LEASES`] idle overlays of `image`: the ones that served most runs.
     fn trim_idle(&mut self, image: &Digest) {
-        loop {
-            let idle: Vec<usize> = (0..self.overlays.len())
-                .filter(|&i| matches!(&self.overlays[i], Place::Idle(o) if o.image == *image))
-                .collect();
-            if idle.len() <= IDLE_LEASES {
-                return;
-            }
-            let Some(&coldest) = idle.iter().min_by_key(|&&i| match &self.overlays[i] {
-                Place::Idle(o) => o.uses,
-                _ => 0,
-            }) else {
-                return;
-            };
-            if let Place::Idle(o) = self.overlays.swap_remove(coldest) {
-                o.remove();
-            }
-        }
+        let mut idle: Vec<(u64, u64)> = self
+            .overlays
+            .iter()
+            .filter_map(|p| match p {
+                Place::Idle(o) if o.image == *image => Some((o.uses, o.id)),
+                _ => None,
+            })
+            .collect();
+        idle.sort_unstable_by(|a, b| b.cmp(a));
+        let colder: Vec<u64> = idle.iter().skip(IDLE_LEASES).map(|&(_, id)| id).collect();
+        self.remove_idle(|o| colder.contains(&o.id));
     }
 
     /// Removes the idle overlays `pick` selects.
     fn remove_idle(&mut self, pick: impl Fn(&Overlay) -> bool) {
-        let mut i = 0;
-        while i < self.overlays.len() {
-            if matches!(&self.overlays[i], Place::Idle(o) if pick(o)) {
-                if let Place::Idle(o) = self.overlays.swap_remove(i) {
-                    o.remove();
-                }
-            } else {
-                i += 1;
+        for place in self
+            .overlays
+            .extract_if(.., |p| matches!(p, Place::Idle(o) if pick(o)))
+        {
+            if let Place::Idle(o) = place {
+                o.remove();
             }
         }
     }
