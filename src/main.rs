@@ -6,7 +6,6 @@ mod commands;
 mod logging;
 mod output;
 mod progress;
-mod project;
 
 use std::process::ExitCode;
 

@@ -9,10 +9,10 @@ use velo_objects::Store;
 
 use super::Ctx;
 use crate::output;
-use crate::project::config::{Config, FILE};
-use crate::project::run::{RunOptions, persist_tenant};
-use crate::project::user::User;
-use crate::project::{detect, project_dir, resolve};
+use velo_project::config::{Config, FILE};
+use velo_project::run::{RunOptions, persist_tenant};
+use velo_project::user::User;
+use velo_project::{detect, project_dir, resolve};
 
 pub fn init(ctx: &Ctx, project: Option<&Path>, force: bool) -> anyhow::Result<ExitCode> {
     let project = project_dir(project)?;
@@ -57,7 +57,7 @@ pub fn run(
         project,
         quiet: ctx.quiet,
     };
-    crate::project::run::run(&ctx.store, command, &opts)
+    velo_project::run::run(&ctx.store, command, &opts)
 }
 
 #[derive(Serialize)]

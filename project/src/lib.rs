@@ -1,5 +1,7 @@
-//! Projects: `velo init`, `velo run`, `velo status` — a project's dependency dirs, keyed by its
-//! lockfiles, built once and then mounted in milliseconds.
+//! # velo-project: a project's dependency dirs — `velo init`, `velo run`, `velo status`
+//!
+//! A project's dependency dirs, keyed by its lockfiles, built once and then mounted in
+//! milliseconds. The CLI (`src/`) only parses arguments and prints; the flows live here.
 
 pub mod child;
 pub mod config;
