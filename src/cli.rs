@@ -10,9 +10,15 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "velo", version, about, propagate_version = true)]
 pub struct Cli {
-    /// The store directory.
-    #[arg(long, global = true, env = "VELO_STORE", default_value = velo_objects::DEFAULT_STORE)]
-    pub store: PathBuf,
+    /// The store directory (default /var/lib/velo). An ordinary user who names no store works
+    /// through velo-mountd, which owns the default one; one who names a store of their own
+    /// works on it directly.
+    #[arg(long, global = true, env = "VELO_STORE", value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    /// velo-mountd's socket, for an ordinary user's commands (and root's runs, where the
+    /// service serves the same store).
+    #[arg(long, global = true, env = "VELO_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
     /// Print one JSON document instead of text.
     #[arg(long, global = true)]
     pub json: bool,
@@ -127,11 +133,11 @@ pub enum Command {
         #[command(subcommand)]
         command: TenantCommand,
     },
-    /// The image cache: a root-only service that keeps recently run images' EROFS superblocks
-    /// warm for `velo run` (started by it; exits after 10 idle minutes or when stopped).
-    ImageCache {
+    /// velo-mountd, the root service that hands ordinary users their mounts: whether it runs,
+    /// what it holds (root), stop it (root).
+    Service {
         #[command(subcommand)]
-        command: ImageCacheCommand,
+        command: ServiceCommand,
     },
     /// Remove images no ref, tenant or live mount needs, then objects no image references.
     Gc {
@@ -220,15 +226,13 @@ pub struct RegistryArgs {
     pub jobs: usize,
 }
 
-/// `velo image-cache …`
+/// `velo service …`
 #[derive(Debug, Subcommand)]
-pub enum ImageCacheCommand {
-    /// Serve in the foreground (what `velo run` starts in the background).
-    Serve,
-    /// Stop the store's image cache (it lets go of every image it holds).
-    Stop,
-    /// Whether it runs.
+pub enum ServiceCommand {
+    /// Whether velo-mountd answers, for whom, which store; for root also the images it holds.
     Status,
+    /// Stop velo-mountd (root only); returns once it has let everything go.
+    Stop,
 }
 
 /// `velo tenant …`
@@ -299,6 +303,15 @@ pub enum RefCommand {
         /// Ref name.
         name: String,
     },
+    /// Publish a ref for every user (root only): users' `velo mount`/`velo run` may then use
+    /// it read-only by its name. Refused for an image with set-id files or device nodes.
+    Publish {
+        /// Ref name (root's).
+        name: String,
+        /// The name users see (default: the same).
+        #[arg(long = "as", value_name = "NAME")]
+        public_name: Option<String>,
+    },
     /// Images a ref pointed at before, newest first.
     History {
         /// Ref name.
@@ -306,56 +319,7 @@ pub enum RefCommand {
     },
 }
 
-/// Parses `90s`, `15m`, `12h`, `30d`, `2w` (a bare number is seconds).
-pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
-    let t = text.trim();
-    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 30d, 12h, 15m, 90s"))?;
-    let secs = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        "w" => 7 * 86_400,
-        _ => {
-            return Err(format!(
-                "{text:?}: unknown unit {unit:?} (use s, m, h, d or w)"
-            ));
-        }
-    };
-    Ok(std::time::Duration::from_secs(n.saturating_mul(secs)))
-}
-
-/// Parses a size: bytes, or with a K, M, G or T suffix (powers of 1024; `KiB`/`KB` forms too).
-pub fn parse_bytes(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size like 512M or 2G"))?;
-    let shift = match unit
-        .trim()
-        .to_ascii_uppercase()
-        .trim_end_matches("IB")
-        .trim_end_matches('B')
-    {
-        "" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        other => {
-            return Err(format!(
-                "{text:?}: unknown unit {other:?} (use K, M, G or T)"
-            ));
-        }
-    };
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("{text:?} is too large"))
-}
+pub use velo_mount::units::{parse_bytes, parse_duration};
 
 /// Parses `velo [GLOBALS] run [RUN OPTIONS] [--] CMD…` without building clap's command tree.
 ///
@@ -367,6 +331,7 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
 /// test holds it to clap's result on every form it accepts.
 pub fn parse_run_fast(argv: &[OsString]) -> Option<Cli> {
     let mut store: Option<PathBuf> = None;
+    let mut socket: Option<PathBuf> = None;
     let (mut json, mut quiet, mut verbose) = (false, false, 0u8);
     let (mut project, mut user, mut persist) = (None, None, false);
     let mut args = argv.iter().skip(1);
@@ -390,6 +355,7 @@ pub fn parse_run_fast(argv: &[OsString]) -> Option<Cli> {
         // clap refuses an option given twice (except -v): so does this, by declining.
         match name {
             "--store" if store.is_none() => store = Some(PathBuf::from(value(inline)?)),
+            "--socket" if socket.is_none() => socket = Some(PathBuf::from(value(inline)?)),
             "--json" if flag && !json => json = true,
             "-q" | "--quiet" if flag && !quiet => quiet = true,
             "-v" | "--verbose" if flag => verbose = verbose.checked_add(1)?,
@@ -412,15 +378,22 @@ pub fn parse_run_fast(argv: &[OsString]) -> Option<Cli> {
         return None;
     }
     let store = match store {
-        Some(s) => s,
+        Some(s) => Some(s),
         None => match std::env::var_os("VELO_STORE") {
-            Some(v) if !v.is_empty() => PathBuf::from(v),
+            Some(v) if !v.is_empty() => Some(PathBuf::from(v)),
             Some(_) => return None,
-            None => PathBuf::from(velo_objects::DEFAULT_STORE),
+            None => None,
         },
     };
     Some(Cli {
         store,
+        socket: match socket {
+            Some(s) => Some(s),
+            None => match std::env::var_os("VELO_SOCKET") {
+                Some(v) if v.is_empty() => return None,
+                v => v.map(PathBuf::from),
+            },
+        },
         json,
         quiet,
         verbose,

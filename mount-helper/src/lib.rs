@@ -13,15 +13,17 @@
 //! identified by mount ID through an fd.
 
 mod error;
-pub mod image_cache;
 pub mod kernel;
 mod lease;
 mod loopdev;
 mod mount;
 pub mod mountinfo;
 pub mod privilege;
+pub mod protocol;
+pub mod service;
 mod target;
 mod umount;
+pub mod units;
 
 pub use error::{MountError, Result};
 pub use mount::{

@@ -948,7 +948,7 @@ pub fn work_dir_name(name: &OsStr) -> std::ffi::OsString {
 
 /// The merged root directory takes its metadata from the upper dir: give a fresh upper dir
 /// the image root's mode, owner and mtime so the mount's root looks like the snapshot's.
-fn copy_root_metadata(
+pub(crate) fn copy_root_metadata(
     image_root: BorrowedFd<'_>,
     upper: BorrowedFd<'_>,
     path: &Path,
@@ -975,6 +975,58 @@ fn copy_root_metadata(
     };
     rustix::fs::futimens(upper, &ts).map_err(|e| MountError::io("set times of", path, e))?;
     Ok(())
+}
+
+/// A detached, read-only overlay of `image` over its detached EROFS mount `erofs` (no upper):
+/// what a read-only mount of the service hands out, cloned per caller.
+pub(crate) fn read_only_overlay(
+    store: &Store,
+    image: &Digest,
+    erofs: BorrowedFd<'_>,
+) -> Result<OwnedFd> {
+    let objects = store.open_area(Area::Objects)?;
+    let layers = Layers {
+        meta: erofs,
+        data: objects.as_fd(),
+        upper: None,
+        discard_upper: false,
+    };
+    overlay_with(image, &layers, store.verity(), LayerPassing::Fds)
+}
+
+/// A detached overlay of `image` over `erofs` whose writes go to the tenant's upper dir
+/// (kept across mounts). The caller makes sure the tenant is not mounted elsewhere.
+pub(crate) fn tenant_overlay(
+    store: &Store,
+    image: &Digest,
+    erofs: BorrowedFd<'_>,
+    tenant: &velo_objects::TenantDirs,
+) -> Result<OwnedFd> {
+    let objects = store.open_area(Area::Objects)?;
+    let layers = Layers {
+        meta: erofs,
+        data: objects.as_fd(),
+        upper: Some((tenant.upper.as_fd(), tenant.work.as_fd())),
+        discard_upper: false,
+    };
+    overlay_with(image, &layers, store.verity(), LayerPassing::Fds)
+}
+
+/// A detached copy of the detached mount `mount` (`open_tree(OPEN_TREE_CLONE)`): it shares
+/// the superblock, and whoever gets it may attach it while the original stays here.
+pub(crate) fn clone_mount(mount: BorrowedFd<'_>) -> Result<OwnedFd> {
+    rustix::mount::open_tree(
+        mount,
+        "",
+        rustix::mount::OpenTreeFlags::OPEN_TREE_CLONE
+            | rustix::mount::OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | rustix::mount::OpenTreeFlags::AT_EMPTY_PATH,
+    )
+    .map_err(|e| MountError::Kernel {
+        errno: Some(e),
+        what: "clone a detached mount".into(),
+        detail: e.to_string(),
+    })
 }
 
 /// What [`probe`] found the kernel can do.

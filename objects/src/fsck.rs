@@ -268,6 +268,8 @@ impl Store {
                     expected: "a marker held by a running writer".into(),
                     found: "nobody holds it".into(),
                 });
+            } else if crate::staging::in_use(self, s) {
+                continue; // a live import's staging directory
             } else {
                 out.push(Finding {
                     kind: "tmp-leftover",

@@ -207,6 +207,30 @@ impl Store {
     ) -> Result<Stored> {
         let path = self.path_of(kind, expected);
         let staged = self.stage()?;
+        self.copy_verified(src, expected, size, what, staged.fd.as_fd(), &path)?;
+        if self.has(kind, expected, size)? {
+            return Ok(Stored {
+                digest: *expected,
+                size,
+                new: false,
+            });
+        }
+        self.publish(kind, staged, *expected, size)
+    }
+
+    /// Copies exactly `size` bytes from `src` into `dst` while hashing them; anything but the
+    /// bytes of `expected` — a wrong byte, too few or too many — is [`StoreError::Mismatch`].
+    /// Aligned 4 KiB blocks of zeros are left as holes. `path` names the destination in
+    /// messages, `what` the source.
+    pub(crate) fn copy_verified(
+        &self,
+        src: &mut dyn std::io::Read,
+        expected: &Digest,
+        size: u64,
+        what: &str,
+        dst: BorrowedFd<'_>,
+        path: &std::path::Path,
+    ) -> Result<()> {
         let mut hasher = VerityHasher::new();
         let mut buf = vec![0u8; COPY_CHUNK];
         let mut pos = 0u64;
@@ -239,24 +263,17 @@ impl Store {
                 let aligned = at.is_multiple_of(crate::verity::BLOCK_SIZE as u64)
                     && block.len() == crate::verity::BLOCK_SIZE;
                 if !(aligned && block.iter().all(|&b| b == 0)) {
-                    fsutil::pwrite_all(staged.fd.as_fd(), block, at).ctx("write", &path)?;
+                    fsutil::pwrite_all(dst, block, at).ctx("write", path)?;
                 }
             }
             pos += n as u64;
         }
-        rustix::fs::ftruncate(&staged.fd, size).ctx("write", &path)?;
+        rustix::fs::ftruncate(dst, size).ctx("write", path)?;
         let found = hasher.finalize();
         if found != *expected {
             return Err(mismatch(Some(found), size));
         }
-        if self.has(kind, expected, size)? {
-            return Ok(Stored {
-                digest: found,
-                size,
-                new: false,
-            });
-        }
-        self.publish(kind, staged, found, size)
+        Ok(())
     }
 
     fn try_reflink(&self, dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> bool {

@@ -32,6 +32,7 @@ mod mounts;
 mod quota;
 mod refs;
 mod session;
+mod staging;
 mod store;
 mod tenants;
 mod verify;
@@ -50,6 +51,7 @@ pub use mounts::{
 };
 pub use refs::{MAX_REF_LEN, validate_ref_name};
 pub use session::{Recovery, WriteSession};
+pub use staging::Staging;
 pub use store::{Area, DEFAULT_STORE, Store, filesystem_supports_verity};
 pub use tenants::{Tenant, TenantDirs, validate_tenant_name};
 pub use verify::Verdict;

@@ -8,8 +8,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use velo_mount::{MountRequest, Writes, image_cache};
+use velo_mount::{MountRequest, Writes};
 use velo_objects::{Digest, Store};
+
+use super::user::User;
 
 /// What the child does.
 #[derive(Debug, Clone)]
@@ -18,8 +20,8 @@ pub struct Plan {
     pub store: PathBuf,
     /// The project (the command's working directory).
     pub project: PathBuf,
-    /// Run as (uid, gid).
-    pub user: (u32, u32),
+    /// Run as.
+    pub user: User,
     /// Mounts to make, in order.
     pub mounts: Vec<PlannedMount>,
     /// Environment to set for the command (or the install).
@@ -46,17 +48,9 @@ pub struct Build {
     pub install: String,
 }
 
-fn user(plan: &Plan) -> super::user::User {
-    super::user::User {
-        uid: plan.user.0,
-        gid: plan.user.1,
-        home: PathBuf::new(),
-    }
-}
-
 /// Creates a missing mount target as the invoking user's (so the project is not left with
 /// root-owned empty dirs).
-fn ensure_target(target: &std::path::Path, owner: (u32, u32)) -> anyhow::Result<()> {
+pub fn ensure_target(target: &std::path::Path, owner: (u32, u32)) -> anyhow::Result<()> {
     if std::fs::symlink_metadata(target).is_ok() {
         return Ok(());
     }
@@ -74,22 +68,12 @@ fn ensure_target(target: &std::path::Path, owner: (u32, u32)) -> anyhow::Result<
 /// host) and mounts every mount of `plan` in it, owned by this process. The caller must be
 /// single-threaded: `unshare(CLONE_NEWNS)` moves only the calling thread. The store is opened
 /// inside, as overlayfs takes layers only from the caller's own namespace.
-///
-/// `shared` holds, per mount, a request to the image cache for a layer of its image (a lent
-/// overlay, or the EROFS layer), where one was sent; its answer is read here, after the
-/// namespace and the store are set up. Returns the store and the leases to hand back (see
-/// [`release`]).
-pub fn enter_and_mount(
-    plan: &Plan,
-    mut shared: Vec<Option<image_cache::Pending>>,
-) -> anyhow::Result<(Store, Vec<image_cache::Lease>)> {
+pub fn enter_and_mount(plan: &Plan) -> anyhow::Result<Store> {
     velo_mount::enter_private_namespace()?;
     let store = Store::open(&plan.store)?;
     let pid = std::process::id();
-    shared.resize_with(plan.mounts.len(), || None);
-    let mut leases = Vec::new();
-    for (m, shared) in plan.mounts.iter().zip(shared) {
-        ensure_target(&m.target, plan.user)?;
+    for m in &plan.mounts {
+        ensure_target(&m.target, (plan.user.uid, plan.user.gid))?;
         let req = MountRequest {
             image: m.image,
             target: m.target.clone(),
@@ -101,24 +85,17 @@ pub fn enter_and_mount(
             owner: Some(pid),
             prefetch: false,
         };
-        let layer = match shared.map(|p| p.receive()) {
-            Some(Ok(granted)) => {
-                leases.extend(granted.lease);
-                Some(granted.layer)
-            }
-            _ => None,
-        };
-        if let Err(e) = velo_mount::mount_image_over(&store, &req, layer) {
-            release(&store, plan, leases);
+        if let Err(e) = velo_mount::mount_image(&store, &req) {
+            release(&store, plan);
             return Err(e.into());
         }
     }
-    Ok((store, leases))
+    Ok(store)
 }
 
-/// Unmounts this process's mounts of `plan` (in its private namespace), removes their slots
-/// and discarded upper dirs from the store, and hands the image cache's overlays back.
-pub fn release(store: &Store, plan: &Plan, leases: Vec<image_cache::Lease>) {
+/// Unmounts this process's mounts of `plan` (in its private namespace) and removes their
+/// slots and discarded upper dirs from the store.
+pub fn release(store: &Store, plan: &Plan) {
     for m in plan.mounts.iter().rev() {
         let _ = rustix::mount::unmount(
             &m.target,
@@ -126,9 +103,6 @@ pub fn release(store: &Store, plan: &Plan, leases: Vec<image_cache::Lease>) {
         );
     }
     remove_slots_of(store, std::process::id());
-    for lease in leases {
-        lease.done();
-    }
 }
 
 /// Removes the mount slots (and discarded upper dirs) whose pins `pid` owns.
@@ -160,17 +134,16 @@ pub fn build(plan: &Plan, build: &Build) -> i32 {
 }
 
 fn build_inner(plan: &Plan, build: &Build) -> anyhow::Result<i32> {
-    let (store, _) = enter_and_mount(plan, Vec::new())?;
+    let store = enter_and_mount(plan)?;
     for m in &plan.mounts {
         // The install writes into the (empty) mount as the invoking user.
         rustix::fs::chown(
             &m.target,
-            Some(rustix::fs::Uid::from_raw(plan.user.0)),
-            Some(rustix::fs::Gid::from_raw(plan.user.1)),
+            Some(rustix::fs::Uid::from_raw(plan.user.uid)),
+            Some(rustix::fs::Gid::from_raw(plan.user.gid)),
         )
         .with_context(|| format!("chown {}", m.target.display()))?;
     }
-    let user = user(plan);
     let mut cmd = std::process::Command::new("sh");
     cmd.arg("-c").arg(&build.install).current_dir(&plan.project);
     cmd.envs(&plan.env);
@@ -178,7 +151,7 @@ fn build_inner(plan: &Plan, build: &Build) -> anyhow::Result<i32> {
     if let Ok(err) = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
         cmd.stdout(err);
     }
-    user.apply(&mut cmd);
+    plan.user.apply(&mut cmd);
     let status = cmd
         .status()
         .with_context(|| format!("start the install `{}`", build.install))?;

@@ -41,6 +41,28 @@ struct InputDigest {
 }
 
 const CACHE: &str = "key-cache-v2.json";
+
+/// Where the key cache lives: in the store (root, which owns it), or in the user's own cache
+/// directory (an ordinary user, who never opens the store).
+#[derive(Debug)]
+pub enum CacheAt<'a> {
+    /// The store's `cache/`.
+    Store(&'a Store),
+    /// A directory of the user's (see [`crate::user_cache_dir`]).
+    Dir(PathBuf),
+}
+
+/// Writes `data` to `path` through a temporary file beside it, renamed into place.
+fn write_atomically(path: &Path, data: &[u8]) -> Result<(), String> {
+    let dir = path.parent().ok_or("no parent directory")?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let tmp = dir.join(format!(".{}.tmp", std::process::id()));
+    std::fs::write(&tmp, data).map_err(|e| format!("write {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("rename into {}: {e}", path.display())
+    })
+}
 /// Input digests kept at most (the least recently recorded go first).
 const MAX_INPUTS: usize = 4096;
 /// A file whose ctime is this close to now may still change within the same timestamp tick:
@@ -49,13 +71,13 @@ const RACY_NS: u64 = 2_000_000_000;
 
 impl KeyCache {
     /// Loads the cache (an unreadable one is empty).
-    pub fn load(store: &Store) -> Self {
-        let data = store
-            .read_cache(CACHE)
-            .ok()
-            .flatten()
-            .and_then(|d| serde_json::from_slice(&d).ok())
-            .unwrap_or_default();
+    pub fn load(at: &CacheAt<'_>) -> Self {
+        let data = match at {
+            CacheAt::Store(store) => store.read_cache(CACHE).ok().flatten(),
+            CacheAt::Dir(dir) => std::fs::read(dir.join(CACHE)).ok(),
+        }
+        .and_then(|d| serde_json::from_slice(&d).ok())
+        .unwrap_or_default();
         Self {
             data,
             dirty: false,
@@ -64,11 +86,18 @@ impl KeyCache {
     }
 
     /// Saves it if it changed.
-    pub fn save(&self, store: &Store) {
-        if self.dirty
-            && let Ok(data) = serde_json::to_vec(&self.data)
-            && let Err(e) = store.write_cache(CACHE, &data)
-        {
+    pub fn save(&self, at: &CacheAt<'_>) {
+        if !self.dirty {
+            return;
+        }
+        let Ok(data) = serde_json::to_vec(&self.data) else {
+            return;
+        };
+        let saved = match at {
+            CacheAt::Store(store) => store.write_cache(CACHE, &data).map_err(|e| e.to_string()),
+            CacheAt::Dir(dir) => write_atomically(&dir.join(CACHE), &data),
+        };
+        if let Err(e) = saved {
             tracing::warn!("could not save the key cache: {e}");
         }
     }
@@ -207,7 +236,10 @@ pub fn unit_hasher(
     cache: &mut KeyCache,
 ) -> anyhow::Result<blake3::Hasher> {
     let mut h = blake3::Hasher::new();
-    put(&mut h, "velo-deps-key", b"v2");
+    put(&mut h, "velo-deps-key", b"v3");
+    // v3: the owner of the installed tree keys it, so no user is ever handed a tree another
+    // user installed (it would be theirs, and not writable by this one).
+    put(&mut h, "owner", format!("{}:{}", user.uid, user.gid).as_bytes());
     put(&mut h, "ecosystem", unit.ecosystem.as_bytes());
     put(&mut h, "install", unit.install.as_bytes());
     for (k, v) in &unit.env {

@@ -3,19 +3,20 @@
 //! A project's dependency dirs, keyed by its lockfiles, built once and then mounted in
 //! milliseconds. The CLI (`src/`) only parses arguments and prints; the flows live here.
 
+pub mod build;
 pub mod child;
+pub mod client;
 pub mod config;
 pub mod detect;
 pub mod key;
 pub mod run;
 pub mod user;
+pub mod userns;
 
 use std::path::{Path, PathBuf};
 
-use velo_objects::Store;
-
 use config::{Config, Unit};
-use key::KeyCache;
+use key::{CacheAt, KeyCache};
 use user::User;
 
 /// One managed dir, resolved for the current state of the project.
@@ -36,14 +37,15 @@ pub struct ManagedDir {
     pub ref_name: String,
 }
 
-/// Resolves every managed dir of `config` (keys computed from the project's current state).
+/// Resolves every managed dir of `config` (keys computed from the project's current state),
+/// with the key cache at `cache_at`.
 pub fn resolve(
-    store: &Store,
+    cache_at: &CacheAt<'_>,
     project: &Path,
     config: &Config,
     user: &User,
 ) -> anyhow::Result<Vec<ManagedDir>> {
-    let mut cache = KeyCache::load(store);
+    let mut cache = KeyCache::load(cache_at);
     let mut out = Vec::new();
     for (i, unit) in config.units.iter().enumerate() {
         let h = key::unit_hasher(project, unit, user, &mut cache)?;
@@ -59,7 +61,7 @@ pub fn resolve(
             });
         }
     }
-    cache.save(store);
+    cache.save(cache_at);
     Ok(out)
 }
 
@@ -86,4 +88,34 @@ pub fn unit_env(unit: &Unit, project: &Path) -> Vec<(String, String)> {
             )
         })
         .collect()
+}
+
+/// velo's cache directory for this user (the key cache, builds under way, locks):
+/// `$XDG_CACHE_HOME/velo`, else `~/.cache/velo`, else `/tmp/velo-<uid>` — created, 0700.
+pub fn user_cache_dir() -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let uid = rustix::process::getuid().as_raw();
+    let dir = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| Path::new(v).is_absolute())
+        .map(|v| PathBuf::from(v).join("velo"))
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| Path::new(v).is_absolute())
+                .map(|h| PathBuf::from(h).join(".cache/velo"))
+        })
+        .unwrap_or_else(|| PathBuf::from(format!("/tmp/velo-{uid}")));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| anyhow::anyhow!("create velo's cache directory {}: {e}", dir.display()))?;
+    let md = std::fs::symlink_metadata(&dir)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    if !md.is_dir() || md.uid() != uid {
+        anyhow::bail!(
+            "velo's cache directory {} is not a directory of yours; remove it or set XDG_CACHE_HOME",
+            dir.display()
+        );
+    }
+    Ok(dir)
 }

@@ -8,12 +8,17 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use std::os::fd::AsFd;
+
 use anyhow::{Context, bail};
-use velo_mount::image_cache;
+use velo_mount::protocol::Writes;
 use velo_objects::{Digest, Store};
 
+use super::build;
 use super::child::{Build, Plan, PlannedMount};
+use super::client::{self, Client};
 use super::config::Config;
+use super::key::CacheAt;
 use super::user::User;
 use super::{ManagedDir, project_dir, resolve, unit_env};
 
@@ -28,6 +33,8 @@ pub struct RunOptions {
     pub project: Option<PathBuf>,
     /// `-q`.
     pub quiet: bool,
+    /// `--socket`: velo-mountd's socket.
+    pub socket: Option<PathBuf>,
 }
 
 /// The tenant that holds a dir's persisted writes (`--persist`): one per project, dir and key.
@@ -45,14 +52,45 @@ fn empty_image(store: &Store) -> anyhow::Result<Digest> {
     Ok(store.store_bytes(velo_objects::Kind::Image, &bytes)?.digest)
 }
 
-/// Runs `argv` with the project's dependency dirs mounted.
+/// Runs `argv` with the project's dependency dirs mounted. Root works on the store itself
+/// (its mounts through `velo-mountd` where one serves the same store); an ordinary user goes
+/// through the service for everything.
 pub fn run(store_path: &Path, argv: Vec<OsString>, opts: &RunOptions) -> anyhow::Result<ExitCode> {
-    velo_mount::privilege::require_root("velo run")?;
+    if argv.is_empty() {
+        bail!("no command to run");
+    }
     let project = project_dir(opts.project.as_deref())?;
     let config = Config::load(&project)?;
+    let status = if rustix::process::geteuid().is_root() {
+        run_as_root(store_path, &project, &config, &argv, opts)?
+    } else {
+        run_as_user(&project, &config, &argv, opts)?
+    };
+    exit_like(status)
+}
+
+/// The environment every unit of velo.toml sets, `{project}` expanded.
+fn units_env(config: &Config, project: &Path) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    for unit in &config.units {
+        env.extend(unit_env(unit, project));
+    }
+    env
+}
+
+/// `velo run` as root: builds into the store directly, as the invoking user (`SUDO_UID`,
+/// `--user`), then mounts.
+fn run_as_root(
+    store_path: &Path,
+    project: &Path,
+    config: &Config,
+    argv: &[OsString],
+    opts: &RunOptions,
+) -> anyhow::Result<i32> {
+    velo_mount::privilege::require_root("velo run")?;
     let user = User::invoking(opts.user.as_deref())?;
     let store = Store::open_or_create(store_path)?;
-    let dirs = resolve(&store, &project, &config, &user)?;
+    let dirs = resolve(&CacheAt::Store(&store), project, config, &user)?;
 
     // Build what is missing, one entry of velo.toml at a time, each key once across processes.
     for (i, unit) in config.units.iter().enumerate() {
@@ -83,8 +121,8 @@ pub fn run(store_path: &Path, argv: Vec<OsString>, opts: &RunOptions) -> anyhow:
         let empty = empty_image(&store)?;
         let plan = Plan {
             store: store.root().to_owned(),
-            project: project.clone(),
-            user: (user.uid, user.gid),
+            project: project.to_owned(),
+            user: user.clone(),
             mounts: unit_dirs
                 .iter()
                 .map(|d| PlannedMount {
@@ -94,12 +132,13 @@ pub fn run(store_path: &Path, argv: Vec<OsString>, opts: &RunOptions) -> anyhow:
                     snapshot_ref: Some(d.ref_name.clone()),
                 })
                 .collect(),
-            env: unit_env(unit, &project).into_iter().collect(),
+            env: unit_env(unit, project).into_iter().collect(),
         };
         let build = Build {
             install: unit.install.clone(),
         };
-        let status = build_in_child(&store, &plan, &build)?;
+        let (status, child) = in_child(|| super::child::build(&plan, &build))?;
+        super::child::remove_slots_of(&store, child);
         if status != 0 {
             bail!(
                 "building {} failed: `{}` exited with {}; no ref was written (its output is above)",
@@ -113,13 +152,33 @@ pub fn run(store_path: &Path, argv: Vec<OsString>, opts: &RunOptions) -> anyhow:
         }
     }
 
-    let mut env = BTreeMap::new();
+    let env = units_env(config, project);
+    // Through velo-mountd where it serves this very store: its overlays are lent again
+    // while pristine, so a run's lookups are warm.
+    if let Some(client) = root_client(&store, opts)? {
+        for d in &dirs {
+            store.touch_ref_used(&d.ref_name)?;
+            super::child::ensure_target(&d.path, (user.uid, user.gid))?;
+        }
+        drop(store);
+        return run_through_service(
+            client,
+            project,
+            &dirs,
+            opts.persist,
+            argv,
+            &env,
+            &user,
+            &|| velo_mount::enter_private_namespace().map_err(Into::into),
+        );
+    }
+
     let mut mounts = Vec::new();
     for d in &dirs {
         let image = store.read_ref(&d.ref_name)?;
         store.touch_ref_used(&d.ref_name)?;
         let tenant = if opts.persist {
-            let name = persist_tenant(&project, d);
+            let name = persist_tenant(project, d);
             if store.tenant(&name).is_err() {
                 match store.create_tenant(&name, image, Some(d.ref_name.clone())) {
                     Ok(_) => {}
@@ -140,24 +199,179 @@ pub fn run(store_path: &Path, argv: Vec<OsString>, opts: &RunOptions) -> anyhow:
             snapshot_ref: None,
         });
     }
-    for unit in &config.units {
-        env.extend(unit_env(unit, &project));
-    }
     let plan = Plan {
         store: store.root().to_owned(),
-        project,
-        user: (user.uid, user.gid),
+        project: project.to_owned(),
+        user,
         mounts,
         env,
     };
-    let shared = shared_layers(&store, &plan);
     drop(store); // reopened inside the namespace
-    let status = run_mounted(&plan, &argv, &user, shared)?;
-    exit_like(status)
+    run_mounted(&plan, argv)
+}
+
+/// A connection to velo-mountd if one serves `store` (root may use it for its mounts).
+fn root_client(store: &Store, opts: &RunOptions) -> anyhow::Result<Option<Client>> {
+    if std::env::var_os("VELO_MOUNTD").is_some_and(|v| v == "off") {
+        return Ok(None);
+    }
+    let socket = client::socket_path(opts.socket.as_deref());
+    match Client::connect(&socket) {
+        Ok(c) if same_dir(&c.hello().store, store.root()) => Ok(Some(c)),
+        Ok(c) => {
+            tracing::debug!(
+                "velo-mountd at {} serves {}, not {}: mounting here",
+                socket.display(),
+                c.hello().store.display(),
+                store.root().display()
+            );
+            Ok(None)
+        }
+        Err(e) if opts.socket.is_some() => Err(e.into()),
+        Err(_) => Ok(None),
+    }
+}
+
+/// Whether two paths name the same directory.
+fn same_dir(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
+/// `velo run` as an ordinary user: everything that needs privilege goes through velo-mountd.
+fn run_as_user(
+    project: &Path,
+    config: &Config,
+    argv: &[OsString],
+    opts: &RunOptions,
+) -> anyhow::Result<i32> {
+    if let Some(u) = &opts.user {
+        bail!("--user {u} needs root (velo run as an ordinary user runs as that user)");
+    }
+    let user = User::invoking(None)?;
+    let cache = crate::user_cache_dir()?;
+    let dirs = resolve(&CacheAt::Dir(cache.clone()), project, config, &user)?;
+    let socket = client::socket_path(opts.socket.as_deref());
+    let mut client = Client::connect(&socket)?;
+
+    for (i, unit) in config.units.iter().enumerate() {
+        let unit_dirs: Vec<&ManagedDir> = dirs.iter().filter(|d| d.unit == i).collect();
+        let missing = |client: &mut Client| -> anyhow::Result<bool> {
+            for d in &unit_dirs {
+                if client.resolve(&d.ref_name, false, None)?.image.is_none() {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        };
+        if !missing(&mut client)? {
+            continue;
+        }
+        let _lock = lock_file(&cache.join("locks"), &format!("build-{}", unit_dirs[0].key))?;
+        if !missing(&mut client)? {
+            continue; // another run of this user built it while we waited
+        }
+        if !opts.quiet {
+            eprintln!(
+                "velo: building {} with `{}` (first run for this lockfile)",
+                unit.dirs.join(", "),
+                unit.install
+            );
+        }
+        let env: BTreeMap<String, String> = unit_env(unit, project).into_iter().collect();
+        build::build_as_user(&build::UserBuild {
+            socket: &socket,
+            project,
+            install: &unit.install,
+            dirs: unit_dirs.clone(),
+            env: &env,
+        })?;
+        if missing(&mut client)? {
+            bail!("the build of {} finished but left no image", unit.ecosystem);
+        }
+    }
+    for d in &dirs {
+        std::fs::create_dir_all(&d.path).with_context(|| format!("create {}", d.path.display()))?;
+    }
+    let env = units_env(config, project);
+    run_through_service(
+        client,
+        project,
+        &dirs,
+        opts.persist,
+        argv,
+        &env,
+        &user,
+        &|| super::userns::enter().map_err(Into::into),
+    )
+}
+
+/// An flock on `dir/name`, held until the file is dropped.
+fn lock_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let path = dir.join(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("open {}", path.display()))?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+        .with_context(|| format!("lock {}", path.display()))?;
+    Ok(file)
+}
+
+/// Gets each dir's mount from velo-mountd, enters a namespace of this process's own
+/// (`enter`), attaches them there, runs the command, and hands the mounts back.
+#[allow(clippy::too_many_arguments)]
+fn run_through_service(
+    mut client: Client,
+    project: &Path,
+    dirs: &[ManagedDir],
+    persist: bool,
+    argv: &[OsString],
+    env: &BTreeMap<String, String>,
+    user: &User,
+    enter: &dyn Fn() -> anyhow::Result<()>,
+) -> anyhow::Result<i32> {
+    let mut mounts = Vec::with_capacity(dirs.len());
+    for d in dirs {
+        let writes = if persist {
+            Writes::Persist(persist_tenant(project, d))
+        } else {
+            Writes::Discard
+        };
+        let m = client
+            .mount(&d.ref_name, writes)
+            .with_context(|| format!("mount {}", d.path.display()))?;
+        tracing::debug!(
+            "{}: image {}{}",
+            d.path.display(),
+            m.image,
+            if m.reused { " (a warm overlay)" } else { "" }
+        );
+        mounts.push(m);
+    }
+    enter()?;
+    for (d, m) in dirs.iter().zip(&mounts) {
+        super::userns::attach(m.fd.as_fd(), &d.path)
+            .with_context(|| format!("attach the mount at {}", d.path.display()))?;
+    }
+    drop(mounts);
+    let targets: Vec<PathBuf> = dirs.iter().map(|d| d.path.clone()).collect();
+    let status = start_command(argv, env, user, &targets, || {});
+    for t in targets.iter().rev() {
+        super::userns::detach(t);
+    }
+    client.done();
+    status
 }
 
 /// A wait status as words.
-fn describe_status(status: i32) -> String {
+pub(crate) fn describe_status(status: i32) -> String {
     if status >= 0 {
         format!("status {status}")
     } else {
@@ -165,9 +379,11 @@ fn describe_status(status: i32) -> String {
     }
 }
 
-/// Forks the child that builds `plan`'s images, forwards signals to it, waits, and removes
-/// its copy-on-write layers. Returns the exit code, or minus the signal number that killed it.
-fn build_in_child(store: &Store, plan: &Plan, build: &Build) -> anyhow::Result<i32> {
+/// Runs `work` in a forked child (which exits with its result), forwarding signals to it and
+/// waiting. Returns the exit code, or minus the signal number that killed it, and the child's
+/// pid. The caller must be single-threaded (the child may then allocate, lock and spawn
+/// freely).
+pub(crate) fn in_child(work: impl FnOnce() -> i32) -> anyhow::Result<(i32, u32)> {
     use std::io::Write;
     let _ = std::io::stdout().flush();
     // SAFETY: velo has started no thread at this point (the signal forwarder below starts
@@ -179,50 +395,58 @@ fn build_in_child(store: &Store, plan: &Plan, build: &Build) -> anyhow::Result<i
         return Err(std::io::Error::last_os_error()).context("fork velo's build child");
     }
     if pid == 0 {
-        std::process::exit(super::child::build(plan, build));
+        std::process::exit(work());
     }
-    let status = wait_forwarding(pid, || {})?;
-    super::child::remove_slots_of(store, pid as u32);
-    Ok(status)
+    Ok((wait_forwarding(pid, || {})?, pid as u32))
 }
 
-/// The warm path: this process (single-threaded) enters a private mount namespace, mounts
-/// every dir there, starts the command (posix_spawn where no user switch is needed: no copy
-/// of velo's memory to make and tear down), forwards signals to it and waits; then the mounts
-/// go and their discarded uppers with them.
-fn run_mounted(
-    plan: &Plan,
+/// The direct path (root, no service): this process (single-threaded) enters a private mount
+/// namespace, mounts every dir there, runs the command; then the mounts go and their
+/// discarded uppers with them.
+fn run_mounted(plan: &Plan, argv: &[OsString]) -> anyhow::Result<i32> {
+    let store = super::child::enter_and_mount(plan)?;
+    let targets: Vec<PathBuf> = plan.mounts.iter().map(|m| m.target.clone()).collect();
+    let status = start_command(argv, &plan.env, &plan.user, &targets, || {
+        // The command is starting (exec and its runtime's start-up take a while): read the
+        // images' metadata ahead of its first lookups from here, not before it; after a
+        // reboot or a dropped cache also the store's object directories.
+        let mut cold = false;
+        for m in &plan.mounts {
+            cold |= !velo_mount::prefetch_image(&store, &m.image);
+        }
+        if cold {
+            store.prefetch_object_dirs();
+        }
+    });
+    super::child::release(&store, plan);
+    status
+}
+
+/// Starts the command (posix_spawn where no user switch or directory change is needed: no
+/// copy of velo's memory to make and tear down), runs `meanwhile`, and waits for it,
+/// forwarding signals. A command that cannot start is 127 (not found) or 126.
+fn start_command(
     argv: &[OsString],
+    env: &BTreeMap<String, String>,
     user: &User,
-    shared: Vec<Option<image_cache::Pending>>,
+    targets: &[PathBuf],
+    meanwhile: impl FnOnce(),
 ) -> anyhow::Result<i32> {
     let Some((program, args)) = argv.split_first() else {
         bail!("no command to run");
     };
-    let (store, leases) = super::child::enter_and_mount(plan, shared)?;
     let mut cmd = std::process::Command::new(program);
-    cmd.args(args).envs(&plan.env);
+    cmd.args(args).envs(env);
     // A working directory inside a mounted dir still points at what is under the mount:
     // enter it again by name. (Only then: a chdir keeps std from using posix_spawn.)
     if let Ok(cwd) = std::env::current_dir()
-        && plan.mounts.iter().any(|m| cwd.starts_with(&m.target))
+        && targets.iter().any(|t| cwd.starts_with(t))
     {
         cmd.current_dir(cwd);
     }
     user.apply(&mut cmd);
-    let status = match cmd.spawn() {
-        Ok(child) => wait_forwarding(child.id() as i32, || {
-            // The command is starting (exec and its runtime's start-up take a while): read the
-            // images' metadata ahead of its first lookups from here, not before it; after a
-            // reboot or a dropped cache also the store's object directories.
-            let mut cold = false;
-            for m in &plan.mounts {
-                cold |= !velo_mount::prefetch_image(&store, &m.image);
-            }
-            if cold {
-                store.prefetch_object_dirs();
-            }
-        }),
+    match cmd.spawn() {
+        Ok(child) => wait_forwarding(child.id() as i32, meanwhile),
         Err(e) => {
             eprintln!("velo: cannot run {}: {e}", program.to_string_lossy());
             Ok(if e.kind() == std::io::ErrorKind::NotFound {
@@ -231,68 +455,6 @@ fn run_mounted(
                 126
             })
         }
-    };
-    super::child::release(&store, plan, leases);
-    status
-}
-
-/// Requests a layer from the image cache for each mount of `plan` — a lent overlay for a
-/// discarded upper, the EROFS layer for a persisted one — here, in the host's namespace,
-/// before entering the run's; the answers are read once inside. Where no cache
-/// runs for the store, one is started in the background for the runs to come;
-/// `VELO_IMAGE_CACHE=off` leaves it out.
-fn shared_layers(store: &Store, plan: &Plan) -> Vec<Option<image_cache::Pending>> {
-    if std::env::var_os("VELO_IMAGE_CACHE").is_some_and(|v| v == "off") {
-        return Vec::new();
-    }
-    let mut started = false;
-    plan.mounts
-        .iter()
-        .map(|m| {
-            let want = match m.tenant {
-                None => image_cache::Want::Lease,
-                Some(_) => image_cache::Want::Layer,
-            };
-            (m, want)
-        })
-        .map(
-            |(m, want)| match image_cache::request(store, &m.image, want) {
-                Ok(pending) => Some(pending),
-                Err(image_cache::Miss::NoService) => {
-                    if !started {
-                        start_image_cache(store.root());
-                        started = true;
-                    }
-                    None
-                }
-                Err(image_cache::Miss::Refused) => None,
-            },
-        )
-        .collect()
-}
-
-/// Starts `velo image-cache serve` for the store, detached: its own session (no terminal
-/// signals), no stdio, working directory `/`. It exits on its own when idle.
-fn start_image_cache(store: &Path) {
-    use std::os::unix::process::CommandExt;
-    use std::process::Stdio;
-    let Ok(exe) = std::env::current_exe() else {
-        return;
-    };
-    let mut cmd = std::process::Command::new(exe);
-    cmd.arg("--store")
-        .arg(store)
-        .args(["-q", "image-cache", "serve"])
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    // SAFETY: setsid(2) is async-signal-safe and touches nothing of the parent's.
-    unsafe {
-        cmd.pre_exec(|| rustix::process::setsid().map(drop).map_err(Into::into));
-    }
-    if let Err(e) = cmd.spawn() {
-        tracing::debug!("could not start the image cache: {e}");
     }
 }
 
@@ -357,7 +519,7 @@ fn forward_signals(child: i32) -> anyhow::Result<Vec<signal_hook_registry::SigId
 }
 
 /// Exits the way the command did: with its code, or killed by the same signal.
-fn exit_like(status: i32) -> anyhow::Result<ExitCode> {
+pub fn exit_like(status: i32) -> anyhow::Result<ExitCode> {
     if status >= 0 {
         return Ok(ExitCode::from(status.clamp(0, 255) as u8));
     }

@@ -25,13 +25,9 @@ pub fn gc(ctx: &Ctx, opts: GcOptions) -> anyhow::Result<ExitCode> {
         liveness: &velo_mount::liveness,
     };
     let r = store.gc(&opts, &hooks)?;
-    if !opts.dry_run && r.images_removed > 0 {
-        // Let go of the superblocks of collected images (the cache starts again on demand).
-        velo_mount::image_cache::stop(&store);
-    }
     if !opts.dry_run {
-        // Overlay dirs an image cache left behind (killed, or stopped while they were in use).
-        velo_mount::image_cache::remove_orphan_leases(&store);
+        // Overlay dirs a velo-mountd left behind (killed, or stopped while they were in use).
+        velo_mount::service::remove_orphan_leases(&store);
     }
     if ctx.json {
         output::json(&r)?;
@@ -60,8 +56,26 @@ pub fn gc(ctx: &Ctx, opts: GcOptions) -> anyhow::Result<ExitCode> {
 }
 
 pub fn refs(ctx: &Ctx, command: RefCommand) -> anyhow::Result<ExitCode> {
+    if ctx.through_service() {
+        return refs_through_service(ctx, command);
+    }
     let store = Store::open(&ctx.store)?;
     match command {
+        RefCommand::Publish { name, public_name } => {
+            velo_mount::privilege::require_root("velo ref publish")?;
+            let image = store.read_ref(&name)?;
+            check_publishable(&store, &image, &name)?;
+            let public = public_name.unwrap_or_else(|| name.clone());
+            let stored = velo_mount::service::namespace::published_ref(&public);
+            store.write_ref(&stored, &image)?;
+            if ctx.json {
+                output::json(&serde_json::json!({ "published": public, "image": image }))?;
+            } else {
+                ctx.say(format!(
+                    "published {name} as {public} ({image}): every user may now mount it read-only"
+                ));
+            }
+        }
         RefCommand::Ls => {
             let mut rows = Vec::new();
             for (name, target) in store.list_refs()? {
@@ -117,5 +131,63 @@ pub fn refs(ctx: &Ctx, command: RefCommand) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Refuses to publish an image that holds set-id files, device nodes or file capabilities:
+/// users mount published images in namespaces of their own, where they could clear `nosuid`.
+fn check_publishable(store: &Store, image: &velo_objects::Digest, name: &str) -> anyhow::Result<()> {
+    let mut fs = velo_image::inspect::load(store, image)?;
+    let r = velo_image::map_to_user(&mut fs, 0, 0);
+    let caps = r.xattrs_dropped.get("security.capability").copied().unwrap_or(0);
+    if r.set_id_cleared > 0 || r.devices_removed > 0 || caps > 0 {
+        anyhow::bail!(
+            "{name} ({image}) is not published: it holds {} set-id files, {} device nodes ({}) \
+             and {caps} files with capabilities; users could use them in namespaces of their \
+             own. Snapshot the tree without them and publish that",
+            r.set_id_cleared,
+            r.devices_removed,
+            r.device_paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// `velo ref …` for an ordinary user: their own refs and the published ones, through
+/// velo-mountd.
+fn refs_through_service(ctx: &Ctx, command: RefCommand) -> anyhow::Result<ExitCode> {
+    let mut client = ctx.client()?;
+    match command {
+        RefCommand::Ls => {
+            let refs = client.refs()?;
+            if ctx.json {
+                output::json(&refs)?;
+            } else {
+                for r in &refs {
+                    let published = if r.published { "  (published)" } else { "" };
+                    ctx.say(format!("{:<40} {}{published}", r.name, r.image));
+                }
+            }
+        }
+        RefCommand::Rm { name } => {
+            client.remove_ref(&name)?;
+            if ctx.json {
+                output::json(&serde_json::json!({ "removed": name }))?;
+            } else {
+                ctx.say(format!("removed ref {name}"));
+            }
+        }
+        RefCommand::History { .. } => {
+            anyhow::bail!("velo ref history needs root (the service does not show history)")
+        }
+        RefCommand::Publish { .. } => {
+            velo_mount::privilege::require_root("velo ref publish")?;
+        }
+    }
+    client.done();
     Ok(ExitCode::SUCCESS)
 }

@@ -43,6 +43,23 @@ struct Listing {
 }
 
 pub fn ls(ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    if ctx.through_service() {
+        let mut client = ctx.client()?;
+        let refs = client.refs()?;
+        let store = client.hello().store.clone();
+        client.done();
+        if ctx.json {
+            output::json(&serde_json::json!({ "store": store, "refs": refs }))?;
+        } else {
+            ctx.say(format!("store {} (through velo-mountd)", store.display()));
+            ctx.say("refs:");
+            for r in &refs {
+                let published = if r.published { "  (published)" } else { "" };
+                ctx.say(format!("  {:<40} {}{published}", r.name, r.image));
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let store = Store::open(&ctx.store)?;
     let mut refs_of: BTreeMap<Digest, Vec<String>> = BTreeMap::new();
     let refs: Vec<RefRow> = store

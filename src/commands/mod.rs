@@ -3,10 +3,10 @@
 mod doctor;
 mod fsck;
 mod gc;
-mod image_cache;
 mod ls;
 mod mount;
 mod project;
+mod service;
 mod snapshot;
 mod tenant;
 pub mod transfer;
@@ -18,7 +18,11 @@ use crate::cli::{Cli, Command};
 /// Runs the command the user asked for.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let ctx = Ctx {
-        store: cli.store,
+        store_named: cli.store.is_some(),
+        store: cli
+            .store
+            .unwrap_or_else(|| std::path::PathBuf::from(velo_objects::DEFAULT_STORE)),
+        socket: cli.socket,
         json: cli.json,
         quiet: cli.quiet,
     };
@@ -43,7 +47,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Doctor => doctor::doctor(&ctx),
         Command::Fsck { repair, jobs } => fsck::fsck(&ctx, repair, jobs),
         Command::Tenant { command } => tenant::tenant(&ctx, command),
-        Command::ImageCache { command } => image_cache::image_cache(&ctx, command),
+        Command::Service { command } => service::service(&ctx, command),
         Command::Init { project, force } => project::init(&ctx, project.as_deref(), force),
         Command::Run {
             project,
@@ -92,6 +96,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 pub struct Ctx {
     /// The store path.
     pub store: std::path::PathBuf,
+    /// True if the user named the store (`--store`, `VELO_STORE`).
+    pub store_named: bool,
+    /// `--socket`: velo-mountd's socket, if given.
+    pub socket: Option<std::path::PathBuf>,
     /// JSON output.
     pub json: bool,
     /// Only errors.
@@ -99,6 +107,18 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// True when velo works through velo-mountd (an ordinary user who named no store of their
+    /// own) rather than on the store itself.
+    pub fn through_service(&self) -> bool {
+        !self.store_named && !rustix::process::geteuid().is_root()
+    }
+
+    /// A connection to velo-mountd.
+    pub fn client(&self) -> anyhow::Result<velo_project::client::Client> {
+        let socket = velo_project::client::socket_path(self.socket.as_deref());
+        Ok(velo_project::client::Client::connect(&socket)?)
+    }
+
     /// Prints a human line unless quiet or JSON.
     pub fn say(&self, line: impl AsRef<str>) {
         if !self.quiet && !self.json {

@@ -12,6 +12,7 @@ use crate::output;
 use velo_project::config::{Config, FILE};
 use velo_project::run::{RunOptions, persist_tenant};
 use velo_project::user::User;
+use velo_project::key::CacheAt;
 use velo_project::{detect, project_dir, resolve};
 
 pub fn init(ctx: &Ctx, project: Option<&Path>, force: bool) -> anyhow::Result<ExitCode> {
@@ -56,6 +57,7 @@ pub fn run(
         persist,
         project,
         quiet: ctx.quiet,
+        socket: ctx.socket.clone(),
     };
     velo_project::run::run(&ctx.store, command, &opts)
 }
@@ -79,30 +81,11 @@ pub fn status(ctx: &Ctx, project: Option<&Path>) -> anyhow::Result<ExitCode> {
     let project = project_dir(project)?;
     let config = Config::load(&project)?;
     let user = User::invoking(None)?;
-    let store = Store::open_or_create(&ctx.store)?;
-    let mut rows = Vec::new();
-    for d in resolve(&store, &project, &config, &user)? {
-        let image = store.read_ref(&d.ref_name).ok();
-        let summary = image
-            .and_then(|i| velo_image::inspect::load(&store, &i).ok())
-            .map(|fs| velo_image::inspect::summarize(&fs));
-        let tenant = persist_tenant(&project, &d);
-        rows.push(StatusRow {
-            up_to_date: image.is_some(),
-            last_used: image.and_then(|_| store.ref_last_used(&d.ref_name).ok()),
-            files: summary.as_ref().map(|s| s.files),
-            bytes: summary.as_ref().map(|s| s.bytes),
-            persisted_bytes: store
-                .tenant(&tenant)
-                .ok()
-                .and_then(|_| store.tenant_upper_bytes(&tenant).ok()),
-            image,
-            ecosystem: d.ecosystem,
-            dir: d.dir,
-            key: d.key,
-            ref_name: d.ref_name,
-        });
-    }
+    let rows = if ctx.through_service() {
+        status_through_service(ctx, &project, &config, &user)?
+    } else {
+        status_of_store(ctx, &project, &config, &user)?
+    };
     if ctx.json {
         output::json(&rows)?;
     } else {
@@ -134,6 +117,84 @@ pub fn status(ctx: &Ctx, project: Option<&Path>) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Status rows from the store itself (root, or a user's own store). A store that does not
+/// exist is not created: everything is simply not built yet.
+fn status_of_store(
+    ctx: &Ctx,
+    project: &Path,
+    config: &Config,
+    user: &User,
+) -> anyhow::Result<Vec<StatusRow>> {
+    let store = match Store::open(&ctx.store) {
+        Ok(s) => Some(s),
+        Err(velo_objects::StoreError::NoStore { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let cache_at = match &store {
+        Some(s) => CacheAt::Store(s),
+        None => CacheAt::Dir(velo_project::user_cache_dir()?),
+    };
+    let mut rows = Vec::new();
+    for d in resolve(&cache_at, project, config, user)? {
+        let image = store.as_ref().and_then(|s| s.read_ref(&d.ref_name).ok());
+        let summary = image
+            .zip(store.as_ref())
+            .and_then(|(i, s)| velo_image::inspect::load(s, &i).ok())
+            .map(|fs| velo_image::inspect::summarize(&fs));
+        let tenant = persist_tenant(project, &d);
+        rows.push(StatusRow {
+            up_to_date: image.is_some(),
+            last_used: image
+                .zip(store.as_ref())
+                .and_then(|(_, s)| s.ref_last_used(&d.ref_name).ok()),
+            files: summary.as_ref().map(|s| s.files),
+            bytes: summary.as_ref().map(|s| s.bytes),
+            persisted_bytes: store.as_ref().and_then(|s| {
+                s.tenant(&tenant)
+                    .ok()
+                    .and_then(|_| s.tenant_upper_bytes(&tenant).ok())
+            }),
+            image,
+            ecosystem: d.ecosystem,
+            dir: d.dir,
+            key: d.key,
+            ref_name: d.ref_name,
+        });
+    }
+    Ok(rows)
+}
+
+/// Status rows as velo-mountd sees the user's refs.
+fn status_through_service(
+    ctx: &Ctx,
+    project: &Path,
+    config: &Config,
+    user: &User,
+) -> anyhow::Result<Vec<StatusRow>> {
+    let cache_at = CacheAt::Dir(velo_project::user_cache_dir()?);
+    let dirs = resolve(&cache_at, project, config, user)?;
+    let mut client = ctx.client()?;
+    let mut rows = Vec::new();
+    for d in dirs {
+        let tenant = persist_tenant(project, &d);
+        let r = client.resolve(&d.ref_name, true, Some(&tenant))?;
+        rows.push(StatusRow {
+            up_to_date: r.image.is_some(),
+            last_used: None,
+            files: r.files,
+            bytes: r.bytes,
+            persisted_bytes: r.persisted_bytes,
+            image: r.image,
+            ecosystem: d.ecosystem,
+            dir: d.dir,
+            key: d.key,
+            ref_name: d.ref_name,
+        });
+    }
+    client.done();
+    Ok(rows)
 }
 
 fn age(secs: u64) -> String {

@@ -1,0 +1,218 @@
+//! Taking a tree in from a client: the image, checked and written again by velo's own writer
+//! (mapped to the caller: their owner, no set-id bits, no device nodes, no security xattrs),
+//! then the objects it needs, each checked against its digest as it arrives, all staged
+//! until the last one is there. A refused or broken import stores nothing.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::sync::{Arc, Mutex};
+
+use velo_objects::verity::VerityHasher;
+use velo_objects::{Digest, Kind, Store, StoreError};
+
+use super::namespace::{self, Caller};
+use super::quota::{self, Ledger};
+use super::{Failure, Shared};
+use crate::protocol::{Conn, ErrorKind, ImportSummary, Response};
+
+/// The largest image an ordinary user may send (root: the store's limit). ~1M files.
+pub const MAX_USER_IMAGE: u64 = 256 << 20;
+
+/// Objects of images, by image, so an import does not parse the caller's images again.
+#[derive(Default)]
+pub struct ObjectSets {
+    sets: Vec<(Digest, Arc<HashSet<Digest>>)>,
+}
+
+/// How many images' object sets are kept.
+const OBJECT_SETS: usize = 64;
+
+impl ObjectSets {
+    fn get(&mut self, store: &Store, image: &Digest) -> Option<Arc<HashSet<Digest>>> {
+        if let Some(i) = self.sets.iter().position(|(d, _)| d == image) {
+            let hit = self.sets.remove(i);
+            let set = hit.1.clone();
+            self.sets.push(hit);
+            return Some(set);
+        }
+        let fs = velo_image::inspect::load(store, image).ok()?;
+        let set: Arc<HashSet<Digest>> = Arc::new(
+            velo_image::inspect::objects(&fs)
+                .into_iter()
+                .map(|(d, _)| d)
+                .collect(),
+        );
+        if self.sets.len() >= OBJECT_SETS {
+            self.sets.remove(0);
+        }
+        self.sets.push((*image, set.clone()));
+        Some(set)
+    }
+}
+
+/// The objects the caller may count as already sent: those of images they may read. Others
+/// must be sent even if the store has them — otherwise anyone who learnt an object's digest
+/// could mount its bytes, and ask the store which objects it holds.
+fn visible_objects(
+    shared: &Shared,
+    caller: &Caller,
+) -> Result<Vec<Arc<HashSet<Digest>>>, StoreError> {
+    let images = namespace::readable_images(&shared.store, caller)?;
+    let mut sets = shared
+        .object_sets
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    Ok(images
+        .iter()
+        .filter_map(|d| sets.get(&shared.store, d))
+        .collect())
+}
+
+/// Serves one import: `name`, `image` and `size` come from the request; the image's bytes
+/// and then the objects follow on `conn`.
+pub fn import(
+    shared: &Shared,
+    conn: &mut Conn,
+    caller: &Caller,
+    name: Option<String>,
+    image: Digest,
+    size: u64,
+) -> Result<Response, Failure> {
+    let limit = if caller.is_root() {
+        velo_image::inspect::MAX_IMAGE_BYTES
+    } else {
+        MAX_USER_IMAGE
+    };
+    if size > limit {
+        return Err(Failure::new(
+            ErrorKind::BadRequest,
+            format!("an image of {size} bytes is more than the {limit} accepted"),
+        ));
+    }
+    // One import per user at a time: the quota check and the charge stay consistent.
+    let user_lock = shared.user_lock(caller.uid);
+    let _mine = user_lock.lock().unwrap_or_else(|p| p.into_inner());
+    let _slot = shared.import_slot().ok_or_else(|| {
+        Failure::new(
+            ErrorKind::Busy,
+            "the service is taking in as many trees as it takes at once; try again shortly",
+        )
+    })?;
+
+    // The image, allocated as its bytes arrive (a false size costs nothing until sent).
+    let mut bytes = Vec::new();
+    conn.raw(size)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Failure::new(ErrorKind::Corrupt, format!("the image did not arrive: {e}")))?;
+    if bytes.len() as u64 != size {
+        return Err(Failure::new(
+            ErrorKind::Corrupt,
+            format!("the stream ended after {} of the image's {size} bytes", bytes.len()),
+        ));
+    }
+    let found = VerityHasher::digest(&bytes);
+    if found != image {
+        return Err(Failure::new(
+            ErrorKind::Corrupt,
+            format!("the image's bytes hash to {found}, not {image}"),
+        ));
+    }
+    let mut fs = velo_image::read_image(&bytes, &image.to_hex()).map_err(|e| {
+        Failure::new(
+            ErrorKind::Corrupt,
+            format!("the image does not parse as a composefs image velo reads: {e}"),
+        )
+    })?;
+    drop(bytes);
+    let mapped = if caller.is_root() {
+        velo_image::MapReport::default()
+    } else {
+        velo_image::map_to_user(&mut fs, caller.uid, caller.gid)
+    };
+    let objects = velo_image::inspect::objects_in_path_order(&fs);
+    let written = velo_image::write_image(fs)
+        .map_err(|e| Failure::new(ErrorKind::Failed, format!("write the image again: {e}")))?;
+    let stored_image = VerityHasher::digest(&written);
+
+    // Which objects to ask for, and what the import adds to the store.
+    let store = &shared.store;
+    let visible = if caller.is_root() {
+        Vec::new()
+    } else {
+        visible_objects(shared, caller).map_err(Failure::store)?
+    };
+    let mut need = Vec::new();
+    let mut new_bytes = 0u64;
+    for (d, s) in &objects {
+        let present = store.has(Kind::Object, d, *s).map_err(Failure::store)?;
+        if !present {
+            new_bytes += s;
+        }
+        if !(present && (caller.is_root() || visible.iter().any(|set| set.contains(d)))) {
+            need.push((*d, *s));
+        }
+    }
+    if !store
+        .has(Kind::Image, &stored_image, written.len() as u64)
+        .map_err(Failure::store)?
+    {
+        new_bytes += written.len() as u64;
+    }
+    let ledger = Ledger::load(store, caller);
+    if !caller.is_root() {
+        let held = namespace::own_images(store, caller).map_err(Failure::store)?;
+        quota::check(shared.config.user_quota, ledger.usage(&held), new_bytes)
+            .map_err(|m| Failure::new(ErrorKind::Quota, m))?;
+    }
+
+    // Ask for them, and take them in.
+    let session = store.begin_write().map_err(Failure::store)?;
+    let mut staging = store.begin_staging().map_err(Failure::store)?;
+    conn.send(&Response::Need {
+        count: need.len() as u64,
+    })
+    .map_err(Failure::io)?;
+    let list: Vec<u8> = need.iter().flat_map(|(d, _)| *d.as_bytes()).collect();
+    conn.send_raw(&list).map_err(Failure::io)?;
+    for (i, (d, s)) in need.iter().enumerate() {
+        let what = format!("object {d} (number {} of {} sent)", i + 1, need.len());
+        staging
+            .add_verified(&mut conn.raw(*s), d, *s, &what)
+            .map_err(|e| match e {
+                StoreError::Mismatch { .. } => Failure::new(ErrorKind::Corrupt, e.to_string()),
+                other => Failure::new(ErrorKind::Corrupt, format!("{what}: {other}")),
+            })?;
+    }
+    staging.publish().map_err(Failure::store)?;
+    store
+        .store_bytes(Kind::Image, &written)
+        .map_err(Failure::store)?;
+    let stored_name = name.as_deref().map(|n| namespace::own_ref(caller, n));
+    let refs: Vec<(&str, Digest)> = stored_name
+        .iter()
+        .map(|n| (n.as_str(), stored_image))
+        .collect();
+    session.commit(&refs).map_err(Failure::store)?;
+    drop(session);
+    if !caller.is_root() {
+        let mut held = namespace::own_images(store, caller).map_err(Failure::store)?;
+        held.insert(stored_image);
+        if let Err(e) = ledger.charge(store, caller, stored_image, new_bytes, &held) {
+            tracing::warn!("velo-mountd: could not record uid {}'s usage: {e}", caller.uid);
+        }
+    }
+    Ok(Response::Imported(ImportSummary {
+        image: stored_image,
+        name,
+        objects: objects.len() as u64,
+        objects_sent: need.len() as u64,
+        new_bytes,
+        owners_mapped: mapped.owners_changed,
+        setid_cleared: mapped.set_id_cleared,
+        devices_removed: mapped.devices_removed,
+        xattrs_removed: mapped.xattrs_dropped_total(),
+    }))
+}
+
+/// Per-user locks, created on first use.
+pub type UserLocks = Mutex<Vec<(u32, Arc<Mutex<()>>)>>;
