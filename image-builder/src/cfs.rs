@@ -25,6 +25,8 @@ pub type FileSystem = tree::FileSystem<Sha256HashValue>;
 pub type Stat = tree::Stat;
 /// A non-directory inode's content.
 pub type LeafContent = tree::LeafContent<Sha256HashValue>;
+/// A non-directory inode: its metadata and content.
+pub type Leaf = tree::Leaf<Sha256HashValue>;
 /// A regular file's content.
 pub type RegularFile = tree::RegularFile<Sha256HashValue>;
 /// An inode: directory, or a leaf by index.

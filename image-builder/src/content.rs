@@ -1,20 +1,22 @@
-//! Getting every regular file's content into the store, in parallel: small files inline,
-//! unchanged files from the stat cache, the rest read once and stored by digest.
+//! Getting every regular file's content into a sink (the store, or a hash-only sink), in
+//! parallel: small files inline, unchanged files from the stat cache, the rest read once and
+//! named by digest.
 
 use std::os::fd::AsFd;
 use std::path::Path;
 
 use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
-use velo_objects::{Digest, Kind, Store, StoreError};
+use velo_objects::Digest;
 
 use crate::cfs::INLINE_MAX;
 use crate::error::{ImageError, Result};
 use crate::scan::{Entry, StatInfo};
+use crate::sink::ObjectSink;
 use crate::statcache::{Key, StatCache};
 
 /// Files up to this size are read into memory and looked up before anything is written, so a
-/// dedup hit writes nothing; larger ones stream through `tmp/`.
+/// dedup hit writes nothing; larger ones stream (through the store's `tmp/`).
 const BUFFERED_MAX: u64 = 16 << 20;
 
 /// What a regular file became.
@@ -22,22 +24,23 @@ const BUFFERED_MAX: u64 = 16 << 20;
 pub enum Content {
     /// Stored inside the image.
     Inline(Vec<u8>),
-    /// An object in the store.
+    /// An object (in the store, or only named).
     Object {
         /// Its digest.
         digest: Digest,
         /// Its size.
         size: u64,
-        /// True if this snapshot created the object.
+        /// True if this snapshot created the object (never for a hash-only sink).
         new: bool,
         /// True if the stat cache supplied the digest (nothing was read).
         cached: bool,
     },
 }
 
-/// Stores one regular file's content.
+/// Hands one regular file's content to `sink`. A file that changes while it is read (or
+/// since the walk saw it) is [`ImageError::Changed`], naming it.
 pub fn ingest(
-    store: &Store,
+    sink: &dyn ObjectSink,
     root: &Path,
     entry: &Entry,
     cache: &StatCache,
@@ -48,7 +51,7 @@ pub fn ingest(
     if st.size > INLINE_MAX
         && st.ctime < racy_after
         && let Some(digest) = cache.get(&Key::of(st))
-        && store.has(Kind::Object, &digest, st.size)?
+        && sink.has(&digest, st.size)?
     {
         return Ok(Content::Object {
             digest,
@@ -67,7 +70,7 @@ pub fn ingest(
         if data.len() as u64 <= INLINE_MAX {
             Content::Inline(data)
         } else {
-            let s = store.store_bytes(Kind::Object, &data)?;
+            let s = sink.store_bytes(&data)?;
             Content::Object {
                 digest: s.digest,
                 size: s.size,
@@ -76,12 +79,7 @@ pub fn ingest(
             }
         }
     } else {
-        let s = store
-            .store_file(Kind::Object, fd.as_fd(), &path)
-            .map_err(|e| match e {
-                StoreError::SourceChanged { path, what } => ImageError::Changed { path, what },
-                other => other.into(),
-            })?;
+        let s = sink.store_file(fd.as_fd(), &path)?;
         Content::Object {
             digest: s.digest,
             size: s.size,

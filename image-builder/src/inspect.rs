@@ -1,6 +1,7 @@
 //! Reading images back: summaries for `ls`/`inspect`, the objects they need, dumps.
 
 use std::os::fd::AsFd;
+use std::path::PathBuf;
 
 use serde::Serialize;
 use velo_objects::{Digest, Store};
@@ -113,9 +114,18 @@ pub fn objects(fs: &FileSystem) -> Vec<(Digest, u64)> {
 /// Distinct objects an image references, with their sizes, in the order of the first path that
 /// names each (depth-first, sorted by name): files of one package or directory come together.
 pub fn objects_in_path_order(fs: &FileSystem) -> Vec<(Digest, u64)> {
+    objects_with_paths(fs)
+        .into_iter()
+        .map(|(digest, size, _)| (digest, size))
+        .collect()
+}
+
+/// [`objects_in_path_order`], each object with the first path naming it (relative to the
+/// tree's root).
+pub fn objects_with_paths(fs: &FileSystem) -> Vec<(Digest, u64, PathBuf)> {
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
-    cfs::for_each_entry(fs, |_, inode| {
+    cfs::for_each_entry(fs, |path, inode| {
         if let cfs::Inode::Leaf(id, _) = inode
             && let LeafContent::Regular(
                 RegularFile::External(obj, size) | RegularFile::ExternalNoVerity(obj, size),
@@ -123,7 +133,7 @@ pub fn objects_in_path_order(fs: &FileSystem) -> Vec<(Digest, u64)> {
         {
             let digest = cfs::digest_of(obj);
             if seen.insert(digest) {
-                out.push((digest, *size));
+                out.push((digest, *size, path.to_owned()));
             }
         }
     });

@@ -1,18 +1,15 @@
 //! `snapshot`: a source tree → objects + a composefs image + (optionally) a ref.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use rayon::prelude::*;
 use serde::Serialize;
 use velo_objects::{Digest, Kind, Store, validate_ref_name};
 
-use crate::cfs::{self, FileSystem, LeafContent, RegularFile};
-use crate::content::{self, Content};
+use crate::build;
+use crate::cfs;
+use crate::content::Content;
 use crate::error::{ImageError, Result};
-use crate::scan::{self, Entry, EntryKind};
 use crate::statcache::{Key, StatCache};
 
 /// A file whose ctime is this close to the snapshot's start may still change within the same
@@ -106,83 +103,20 @@ pub fn snapshot(
             .saturating_sub(RACY_WINDOW);
         (now.as_secs() as i64, now.subsec_nanos())
     };
-    let entries = scan::scan(&root, &|n| progress.scanned(n))?;
     let cache = StatCache::load(store, &root);
+    let built = build::build(&root, store, &cache, racy_after, opts, progress)?;
 
-    // One content job per inode: hardlinks share it.
-    let mut first_of_inode: HashMap<(u64, u64), usize> = HashMap::new();
-    let mut jobs = Vec::new();
-    for (i, e) in entries.iter().enumerate() {
-        if e.kind == EntryKind::File {
-            first_of_inode
-                .entry((e.stat.dev, e.stat.ino))
-                .or_insert_with(|| {
-                    jobs.push(i);
-                    i
-                });
-        }
-    }
-    progress.storing(
-        jobs.len() as u64,
-        jobs.iter().map(|&i| entries[i].stat.size).sum(),
-    );
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(
-            opts.jobs
-                .unwrap_or_else(|| 2 * std::thread::available_parallelism().map_or(2, |n| n.get())),
-        )
-        .build()
-        .map_err(|e| ImageError::BadSource {
-            path: root.clone(),
-            reason: format!("cannot start worker threads: {e}"),
-        })?;
-    let failed = std::sync::atomic::AtomicBool::new(false);
-    let contents: Vec<Result<Content>> = pool.install(|| {
-        jobs.par_iter()
-            .map(|&i| {
-                if failed.load(Ordering::Relaxed) {
-                    return Err(ImageError::BadSource {
-                        path: root.clone(),
-                        reason: "cancelled".into(),
-                    });
-                }
-                let r = content::ingest(store, &root, &entries[i], &cache, racy_after);
-                if r.is_err() {
-                    failed.store(true, Ordering::Relaxed);
-                }
-                progress.stored(entries[i].stat.size);
-                r
-            })
-            .collect()
-    });
-    let mut by_entry: HashMap<usize, Content> = HashMap::with_capacity(jobs.len());
-    let mut first_error = None;
-    for (&i, c) in jobs.iter().zip(contents) {
-        match c {
-            Ok(c) => {
-                by_entry.insert(i, c);
-            }
-            Err(ImageError::BadSource { reason, .. }) if reason == "cancelled" => {}
-            Err(e) => {
-                first_error.get_or_insert(e);
-            }
-        }
-    }
-    if let Some(e) = first_error {
-        return Err(e);
-    }
-    scan::check_dirs_unchanged(&root, &entries)?;
-
+    let c = built.counts;
     let mut report = SnapshotReport {
         digest: Digest::from_bytes([0; 32]),
         ref_name: opts.ref_name.clone(),
         source: root.clone(),
-        files: 0,
-        dirs: 0,
-        symlinks: 0,
-        specials: 0,
-        bytes: 0,
-        inline_files: 0,
+        files: c.files,
+        dirs: c.dirs,
+        symlinks: c.symlinks,
+        specials: c.specials,
+        bytes: c.bytes,
+        inline_files: c.inline_files,
         new_objects: 0,
         reused_objects: 0,
         new_bytes: 0,
@@ -191,8 +125,22 @@ pub fn snapshot(
         new_image: false,
         seconds: 0.0,
     };
-    let fs = build_tree(&entries, &first_of_inode, &by_entry, opts, &mut report)?;
-    let image = cfs::write_image(fs)?;
+    // One content per regular inode, as the tree has them.
+    for content in built.contents.values() {
+        if let Content::Object {
+            size, new, cached, ..
+        } = content
+        {
+            if *new {
+                report.new_objects += 1;
+                report.new_bytes += size;
+            } else {
+                report.reused_objects += 1;
+            }
+            report.stat_cache_hits += u64::from(*cached);
+        }
+    }
+    let image = cfs::write_image(built.fs)?;
     let stored = store.store_bytes(Kind::Image, &image)?;
     report.digest = stored.digest;
     report.image_bytes = stored.size;
@@ -205,12 +153,15 @@ pub fn snapshot(
     session.commit(&refs)?;
     drop(session);
 
+    let entries = &built.entries;
     StatCache::save(
         store,
         &root,
-        jobs.iter()
-            .filter(|i| entries[**i].stat.ctime < racy_after)
-            .filter_map(|i| match by_entry.get(i) {
+        built
+            .jobs
+            .iter()
+            .filter(|&&i| entries[i].stat.ctime < racy_after)
+            .filter_map(|i| match built.contents.get(i) {
                 Some(Content::Object { digest, .. }) => Some((Key::of(&entries[*i].stat), *digest)),
                 _ => None,
             }),
@@ -221,20 +172,7 @@ pub fn snapshot(
 
 /// Resolves and checks the source: an existing directory, not the store nor inside it.
 fn check_source(store: &Store, source: &Path) -> Result<PathBuf> {
-    let root = std::fs::canonicalize(source).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => ImageError::BadSource {
-            path: source.to_owned(),
-            reason: "no such directory".into(),
-        },
-        _ => ImageError::io("resolve", source, e),
-    })?;
-    let md = std::fs::metadata(&root).map_err(|e| ImageError::io("stat", &root, e))?;
-    if !md.is_dir() {
-        return Err(ImageError::BadSource {
-            path: source.to_owned(),
-            reason: "not a directory (velo snapshots directory trees)".into(),
-        });
-    }
+    let root = build::resolve_source(source)?;
     let store_root = std::fs::canonicalize(store.root())
         .map_err(|e| ImageError::io("resolve", store.root(), e))?;
     if root.starts_with(&store_root) || store_root.starts_with(&root) {
@@ -244,110 +182,4 @@ fn check_source(store: &Store, source: &Path) -> Result<PathBuf> {
         });
     }
     Ok(root)
-}
-
-fn build_tree(
-    entries: &[Entry],
-    first_of_inode: &HashMap<(u64, u64), usize>,
-    contents: &HashMap<usize, Content>,
-    opts: &SnapshotOptions,
-    report: &mut SnapshotReport,
-) -> Result<FileSystem> {
-    let mtime = |m: (i64, u32)| match opts.reproducible {
-        Some(epoch) if m.0 >= epoch => (epoch, 0),
-        _ => m,
-    };
-    let stat_of = |e: &Entry| {
-        cfs::stat(
-            e.stat.mode,
-            e.stat.uid,
-            e.stat.gid,
-            mtime(e.stat.mtime),
-            e.xattrs.clone(),
-        )
-    };
-    let mut entries_iter = entries.iter().enumerate();
-    let Some((_, root)) = entries_iter.next() else {
-        return Err(ImageError::BadSource {
-            path: PathBuf::new(),
-            reason: "empty walk".into(),
-        });
-    };
-    let mut fs = FileSystem::new(stat_of(root));
-    report.dirs = 1;
-    let mut leaf_of_inode = HashMap::new();
-    for (i, e) in entries_iter {
-        let inode = match &e.kind {
-            EntryKind::Dir => {
-                report.dirs += 1;
-                cfs::Inode::Directory(Box::new(cfs::Directory::new(stat_of(e))))
-            }
-            kind => {
-                let key = (e.stat.dev, e.stat.ino);
-                if let Some(&leaf) = leaf_of_inode.get(&key) {
-                    cfs::Inode::leaf(leaf) // another name of an inode already placed: a hardlink
-                } else {
-                    let content = match kind {
-                        EntryKind::File => {
-                            let job = first_of_inode.get(&key).copied().unwrap_or(i);
-                            let c = contents.get(&job).ok_or_else(|| ImageError::BadSource {
-                                path: e.rel.clone(),
-                                reason: "content missing (internal error)".into(),
-                            })?;
-                            report.files += 1;
-                            LeafContent::Regular(match c {
-                                Content::Inline(data) => {
-                                    report.inline_files += 1;
-                                    report.bytes += data.len() as u64;
-                                    RegularFile::Inline(data.clone().into_boxed_slice())
-                                }
-                                Content::Object {
-                                    digest,
-                                    size,
-                                    new,
-                                    cached,
-                                } => {
-                                    report.bytes += size;
-                                    if *new {
-                                        report.new_objects += 1;
-                                        report.new_bytes += size;
-                                    } else {
-                                        report.reused_objects += 1;
-                                    }
-                                    report.stat_cache_hits += u64::from(*cached);
-                                    RegularFile::External(cfs::object_id(digest), *size)
-                                }
-                            })
-                        }
-                        EntryKind::Symlink(target) => {
-                            report.symlinks += 1;
-                            LeafContent::Symlink(target.clone().into_boxed_os_str())
-                        }
-                        EntryKind::Fifo => {
-                            report.specials += 1;
-                            LeafContent::Fifo
-                        }
-                        EntryKind::Socket => {
-                            report.specials += 1;
-                            LeafContent::Socket
-                        }
-                        EntryKind::CharDevice => {
-                            report.specials += 1;
-                            LeafContent::CharacterDevice(e.stat.rdev)
-                        }
-                        EntryKind::BlockDevice => {
-                            report.specials += 1;
-                            LeafContent::BlockDevice(e.stat.rdev)
-                        }
-                        EntryKind::Dir => unreachable!("handled above"),
-                    };
-                    let leaf = fs.push_leaf(stat_of(e), content);
-                    leaf_of_inode.insert(key, leaf);
-                    cfs::Inode::leaf(leaf)
-                }
-            }
-        };
-        cfs::insert(&mut fs, &e.rel, inode)?;
-    }
-    Ok(fs)
 }
