@@ -6,6 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use common::mountd::Mountd;
 use common::{Env, can_mount, fixtures, path_str};
 
 /// `velo run` in `project` with npm's cache and offline mode set, as root.
@@ -41,37 +42,7 @@ fn status_json(env: &Env, project: &Path) -> serde_json::Value {
     serde_json::from_str(&out).unwrap()
 }
 
-/// `velo image-cache status --json`.
-fn image_cache_status(env: &Env, project: &Path) -> serde_json::Value {
-    let (out, _) = ok(
-        velo_in(env, project, &["--json", "image-cache", "status"])
-            .output()
-            .unwrap(),
-        "image-cache status",
-    );
-    serde_json::from_str(&out).unwrap()
-}
-
-/// Waits (at most 30 s) until the image cache runs and `done` holds of its first image's
-/// entry in `velo image-cache status`; returns that entry.
-fn wait_for_image_cache(
-    env: &Env,
-    project: &Path,
-    what: &str,
-    done: &dyn Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let s = image_cache_status(env, project);
-        if s["running"] == true && done(&s["images"][0]) {
-            return s["images"][0].clone();
-        }
-        assert!(std::time::Instant::now() < deadline, "{what}: {s}");
-        std::thread::yield_now();
-    }
-}
-
-/// The overlay dirs the image cache keeps in the store.
+/// The overlay dirs velo-mountd keeps in the store.
 fn lease_dirs(env: &Env) -> Vec<std::ffi::OsString> {
     fs::read_dir(env.store.join("mounts"))
         .unwrap()
@@ -112,11 +83,17 @@ fn no_mounts_left(env: &Env) {
         !info.contains(path_str(env.dir.path())),
         "a mount was left behind:\n{info}"
     );
-    // (The image cache's socket, `.image-cache.sock`, is not a mount slot.)
+    // (velo-mountd's pins of the images it holds are not a run's.)
     let slots: Vec<_> = fs::read_dir(env.store.join("mounts"))
         .unwrap()
         .flatten()
         .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .filter(|e| {
+            !fs::read(e.path().join("record.json"))
+                .ok()
+                .and_then(|r| serde_json::from_slice::<serde_json::Value>(&r).ok())
+                .is_some_and(|r| r["target"] == "velo-mountd")
+        })
         .collect();
     assert!(slots.is_empty(), "mount slots left in the store: {slots:?}");
 }
@@ -510,13 +487,6 @@ fn the_pin_lives_as_long_as_the_namespace_and_the_upper_is_volatile() {
         pid = path_str(&pid_file),
         fifo = path_str(&fifo)
     );
-    // (That GC stopped the image cache the first run started.) A run starts it again; the
-    // next one gets an overlay lent by it.
-    ok(
-        velo_in(&env, &project, &["run", "true"]).output().unwrap(),
-        "run",
-    );
-    wait_for_image_cache(&env, &project, "no image cache", &|_| true);
     let mut velo = velo_in(&env, &project, &["run", "sh", "-c", &script])
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -544,16 +514,6 @@ fn the_pin_lives_as_long_as_the_namespace_and_the_upper_is_volatile() {
     let _kill = Kill(command_pid);
     velo.kill().unwrap();
     velo.wait().unwrap();
-    // Its overlay is not lent again while the command still uses it.
-    let c = wait_for_image_cache(&env, &project, "the overlay stays lent", &|i| {
-        i["lent"] == 0 && i["checking"] == 0
-    });
-    assert_eq!(
-        (c["retired"].as_u64(), c["idle"].as_u64()),
-        (Some(1), Some(0)),
-        "{c}"
-    );
-
     env.ok(&["ref", "rm", &ref_name]);
     let r = env.json(&["gc", "--keep-last", "0", "--older-than", "0s"]);
     assert_eq!(
@@ -588,29 +548,33 @@ fn the_pin_lives_as_long_as_the_namespace_and_the_upper_is_volatile() {
     no_mounts_left(&env);
 }
 
-/// Runs share one EROFS superblock per image through the image cache, which the first warm
-/// run starts: later runs are served from it (hits), see the same tree, and leave nothing
-/// mounted; without the cache (`VELO_IMAGE_CACHE=off`) runs work as before; GC that removes
-/// images stops the cache so that it lets them go.
+/// Root's runs share one EROFS superblock per image through velo-mountd when it serves the
+/// same store: later runs are served from it (hits), see the same tree, and leave nothing
+/// mounted; with `VELO_MOUNTD=off` runs mount the image themselves. GC keeps an image the
+/// service holds, and collects it (and the overlay dirs a killed service left) once the
+/// service has stopped.
 #[test]
-fn runs_share_the_image_through_the_image_cache() {
-    if !can_mount("runs_share_the_image_through_the_image_cache") {
+fn runs_share_the_image_through_velo_mountd() {
+    if !can_mount("runs_share_the_image_through_velo_mountd") {
         return;
     }
     let env = Env::new();
     let project = custom_project(&env);
-    let cache_status = || image_cache_status(&env, &project);
+    let mountd = Mountd::start(&env);
     let cat = ["run", "cat", "deps/lib/deps.lock"];
-    ok(velo_in(&env, &project, &cat).output().unwrap(), "build");
-    // The first warm run finds no cache and starts one (in the background).
-    ok(velo_in(&env, &project, &cat).output().unwrap(), "run 1");
-    wait_for_image_cache(&env, &project, "no image cache started", &|_| true);
+    let run = || {
+        velo_in(&env, &project, &cat)
+            .env("VELO_SOCKET", &mountd.socket)
+            .output()
+            .unwrap()
+    };
+    ok(run(), "build");
     let image = status_json(&env, &project)[0]["image"].clone();
     for i in 0..3 {
-        let (out, _) = ok(velo_in(&env, &project, &cat).output().unwrap(), "run");
-        assert_eq!(out, "v1\n", "run {i} through the cache");
+        let (out, _) = ok(run(), "run");
+        assert_eq!(out, "v1\n", "run {i} through the service");
     }
-    let s = cache_status();
+    let s = mountd.status();
     let cached = s["images"].as_array().unwrap();
     assert_eq!(cached.len(), 1, "{s}");
     assert_eq!(cached[0]["image"], image, "{s}");
@@ -621,13 +585,15 @@ fn runs_share_the_image_through_the_image_cache() {
     let hits = cached[0]["hits"].as_u64().unwrap();
     let (out, _) = ok(
         velo_in(&env, &project, &cat)
-            .env("VELO_IMAGE_CACHE", "off")
+            .env("VELO_SOCKET", &mountd.socket)
+            .env("VELO_MOUNTD", "off")
             .output()
             .unwrap(),
-        "run without the cache",
+        "run without the service",
     );
     assert_eq!(out, "v1\n");
-    assert_eq!(cache_status()["images"][0]["hits"].as_u64(), Some(hits));
+    assert_eq!(mountd.status()["images"][0]["hits"].as_u64(), Some(hits));
+    mountd.settled();
     no_mounts_left(&env);
 
     let ref_name = status_json(&env, &project)[0]["ref"]
@@ -635,21 +601,29 @@ fn runs_share_the_image_through_the_image_cache() {
         .unwrap()
         .to_owned();
     env.ok(&["ref", "rm", &ref_name]);
-    // An overlay dir a killed image cache left behind.
+    // An overlay dir a killed service left behind.
     let orphan = env.store.join("mounts/.lease-orphan");
     fs::create_dir_all(orphan.join("upper")).unwrap();
     let r = env.json(&["gc", "--keep-last", "0", "--older-than", "0s"]);
-    assert!(r["images_removed"].as_u64().unwrap() >= 1, "{r}");
-    assert_eq!(
-        cache_status()["running"],
-        false,
-        "GC stops the cache that held the collected image"
+    assert!(
+        env.store
+            .join("images")
+            .join(image.as_str().unwrap())
+            .exists(),
+        "the service holds the image, so GC keeps it: {r}"
     );
+    assert!(
+        orphan.exists(),
+        "lease dirs are left alone while a service runs"
+    );
+    mountd.stop();
+    let r = env.json(&["gc", "--keep-last", "0", "--older-than", "0s"]);
+    assert!(r["images_removed"].as_u64().unwrap() >= 1, "{r}");
     let left = lease_dirs(&env);
     assert!(left.is_empty(), "overlay dirs left after GC: {left:?}");
 }
 
-/// The image cache lends each run a whole overlay and lends it again only when it came back
+/// velo-mountd lends each run a whole overlay and lends it again only when it came back
 /// untouched and unreachable: a run that wrote into the tree, a process left holding a
 /// directory of it, or a mount namespace the command made (holding a copy of the mount) each
 /// get the overlay discarded, so the next run sees the pristine image; an overlay discarded
@@ -661,18 +635,15 @@ fn a_lent_overlay_is_lent_again_only_when_untouched_and_unreachable() {
     }
     let env = Env::new();
     let project = custom_project(&env);
-    let wait_for = |what: &str, done: &dyn Fn(&serde_json::Value) -> bool| {
-        wait_for_image_cache(&env, &project, what, done)
-    };
+    let mountd = Mountd::start(&env);
+    let wait_for =
+        |what: &str, done: &dyn Fn(&serde_json::Value) -> bool| mountd.wait_for(what, done);
     // Waits until no overlay is lent or being checked; returns the image's counters.
-    let settled = || {
-        wait_for("the overlay was not handed back", &|i| {
-            i["lent"] == 0 && i["checking"] == 0
-        })
-    };
+    let settled = || mountd.settled();
     let run = |script: &str| {
         ok(
             velo_in(&env, &project, &["run", "sh", "-c", script])
+                .env("VELO_SOCKET", &mountd.socket)
                 .output()
                 .unwrap(),
             script,
@@ -693,9 +664,7 @@ fn a_lent_overlay_is_lent_again_only_when_untouched_and_unreachable() {
     }
     let holders = Holders(vec![env.path("cwd-holder.pid"), env.path("ns-holder.pid")]);
     let lease_dirs = || lease_dirs(&env).len();
-    run("true"); // builds, and starts the image cache
-    wait_for("no image cache", &|_| true);
-    assert_eq!(run("cat deps/lib/deps.lock"), "v1\n");
+    run("true"); // builds, and makes the first overlay
     let s = settled();
     assert_eq!((count(&s, "idle"), count(&s, "reused")), (1, 0), "{s}");
     assert_eq!(run("cat deps/lib/deps.lock"), "v1\n");
@@ -783,7 +752,7 @@ fn a_lent_overlay_is_lent_again_only_when_untouched_and_unreachable() {
     no_mounts_left(&env);
 }
 
-/// Runs at the same time each get an overlay of their own from the image cache: none sees
+/// Runs at the same time each get an overlay of their own from velo-mountd: none sees
 /// another's writes, and a later run sees none of them.
 #[test]
 fn parallel_runs_get_overlays_of_their_own() {
@@ -792,11 +761,16 @@ fn parallel_runs_get_overlays_of_their_own() {
     }
     let env = Env::new();
     let project = custom_project(&env);
+    let mountd = Mountd::start(&env);
+    let velo_in = |env: &Env, project: &Path, args: &[&str]| {
+        let mut c = velo_in(env, project, args);
+        c.env("VELO_SOCKET", &mountd.socket);
+        c
+    };
     ok(
         velo_in(&env, &project, &["run", "true"]).output().unwrap(),
         "build",
     );
-    wait_for_image_cache(&env, &project, "no image cache", &|_| true);
     // Each writes its own mark, waits until all four have written, then reads its mark back.
     let marks = env.path("marks");
     fs::create_dir(&marks).unwrap();
@@ -830,9 +804,7 @@ fn parallel_runs_get_overlays_of_their_own() {
         "run after",
     );
     assert_eq!(out, "clean\n");
-    let c = wait_for_image_cache(&env, &project, "overlays not handed back", &|i| {
-        i["lent"] == 0 && i["checking"] == 0
-    });
+    let c = mountd.settled();
     assert!(
         c["discarded"].as_u64().unwrap() >= 4,
         "written overlays are discarded: {c}"
@@ -840,22 +812,28 @@ fn parallel_runs_get_overlays_of_their_own() {
     no_mounts_left(&env);
 }
 
+/// An ordinary user's `velo run` with no velo-mountd answering says how to start one.
 #[test]
-fn without_root_velo_run_says_what_it_needs() {
+fn without_a_service_velo_run_as_a_user_says_how_to_start_one() {
     if !rustix::process::geteuid().is_root() {
-        eprintln!("SKIPPED without_root_velo_run_says_what_it_needs: needs root to switch users");
+        eprintln!(
+            "SKIPPED without_a_service_velo_run_as_a_user_says_how_to_start_one: needs root to switch users"
+        );
         return;
     }
     let env = Env::new();
     let project = custom_project(&env);
     let out = common::velo_as_nobody(&env.store)
         .args(["run", "true"])
+        .env("VELO_SOCKET", env.path("nothing-here.sock"))
+        .env("HOME", env.path("nobody-home"))
         .current_dir(&project)
         .output()
         .unwrap();
     assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("velo run needs root"),
+        err.contains("velo-mountd is not running") && err.contains("systemctl"),
         "{}",
         common::describe(&out)
     );

@@ -167,6 +167,37 @@ pub(crate) fn upper_mounted(upper: &Path) -> bool {
     })
 }
 
+/// The images of every velo overlay mounted in any mount namespace (source `velo:<digest>`):
+/// roots for GC whoever made the mount, whether or not a pin records it (a run killed between
+/// attaching and pinning, a service stopped while a run's command still uses its overlay).
+/// `None` if `/proc` cannot be read.
+pub fn mounted_images() -> Option<HashSet<velo_objects::Digest>> {
+    let mut images = HashSet::new();
+    let mut seen = Namespaces::default();
+    for (_, dir) in processes()? {
+        // Collect as a side effect of the per-namespace scan (each table read once).
+        seen.mountinfo_has(&dir, |line| {
+            if let Some(d) = velo_source(line) {
+                images.insert(d);
+            }
+            false
+        });
+    }
+    Some(images)
+}
+
+/// The image of a mountinfo line's velo overlay: field 3 after the ` - ` separator is the
+/// source, `velo:<digest>`.
+fn velo_source(line: &str) -> Option<velo_objects::Digest> {
+    let (_, after) = line.split_once(" - ")?;
+    let mut f = after.split(' ');
+    let (fstype, source) = (f.next()?, f.next()?);
+    if fstype != "overlay" {
+        return None;
+    }
+    velo_objects::Digest::parse(source.strip_prefix(crate::SOURCE_PREFIX)?).ok()
+}
+
 /// Every process's pid and `/proc/PID` dir; `None` if `/proc` cannot be read.
 fn processes() -> Option<Vec<(u32, PathBuf)>> {
     let procs = std::fs::read_dir("/proc").ok()?;
@@ -188,11 +219,11 @@ struct Namespaces(HashSet<u64>);
 impl Namespaces {
     /// Whether the process at `dir` is the first met in its mount namespace and a line of its
     /// mountinfo satisfies `pred`.
-    fn mountinfo_has(&mut self, dir: &Path, pred: impl Fn(&str) -> bool) -> bool {
+    fn mountinfo_has(&mut self, dir: &Path, mut pred: impl FnMut(&str) -> bool) -> bool {
         std::fs::metadata(dir.join("ns/mnt"))
             .is_ok_and(|ns| self.0.insert(std::os::unix::fs::MetadataExt::ino(&ns)))
             && std::fs::read_to_string(dir.join("mountinfo"))
-                .is_ok_and(|text| text.lines().any(&pred))
+                .is_ok_and(|text| text.lines().any(&mut pred))
     }
 }
 
@@ -212,6 +243,19 @@ fn dev_of(link: &Path) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn velo_sources_are_read_from_mountinfo_lines() {
+        let d = "aa".repeat(32);
+        let line = format!(
+            "90 30 0:50 / /p/node_modules rw,nosuid,nodev - overlay velo:{d} ro,lowerdir+=x"
+        );
+        assert_eq!(velo_source(&line).map(|x| x.to_hex()), Some(d.clone()));
+        let erofs = format!("91 30 0:51 / /x ro - erofs velo:{d} ro");
+        assert_eq!(velo_source(&erofs), None, "only overlays");
+        assert_eq!(velo_source("92 30 0:52 / /y rw - overlay overlay rw"), None);
+        assert_eq!(velo_source("garbage"), None);
+    }
 
     #[test]
     fn upper_state_sees_entries_and_root_changes() -> std::io::Result<()> {

@@ -14,7 +14,7 @@
 
 mod error;
 pub mod kernel;
-mod lease;
+pub mod lease;
 mod loopdev;
 mod mount;
 pub mod mountinfo;

@@ -243,6 +243,8 @@ pub struct CachedImage {
     pub lent: usize,
     /// Overlays of it waiting, pristine, for the next run.
     pub idle: usize,
+    /// Overlays of it handed back and being checked now.
+    pub checking: usize,
     /// Overlays discarded while something still reaches them (removed once nothing does).
     pub retired: usize,
     /// Runs that got an overlay an earlier run had handed back untouched.
@@ -299,9 +301,8 @@ pub fn parse_request(bytes: &[u8]) -> Result<Request, ProtocolError> {
     }
     let req: Request =
         serde_json::from_slice(bytes).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
-    let name_ok = |n: &str| {
-        validate_ref_name(n).map_err(|e| ProtocolError::Malformed(e.to_string()))
-    };
+    let name_ok =
+        |n: &str| validate_ref_name(n).map_err(|e| ProtocolError::Malformed(e.to_string()));
     match &req {
         Request::Resolve { name, persist, .. } => {
             name_ok(name)?;
@@ -327,11 +328,8 @@ pub fn parse_request(bytes: &[u8]) -> Result<Request, ProtocolError> {
             }
         }
         Request::RemoveRef { name } => name_ok(name)?,
-        Request::Hello { .. }
-        | Request::Done
-        | Request::Refs
-        | Request::Status
-        | Request::Stop => {}
+        Request::Hello { .. } | Request::Done | Request::Refs | Request::Status | Request::Stop => {
+        }
     }
     Ok(req)
 }
@@ -506,7 +504,10 @@ impl Conn {
 
     /// A reader of the next `len` raw bytes (for streaming an object into the store).
     pub fn raw(&mut self, len: u64) -> RawReader<'_> {
-        RawReader { conn: self, left: len }
+        RawReader {
+            conn: self,
+            left: len,
+        }
     }
 
     /// The oldest fd that arrived and was not taken yet.
@@ -650,7 +651,10 @@ mod tests {
         ];
         for b in bad {
             assert!(
-                matches!(parse_request(b.as_bytes()), Err(ProtocolError::Malformed(_))),
+                matches!(
+                    parse_request(b.as_bytes()),
+                    Err(ProtocolError::Malformed(_))
+                ),
                 "{b} was taken"
             );
         }
@@ -703,7 +707,9 @@ mod tests {
         let client = Conn::new(a);
         let mut service = Conn::new(b);
         let file = tempfile::tempfile().expect("tempfile");
-        client.send_with_fd(&Request::Refs, file.as_fd()).expect("send");
+        client
+            .send_with_fd(&Request::Refs, file.as_fd())
+            .expect("send");
         assert_eq!(service.read_request(), Ok(Request::Refs));
         assert!(service.take_fd().is_none());
     }

@@ -1,7 +1,8 @@
 //! Garbage collection: images no root needs go, then objects no remaining image references.
 //!
-//! Roots are refs, the ref history GC's keep policy retains, tenants' images, and pins (mount
-//! records) whose mount is alive or cannot be seen from here. Pins whose owner is gone are
+//! Roots are refs, the ref history GC's keep policy retains, tenants' images, pins (mount
+//! records) whose mount is alive or cannot be seen from here, and every velo overlay mounted
+//! in any mount namespace, pinned or not. Pins whose owner is gone are
 //! cleared. GC holds the store lock exclusively, so nothing a running snapshot has written or
 //! deduplicated against (it holds the lock shared until its ref is written), and nothing a mount
 //! in progress is about to pin, can be deleted under it.
@@ -23,7 +24,8 @@ use crate::store::{Area, Store};
 pub struct GcOptions {
     /// Only report.
     pub dry_run: bool,
-    /// Expire `deps/*` refs not used (mounted, run) or written for this long.
+    /// Expire `deps/*` refs (root's, and every user's `users/<uid>/deps/*`) not used
+    /// (mounted, run) or written for this long.
     pub unused_for: Option<Duration>,
     /// Keep at least this many previous images of every ref.
     pub keep_last: usize,
@@ -49,6 +51,9 @@ pub struct GcHooks<'a> {
     pub objects_of: &'a (dyn Fn(&Digest) -> std::result::Result<Vec<Digest>, String> + Sync),
     /// Whether a pinned mount still exists.
     pub liveness: &'a dyn Fn(&MountRecord) -> Liveness,
+    /// The images of every velo mount in any mount namespace, pinned or not; `None` if they
+    /// cannot be listed (then GC removes no image at all).
+    pub mounted_images: &'a dyn Fn() -> Option<HashSet<Digest>>,
 }
 
 /// What GC did (or, with `dry_run`, would do).
@@ -96,7 +101,7 @@ impl Store {
         for (name, target) in self.list_refs()? {
             let Ok(digest) = target else { continue };
             if let Some(max) = opts.unused_for
-                && name.starts_with("deps/")
+                && is_deps_ref(&name)
                 && now.saturating_sub(self.ref_last_used(&name)?) > max.as_secs()
             {
                 if !opts.dry_run {
@@ -158,10 +163,20 @@ impl Store {
             }
         }
 
+        // Every mount of this store's images, wherever it is and whoever made it.
+        let mounted = (hooks.mounted_images)();
+        match &mounted {
+            Some(images) => roots.extend(images.iter().copied()),
+            None => {
+                report.objects_skipped =
+                    Some("the mounts of other namespaces could not be listed (/proc)".into());
+            }
+        }
+
         // 3. Images.
         let mut kept_images = Vec::new();
         for image in self.list_images()? {
-            if roots.contains(&image) {
+            if roots.contains(&image) || mounted.is_none() {
                 kept_images.push(image);
                 continue;
             }
@@ -249,5 +264,27 @@ impl Store {
         }
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
+    }
+}
+
+/// A ref `velo run` keys by lockfile: root's `deps/…` or a user's `users/<uid>/deps/…`.
+fn is_deps_ref(name: &str) -> bool {
+    name.starts_with("deps/")
+        || name.strip_prefix("users/").is_some_and(|rest| {
+            rest.split_once('/').is_some_and(|(uid, tail)| {
+                uid.bytes().all(|b| b.is_ascii_digit()) && tail.starts_with("deps/")
+            })
+        })
+}
+
+#[cfg(test)]
+mod deps_ref_tests {
+    #[test]
+    fn deps_refs_of_root_and_users() {
+        assert!(super::is_deps_ref("deps/npm/abc"));
+        assert!(super::is_deps_ref("users/1000/deps/npm/abc"));
+        assert!(!super::is_deps_ref("users/1000/myapp"));
+        assert!(!super::is_deps_ref("users/x/deps/npm"));
+        assert!(!super::is_deps_ref("myapp/deps"));
     }
 }

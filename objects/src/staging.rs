@@ -104,8 +104,13 @@ impl Staging<'_> {
             let file = digest.to_hex();
             let (dir, name) = self.store.final_dir(Kind::Object, &digest)?;
             let path = self.store.object_path(&digest);
-            match rustix::fs::linkat(&self.dir, file.as_str(), dir, name.as_str(), AtFlags::empty())
-            {
+            match rustix::fs::linkat(
+                &self.dir,
+                file.as_str(),
+                dir,
+                name.as_str(),
+                AtFlags::empty(),
+            ) {
                 Ok(()) => new += 1,
                 Err(Errno::EXIST) if self.store.has(Kind::Object, &digest, size)? => continue,
                 Err(Errno::EXIST) => {
@@ -134,9 +139,8 @@ impl Drop for Staging<'_> {
 /// True if `name` in `tmp/` is a staging directory some process still holds.
 pub(crate) fn in_use(store: &Store, name: &str) -> bool {
     name.starts_with(PREFIX)
-        && open_dir_beneath(store.tmp_fd(), name).is_ok_and(|fd| {
-            rustix::fs::flock(&fd, FlockOperation::NonBlockingLockShared).is_err()
-        })
+        && open_dir_beneath(store.tmp_fd(), name)
+            .is_ok_and(|fd| rustix::fs::flock(&fd, FlockOperation::NonBlockingLockShared).is_err())
 }
 
 #[cfg(test)]
@@ -202,7 +206,10 @@ mod tests {
         assert!(in_use(&store, &s.name));
         let name = s.name.clone();
         std::mem::forget(s); // as if the process had been killed (its fd stays open here)
-        assert!(in_use(&store, &name), "its lock is still held by the leaked fd");
+        assert!(
+            in_use(&store, &name),
+            "its lock is still held by the leaked fd"
+        );
         assert!(!in_use(&store, "writer-x.json"));
     }
 }

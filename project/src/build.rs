@@ -35,7 +35,9 @@ pub fn build_as_user(b: &UserBuild<'_>) -> anyhow::Result<()> {
         .join("builds")
         .join(format!("{key}-{}", std::process::id()));
     std::fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
-    let staging: Vec<PathBuf> = (0..b.dirs.len()).map(|i| work.join(i.to_string())).collect();
+    let staging: Vec<PathBuf> = (0..b.dirs.len())
+        .map(|i| work.join(i.to_string()))
+        .collect();
     let result = (|| {
         for (dir, stage) in b.dirs.iter().zip(&staging) {
             std::fs::create_dir(stage).with_context(|| format!("create {}", stage.display()))?;

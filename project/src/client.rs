@@ -301,9 +301,7 @@ impl Client {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(read_err(e)),
             };
-            self.conn
-                .send_raw(&buf[..n])
-                .map_err(|e| self.proto(e))?;
+            self.conn.send_raw(&buf[..n]).map_err(|e| self.proto(e))?;
             left -= n as u64;
         }
         Ok(())

@@ -239,7 +239,11 @@ pub fn unit_hasher(
     put(&mut h, "velo-deps-key", b"v3");
     // v3: the owner of the installed tree keys it, so no user is ever handed a tree another
     // user installed (it would be theirs, and not writable by this one).
-    put(&mut h, "owner", format!("{}:{}", user.uid, user.gid).as_bytes());
+    put(
+        &mut h,
+        "owner",
+        format!("{}:{}", user.uid, user.gid).as_bytes(),
+    );
     put(&mut h, "ecosystem", unit.ecosystem.as_bytes());
     put(&mut h, "install", unit.install.as_bytes());
     for (k, v) in &unit.env {

@@ -93,29 +93,41 @@ pub fn unit_env(unit: &Unit, project: &Path) -> Vec<(String, String)> {
 /// velo's cache directory for this user (the key cache, builds under way, locks):
 /// `$XDG_CACHE_HOME/velo`, else `~/.cache/velo`, else `/tmp/velo-<uid>` — created, 0700.
 pub fn user_cache_dir() -> anyhow::Result<PathBuf> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     let uid = rustix::process::getuid().as_raw();
-    let dir = std::env::var_os("XDG_CACHE_HOME")
+    let home_based = std::env::var_os("XDG_CACHE_HOME")
         .filter(|v| Path::new(v).is_absolute())
         .map(|v| PathBuf::from(v).join("velo"))
         .or_else(|| {
             std::env::var_os("HOME")
                 .filter(|v| Path::new(v).is_absolute())
                 .map(|h| PathBuf::from(h).join(".cache/velo"))
-        })
-        .unwrap_or_else(|| PathBuf::from(format!("/tmp/velo-{uid}")));
+        });
+    let fallback = PathBuf::from(format!("/tmp/velo-{uid}"));
+    let mut last = None;
+    for dir in home_based.into_iter().chain([fallback]) {
+        match own_dir(&dir, uid) {
+            Ok(()) => return Ok(dir),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no cache directory for velo")))
+}
+
+/// Creates `dir` (0700) if missing and checks it is a directory `uid` owns.
+fn own_dir(dir: &Path, uid: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(&dir)
+        .create(dir)
         .map_err(|e| anyhow::anyhow!("create velo's cache directory {}: {e}", dir.display()))?;
-    let md = std::fs::symlink_metadata(&dir)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    let md =
+        std::fs::symlink_metadata(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
     if !md.is_dir() || md.uid() != uid {
         anyhow::bail!(
             "velo's cache directory {} is not a directory of yours; remove it or set XDG_CACHE_HOME",
             dir.display()
         );
     }
-    Ok(dir)
+    Ok(())
 }

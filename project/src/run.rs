@@ -251,11 +251,11 @@ fn run_as_user(
     if let Some(u) = &opts.user {
         bail!("--user {u} needs root (velo run as an ordinary user runs as that user)");
     }
+    let socket = client::socket_path(opts.socket.as_deref());
+    let mut client = Client::connect(&socket)?;
     let user = User::invoking(None)?;
     let cache = crate::user_cache_dir()?;
     let dirs = resolve(&CacheAt::Dir(cache.clone()), project, config, &user)?;
-    let socket = client::socket_path(opts.socket.as_deref());
-    let mut client = Client::connect(&socket)?;
 
     for (i, unit) in config.units.iter().enumerate() {
         let unit_dirs: Vec<&ManagedDir> = dirs.iter().filter(|d| d.unit == i).collect();

@@ -33,11 +33,7 @@ pub struct Sysctls {
 impl Sysctls {
     /// The values on this machine (missing files are `None`).
     pub fn read() -> Self {
-        let read = |p: &str| {
-            std::fs::read_to_string(p)
-                .ok()
-                .map(|s| s.trim().to_owned())
-        };
+        let read = |p: &str| std::fs::read_to_string(p).ok().map(|s| s.trim().to_owned());
         Self {
             unprivileged_userns_clone: read("/proc/sys/kernel/unprivileged_userns_clone"),
             max_user_namespaces: read("/proc/sys/user/max_user_namespaces"),
@@ -121,7 +117,8 @@ pub fn enter() -> Result<(), UsernsError> {
     write("/proc/self/gid_map", format!("{gid} {gid} 1\n"))?;
     rustix::mount::mount_change(
         "/",
-        rustix::mount::MountPropagationFlags::REC | rustix::mount::MountPropagationFlags::DOWNSTREAM,
+        rustix::mount::MountPropagationFlags::REC
+            | rustix::mount::MountPropagationFlags::DOWNSTREAM,
     )
     .map_err(|e| UsernsError(format!("make the copied mounts slaves: {e}")))
 }

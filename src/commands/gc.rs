@@ -23,6 +23,7 @@ pub fn gc(ctx: &Ctx, opts: GcOptions) -> anyhow::Result<ExitCode> {
     let hooks = GcHooks {
         objects_of: &objects_of,
         liveness: &velo_mount::liveness,
+        mounted_images: &velo_mount::lease::mounted_images,
     };
     let r = store.gc(&opts, &hooks)?;
     if !opts.dry_run {
@@ -136,10 +137,18 @@ pub fn refs(ctx: &Ctx, command: RefCommand) -> anyhow::Result<ExitCode> {
 
 /// Refuses to publish an image that holds set-id files, device nodes or file capabilities:
 /// users mount published images in namespaces of their own, where they could clear `nosuid`.
-fn check_publishable(store: &Store, image: &velo_objects::Digest, name: &str) -> anyhow::Result<()> {
+fn check_publishable(
+    store: &Store,
+    image: &velo_objects::Digest,
+    name: &str,
+) -> anyhow::Result<()> {
     let mut fs = velo_image::inspect::load(store, image)?;
     let r = velo_image::map_to_user(&mut fs, 0, 0);
-    let caps = r.xattrs_dropped.get("security.capability").copied().unwrap_or(0);
+    let caps = r
+        .xattrs_dropped
+        .get("security.capability")
+        .copied()
+        .unwrap_or(0);
     if r.set_id_cleared > 0 || r.devices_removed > 0 || caps > 0 {
         anyhow::bail!(
             "{name} ({image}) is not published: it holds {} set-id files, {} device nodes ({}) \

@@ -10,9 +10,9 @@ use velo_objects::Store;
 use super::Ctx;
 use crate::output;
 use velo_project::config::{Config, FILE};
+use velo_project::key::CacheAt;
 use velo_project::run::{RunOptions, persist_tenant};
 use velo_project::user::User;
-use velo_project::key::CacheAt;
 use velo_project::{detect, project_dir, resolve};
 
 pub fn init(ctx: &Ctx, project: Option<&Path>, force: bool) -> anyhow::Result<ExitCode> {

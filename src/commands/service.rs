@@ -50,9 +50,9 @@ pub fn service(ctx: &Ctx, command: ServiceCommand) -> anyhow::Result<ExitCode> {
                     hello.store.display(),
                     hello.verity
                 ));
-                let quota = hello
-                    .quota
-                    .map_or("no quota".to_owned(), |q| format!("quota {}", output::bytes(q)));
+                let quota = hello.quota.map_or("no quota".to_owned(), |q| {
+                    format!("quota {}", output::bytes(q))
+                });
                 ctx.say(format!(
                     "  you (uid {}): your refs hold {} ({quota})",
                     hello.uid,

@@ -96,11 +96,16 @@ fn snapshot_through_service(
     let bar = Bar::new(!ctx.json && !ctx.quiet);
     let snap = velo_image::snapshot_unstored(dir, &opts, &bar);
     bar.finish();
-    let snap = snap
-        .with_context(|| format!("snapshot of {} failed; no ref was written", dir.display()))?;
+    let snap =
+        snap.with_context(|| format!("snapshot of {} failed; no ref was written", dir.display()))?;
     let r = client
         .import(ref_name.as_deref(), &snap, &|_| {})
-        .with_context(|| format!("velo-mountd did not take {}; no ref was written", dir.display()))?;
+        .with_context(|| {
+            format!(
+                "velo-mountd did not take {}; no ref was written",
+                dir.display()
+            )
+        })?;
     client.done();
     if ctx.json {
         output::json(&serde_json::json!({

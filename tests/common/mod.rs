@@ -6,6 +6,8 @@ pub mod fixtures;
 
 pub mod registry;
 
+pub mod mountd;
+
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};

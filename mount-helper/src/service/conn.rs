@@ -201,7 +201,7 @@ fn mount(
     writes: &Writes,
 ) -> Result<(std::os::fd::OwnedFd, Response, Option<Overlay>), Failure> {
     let store = &shared.store;
-    let Some((image, _published)) =
+    let Some((image, published)) =
         namespace::resolve(store, caller, name).map_err(Failure::store)?
     else {
         return Err(Failure::new(
@@ -209,6 +209,10 @@ fn mount(
             format!("no ref {name:?} that you may read"),
         ));
     };
+    if !published {
+        // For `velo gc --unused-for` (best effort: a failure only ages the ref).
+        let _ = store.touch_ref_used(&namespace::own_ref(caller, name));
+    }
     let verity = match store.verity() {
         velo_objects::VerityMode::Enabled => "require",
         velo_objects::VerityMode::Unavailable => "off",

@@ -58,10 +58,7 @@ fn visible_objects(
     caller: &Caller,
 ) -> Result<Vec<Arc<HashSet<Digest>>>, StoreError> {
     let images = namespace::readable_images(&shared.store, caller)?;
-    let mut sets = shared
-        .object_sets
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
+    let mut sets = shared.object_sets.lock().unwrap_or_else(|p| p.into_inner());
     Ok(images
         .iter()
         .filter_map(|d| sets.get(&shared.store, d))
@@ -107,7 +104,10 @@ pub fn import(
     if bytes.len() as u64 != size {
         return Err(Failure::new(
             ErrorKind::Corrupt,
-            format!("the stream ended after {} of the image's {size} bytes", bytes.len()),
+            format!(
+                "the stream ended after {} of the image's {size} bytes",
+                bytes.len()
+            ),
         ));
     }
     let found = VerityHasher::digest(&bytes);
@@ -198,7 +198,10 @@ pub fn import(
         let mut held = namespace::own_images(store, caller).map_err(Failure::store)?;
         held.insert(stored_image);
         if let Err(e) = ledger.charge(store, caller, stored_image, new_bytes, &held) {
-            tracing::warn!("velo-mountd: could not record uid {}'s usage: {e}", caller.uid);
+            tracing::warn!(
+                "velo-mountd: could not record uid {}'s usage: {e}",
+                caller.uid
+            );
         }
     }
     Ok(Response::Imported(ImportSummary {

@@ -330,10 +330,7 @@ fn accept(shared: &Arc<Shared>, stream: UnixStream) {
 
 /// Counts a new connection of `uid`, or says which limit it would break.
 fn admit(shared: &Shared, uid: u32) -> std::result::Result<(), String> {
-    let mut open = shared
-        .connections
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
+    let mut open = shared.connections.lock().unwrap_or_else(|p| p.into_inner());
     let total: usize = open.values().sum();
     let mine = open.get(&uid).copied().unwrap_or(0);
     if total >= shared.config.max_connections {
@@ -353,10 +350,7 @@ fn admit(shared: &Shared, uid: u32) -> std::result::Result<(), String> {
 
 /// Uncounts a connection of `uid`.
 fn leave(shared: &Shared, uid: u32) {
-    let mut open = shared
-        .connections
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
+    let mut open = shared.connections.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(n) = open.get_mut(&uid) {
         *n = n.saturating_sub(1);
     }

@@ -149,8 +149,15 @@ mod tests {
         );
         assert_eq!(visible_name(&B, "users/1000/deps/x"), None);
         assert_eq!(visible_name(&A, "public/base"), Some(("base".into(), true)));
-        assert_eq!(visible_name(&A, "myapp/deps"), None, "root's own refs are root's");
-        assert_eq!(visible_name(&ROOT, "users/1000/deps/x").map(|v| v.1), Some(false));
+        assert_eq!(
+            visible_name(&A, "myapp/deps"),
+            None,
+            "root's own refs are root's"
+        );
+        assert_eq!(
+            visible_name(&ROOT, "users/1000/deps/x").map(|v| v.1),
+            Some(false)
+        );
         assert_eq!(own_ref(&ROOT, "a/b"), "a/b");
     }
 

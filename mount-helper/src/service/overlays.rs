@@ -132,7 +132,10 @@ pub fn check(mut overlay: Overlay, handed_back: bool) -> Verdict {
         && overlay.upper == Upper::Discard
         && overlay.pristine.is_some()
         && lease::upper_state(&overlay.upper_path) == overlay.pristine;
-    match (untouched, lease::reachable(&overlay.devs, std::process::id())) {
+    match (
+        untouched,
+        lease::reachable(&overlay.devs, std::process::id()),
+    ) {
         (true, false) => Verdict::Reuse(overlay),
         (_, true) => Verdict::Retire(overlay, handed_back),
         (false, false) => {
@@ -154,6 +157,8 @@ pub struct Overlays {
     next_id: u64,
     /// Overlays lent per image now (for status).
     lent: Vec<(Digest, usize)>,
+    /// Overlays per image handed back (or due again) and being checked now.
+    checking: Vec<(Digest, usize)>,
 }
 
 impl Default for Overlays {
@@ -172,6 +177,7 @@ impl Overlays {
             busy_tenants: Vec::new(),
             next_id: 0,
             lent: Vec::new(),
+            checking: Vec::new(),
         }
     }
 
@@ -264,12 +270,8 @@ impl Overlays {
                     std::process::id(),
                     self.next_id
                 ));
-                let made = crate::mount::lease_overlay(
-                    store,
-                    image,
-                    self.images[i].erofs.as_fd(),
-                    &dir,
-                );
+                let made =
+                    crate::mount::lease_overlay(store, image, self.images[i].erofs.as_fd(), &dir);
                 let (mount, upper_path) = match made {
                     Ok(m) => m,
                     Err(e) => {
@@ -353,18 +355,14 @@ impl Overlays {
         })
     }
 
-    /// An overlay lent out was given back (before its check).
+    /// An overlay lent out was given back; its check starts.
     pub fn returned(&mut self, image: &Digest) {
         self.count_lent(image, -1);
+        count(&mut self.checking, image, 1);
     }
 
     fn count_lent(&mut self, image: &Digest, by: isize) {
-        match self.lent.iter_mut().find(|(d, _)| d == image) {
-            Some((_, n)) => *n = n.saturating_add_signed(by),
-            None if by > 0 => self.lent.push((*image, by as usize)),
-            None => {}
-        }
-        self.lent.retain(|(_, n)| *n > 0);
+        count(&mut self.lent, image, by);
     }
 
     /// Takes a check's verdict.
@@ -373,6 +371,7 @@ impl Overlays {
             Verdict::Reuse(o) | Verdict::Retire(o, _) => o.image,
             Verdict::Removed(d, ..) => *d,
         };
+        count(&mut self.checking, &image, -1);
         let entry = self.images.iter().position(|e| e.image == image);
         match verdict {
             Verdict::Reuse(o) => {
@@ -404,10 +403,15 @@ impl Overlays {
     /// The retired overlays due for another check (taken out; give the verdicts back).
     pub fn due_retired(&mut self) -> Vec<Overlay> {
         let now = Instant::now();
-        self.retired
+        let due: Vec<Overlay> = self
+            .retired
             .extract_if(.., |(_, due)| *due <= now)
             .map(|(o, _)| o)
-            .collect()
+            .collect();
+        for o in &due {
+            count(&mut self.checking, &o.image, 1);
+        }
+        due
     }
 
     /// Keeps at most [`IDLE_LEASES`] idle overlays of `image`: the ones that served most runs.
@@ -454,9 +458,9 @@ impl Overlays {
         }
     }
 
-    /// True while any overlay is lent out or waits for a check.
+    /// True while any overlay is lent out, being checked or waits for a check.
     pub fn busy(&self) -> bool {
-        !self.lent.is_empty() || !self.retired.is_empty()
+        !self.lent.is_empty() || !self.checking.is_empty() || !self.retired.is_empty()
     }
 
     /// What `status` shows.
@@ -472,7 +476,16 @@ impl Overlays {
                     .find(|(d, _)| *d == e.image)
                     .map_or(0, |(_, n)| *n),
                 idle: self.idle.iter().filter(|o| o.image == e.image).count(),
-                retired: self.retired.iter().filter(|(o, _)| o.image == e.image).count(),
+                checking: self
+                    .checking
+                    .iter()
+                    .find(|(d, _)| *d == e.image)
+                    .map_or(0, |(_, n)| *n),
+                retired: self
+                    .retired
+                    .iter()
+                    .filter(|(o, _)| o.image == e.image)
+                    .count(),
                 reused: e.reused,
                 discarded: e.discarded,
             })
@@ -487,6 +500,16 @@ impl Overlays {
             unpin(store, e.pin);
         }
     }
+}
+
+/// Adds `by` to the count of `image` in `counts` (entries at zero go).
+fn count(counts: &mut Vec<(Digest, usize)>, image: &Digest, by: isize) {
+    match counts.iter_mut().find(|(d, _)| d == image) {
+        Some((_, n)) => *n = n.saturating_add_signed(by),
+        None if by > 0 => counts.push((*image, by as usize)),
+        None => {}
+    }
+    counts.retain(|(_, n)| *n > 0);
 }
 
 /// Pins `image` for as long as this process lives (a record in `mounts/` owned by it).
@@ -547,7 +570,10 @@ fn check_image_fd(store: &Store, fd: BorrowedFd<'_>, digest: &Digest) -> Result<
     if found != *digest {
         return Err(MountError::ImageRefused {
             digest: digest.to_hex(),
-            reason: format!("{} hashes to {found}: run `velo fsck`", store.image_path(digest).display()),
+            reason: format!(
+                "{} hashes to {found}: run `velo fsck`",
+                store.image_path(digest).display()
+            ),
         });
     }
     Ok(())
@@ -573,7 +599,11 @@ pub(crate) fn remove_orphans_locked(store: &Store) -> usize {
     };
     let mut removed = 0;
     for e in entries.flatten() {
-        if !e.file_name().as_bytes().starts_with(LEASE_PREFIX.as_bytes()) {
+        if !e
+            .file_name()
+            .as_bytes()
+            .starts_with(LEASE_PREFIX.as_bytes())
+        {
             continue;
         }
         let dir = e.path();
