@@ -3,6 +3,7 @@
 //! everything by the caller's credentials.
 
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -83,9 +84,19 @@ pub fn listen(path: &Path) -> Result<Listener> {
                 source: std::io::Error::other("fd 3 is not a listening unix stream socket"),
             });
         }
+        // The path systemd bound (for messages), where the socket says.
+        let bound = rustix::net::getsockname(&fd)
+            .ok()
+            .and_then(|a| {
+                rustix::net::SocketAddrUnix::try_from(a)
+                    .ok()?
+                    .path()
+                    .map(|p| PathBuf::from(std::ffi::OsStr::from_bytes(p.to_bytes())))
+            })
+            .unwrap_or_else(|| path.to_owned());
         return Ok(Listener {
             socket: UnixListener::from(fd),
-            path: path.to_owned(),
+            path: bound,
             activated: true,
         });
     }

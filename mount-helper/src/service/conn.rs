@@ -218,6 +218,7 @@ fn mount(
         velo_objects::VerityMode::Unavailable => "off",
     }
     .to_owned();
+    shared.prefetch(&image);
     let mut cache = shared.lock_overlays();
     let (overlay, persisted) = match writes {
         Writes::ReadOnly => {

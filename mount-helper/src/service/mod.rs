@@ -133,6 +133,8 @@ pub(crate) struct Shared {
     last_request: Mutex<Instant>,
     /// Written to wake the accept loop (a `stop`).
     wake: UnixStream,
+    /// Set while a thread reads the store's object directories ahead (after a cold start).
+    prefetching: Arc<AtomicBool>,
 }
 
 impl Shared {
@@ -161,6 +163,32 @@ impl Shared {
         }
         *n += 1;
         Some(ImportSlot(self))
+    }
+
+    /// Starts reading `image` into the page cache, and — when its first page was not cached
+    /// (after a reboot or a dropped cache) — the store's object directories too, in a thread
+    /// (see [`crate::prefetch_image`], [`Store::prefetch_object_dirs`]). The client's command
+    /// starts meanwhile; its first lookups then find much of what they need in memory.
+    pub(crate) fn prefetch(&self, image: &velo_objects::Digest) {
+        if crate::prefetch_image(&self.store, image)
+            || self.prefetching.swap(true, Ordering::SeqCst)
+        {
+            return;
+        }
+        let Ok(objects) = Store::open(self.store.root()) else {
+            self.prefetching.store(false, Ordering::SeqCst);
+            return;
+        };
+        let flag = self.prefetching.clone();
+        let spawned = std::thread::Builder::new()
+            .name("prefetch".into())
+            .spawn(move || {
+                objects.prefetch_object_dirs();
+                flag.store(false, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            self.prefetching.store(false, Ordering::SeqCst);
+        }
     }
 
     fn lock_overlays(&self) -> std::sync::MutexGuard<'_, overlays::Overlays> {
@@ -227,6 +255,7 @@ pub fn serve(store: Store, listener: Listener, config: Config) -> Result<()> {
         stopped_by: Mutex::new(None),
         last_request: Mutex::new(Instant::now()),
         wake: wake_tx,
+        prefetching: Arc::new(AtomicBool::new(false)),
     });
     tracing::info!(
         "velo-mountd: serving {} at {}",
