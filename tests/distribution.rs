@@ -679,3 +679,87 @@ fn export_import_round_trip_and_corruption() {
     let err = d.fails(&["import", path_str(&src.join("big"))]);
     assert!(err.contains("not a velo export file"), "{err}");
 }
+
+/// An ordinary user pushes and pulls through velo-mountd: `velo push` sends their ref's image
+/// and objects (which the service hands them), `velo pull` takes an artifact in, checked, into
+/// their namespace — as it would be stored had they snapshotted the tree themselves (owners
+/// mapped to them) — and `velo run`-style mounts of it show the same bytes. Nothing is left in
+/// the user's scratch dirs.
+#[test]
+fn an_ordinary_user_pushes_and_pulls_through_the_service() {
+    use common::mountd::{Mountd, TestUser};
+    if !can_mount("an_ordinary_user_pushes_and_pulls_through_the_service") {
+        return;
+    }
+    let reg = Registry::start();
+    let env = Env::new();
+    let mountd = Mountd::start(&env);
+    let user = TestUser::create("dist", env.dir.path());
+    let src = env.path("tree");
+    package_tree(&src, 5, 4);
+    user.own(&src);
+    let as_user = |args: &[&str]| {
+        let out = user.velo(&mountd, env.dir.path(), args).output().unwrap();
+        assert!(out.status.success(), "velo {args:?}: {}", describe(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let snap = as_user(&["--json", "snapshot", path_str(&src), "--ref", "mine/tree"]);
+    let url = reg.url("velo/user:v1");
+    let p = as_user(&["--json", "push", "mine/tree", url.as_str(), "--plain-http"]);
+    assert_eq!(p["image"], snap["digest"], "{p}");
+
+    // Another store pulls it as root: the same image, byte for byte.
+    let other = Env::new();
+    let r = pull(&other, &reg, "velo/user:v1", &["--ref", "got"]);
+    assert_eq!(r["image"], snap["digest"], "{r}");
+
+    // The user pulls it back under another name: the same image (it is already theirs).
+    let r = as_user(&[
+        "--json",
+        "pull",
+        url.as_str(),
+        "--plain-http",
+        "--ref",
+        "again",
+    ]);
+    assert_eq!(r["image"], snap["digest"], "{r}");
+    assert_eq!(r["ref"], "again", "{r}");
+    let refs = as_user(&["--json", "ref", "ls"]);
+    let names: Vec<&str> = refs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"again") && names.contains(&"mine/tree"),
+        "{refs}"
+    );
+
+    // Root's tree pulled by the user becomes theirs: its owners are mapped.
+    let root_tree = other.path("root-tree");
+    package_tree(&root_tree, 2, 2);
+    other.snapshot(&root_tree, "roots");
+    push(&other, &reg, "roots", "velo/roots:v1", &[]);
+    let url = reg.url("velo/roots:v1");
+    let r = as_user(&[
+        "--json",
+        "pull",
+        url.as_str(),
+        "--plain-http",
+        "--ref",
+        "theirs",
+    ]);
+    assert_eq!(r["ref"], "theirs", "{r}");
+    let stored = env
+        .store
+        .join("refs/users")
+        .join(user.uid.to_string())
+        .join("theirs");
+    assert!(stored.exists(), "the ref is in the user's namespace");
+    let scratch = user.home.join(".cache/velo/transfer");
+    let left: Vec<_> = fs::read_dir(&scratch)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "scratch stores left: {left:?}");
+}

@@ -91,6 +91,13 @@ pub enum Request {
     Done,
     /// The refs the caller may read.
     Refs,
+    /// The image a ref the caller may read names, and all its objects: answered with
+    /// [`Response::Exporting`], then the image's bytes, then for each object (in path order)
+    /// its digest (32 bytes), its size (u64, little-endian) and its bytes.
+    Export {
+        /// The ref, as the caller names it.
+        name: String,
+    },
     /// Removes one of the caller's own refs.
     RemoveRef {
         /// The ref, as the caller names it.
@@ -153,6 +160,15 @@ pub enum Response {
         /// Bytes kept by the persisted upper (if asked and it exists).
         #[serde(default)]
         persisted_bytes: Option<u64>,
+    },
+    /// An export follows: the image's `size` bytes, then `objects` objects.
+    Exporting {
+        /// The image.
+        image: Digest,
+        /// Its length.
+        size: u64,
+        /// How many objects follow it.
+        objects: u64,
     },
     /// The objects the service needs: `count` × 32 bytes of digests follow.
     Need {
@@ -327,7 +343,7 @@ pub fn parse_request(bytes: &[u8]) -> Result<Request, ProtocolError> {
                 check_persist_id(id)?;
             }
         }
-        Request::RemoveRef { name } => name_ok(name)?,
+        Request::RemoveRef { name } | Request::Export { name } => name_ok(name)?,
         Request::Hello { .. } | Request::Done | Request::Refs | Request::Status | Request::Stop => {
         }
     }
@@ -620,6 +636,7 @@ mod tests {
             Request::Done,
             Request::Refs,
             Request::RemoveRef { name: "a".into() },
+            Request::Export { name: "a/b".into() },
             Request::Status,
             Request::Stop,
         ];

@@ -234,24 +234,41 @@ impl Client {
         snapshot: &UnstoredSnapshot,
         sent: &dyn Fn(u64),
     ) -> Result<ImportSummary, ClientError> {
+        self.import_parts(
+            name,
+            &snapshot.digest,
+            &snapshot.image,
+            &snapshot.objects,
+            sent,
+        )
+    }
+
+    /// [`Client::import`] of an image (`digest`, `image` its bytes) whose objects are in the
+    /// files `objects` names.
+    pub fn import_parts(
+        &mut self,
+        name: Option<&str>,
+        digest: &Digest,
+        image: &[u8],
+        objects: &[velo_image::UnstoredObject],
+        sent: &dyn Fn(u64),
+    ) -> Result<ImportSummary, ClientError> {
         self.conn
             .send(&Request::Import {
                 name: name.map(str::to_owned),
-                image: snapshot.digest,
-                size: snapshot.image.len() as u64,
+                image: *digest,
+                size: image.len() as u64,
             })
             .map_err(|e| self.proto(e))?;
-        self.conn
-            .send_raw(&snapshot.image)
-            .map_err(|e| self.proto(e))?;
+        self.conn.send_raw(image).map_err(|e| self.proto(e))?;
         let count = match self.answer()? {
             Response::Need { count } => count,
             other => return Err(unexpected("import", other)),
         };
-        if count > snapshot.objects.len() as u64 {
+        if count > objects.len() as u64 {
             return Err(ClientError::Unexpected {
                 request: "import",
-                got: format!("a need for {count} objects of {}", snapshot.objects.len()),
+                got: format!("a need for {count} objects of {}", objects.len()),
             });
         }
         let mut digests = vec![0u8; count as usize * 32];
@@ -259,7 +276,7 @@ impl Client {
             .read_exact(&mut digests)
             .map_err(|e| self.proto(e))?;
         let by_digest: std::collections::HashMap<&Digest, &velo_image::UnstoredObject> =
-            snapshot.objects.iter().map(|o| (&o.digest, o)).collect();
+            objects.iter().map(|o| (&o.digest, o)).collect();
         let mut buf = vec![0u8; 1 << 20];
         for chunk in digests.chunks_exact(32) {
             let mut d = [0u8; 32];
@@ -330,12 +347,77 @@ impl Client {
         let _ = self.conn.send(&Request::Done);
     }
 
+    /// [`Client::done`], then waits until the service has taken the mounts back (it closes
+    /// the connection once it has): a persisted upper is then free for the next run.
+    pub fn done_and_wait(mut self) {
+        if self.conn.send(&Request::Done).is_ok() {
+            while self.conn.read_message().is_ok() {}
+        }
+    }
+
     /// The refs the caller may read.
     pub fn refs(&mut self) -> Result<Vec<RefEntry>, ClientError> {
         match self.ask(&Request::Refs)? {
             Response::Refs { refs } => Ok(refs),
             other => Err(unexpected("refs", other)),
         }
+    }
+
+    /// Copies the image `name` names and all its objects into `store` (a store of the
+    /// caller's own), checking every byte against its digest as it arrives. Returns the image.
+    pub fn export_into(
+        &mut self,
+        name: &str,
+        store: &velo_objects::Store,
+        progress: &dyn Fn(u64),
+    ) -> Result<Digest, ClientError> {
+        let (image, size, count) = match self.ask(&Request::Export {
+            name: name.to_owned(),
+        })? {
+            Response::Exporting {
+                image,
+                size,
+                objects,
+            } => (image, size, objects),
+            other => return Err(unexpected("export", other)),
+        };
+        let stored = |e: velo_objects::StoreError| ClientError::Unexpected {
+            request: "export",
+            got: e.to_string(),
+        };
+        store
+            .store_verified(
+                velo_objects::Kind::Image,
+                &mut self.conn.raw(size),
+                &image,
+                size,
+                &format!("image {image} from velo-mountd"),
+            )
+            .map_err(stored)?;
+        let session = store.begin_write().map_err(stored)?;
+        for i in 0..count {
+            let mut head = [0u8; 40];
+            self.conn.read_exact(&mut head).map_err(|e| self.proto(e))?;
+            let mut d = [0u8; 32];
+            d.copy_from_slice(&head[..32]);
+            let digest = Digest::from_bytes(d);
+            let mut sz = [0u8; 8];
+            sz.copy_from_slice(&head[32..]);
+            let size = u64::from_le_bytes(sz);
+            let what = format!("object {digest} ({} of {count}) from velo-mountd", i + 1);
+            store
+                .store_verified(
+                    velo_objects::Kind::Object,
+                    &mut self.conn.raw(size),
+                    &digest,
+                    size,
+                    &what,
+                )
+                .map_err(stored)?;
+            progress(size);
+        }
+        session.commit(&[]).map_err(stored)?;
+        Ok(image)
     }
 
     /// Removes one of the caller's refs.

@@ -102,7 +102,21 @@ pub fn push(
     pack_size: Option<u64>,
 ) -> anyhow::Result<ExitCode> {
     let dest = OciAddress::parse(destination, registry.plain_http)?;
-    let store = Arc::new(Store::open(&ctx.store)?);
+    let scratch;
+    let store = if ctx.through_service() {
+        // The user's image and objects come from velo-mountd into a store of their own.
+        scratch = Scratch::new("push")?;
+        let store = Store::open_or_create(&scratch.0)?;
+        let mut client = ctx.client()?;
+        let digest = client
+            .export_into(image, &store, &|_| {})
+            .with_context(|| format!("get {image} from velo-mountd"))?;
+        client.done();
+        store.write_ref(image, &digest)?;
+        Arc::new(store)
+    } else {
+        Arc::new(Store::open(&ctx.store)?)
+    };
     let opts = PushOptions {
         jobs: registry.jobs.max(1),
         pack_target: pack_size.unwrap_or(velo_distribution::pack::DEFAULT_PACK_TARGET),
@@ -146,16 +160,38 @@ pub fn pull(
     if let Some(r) = &ref_name {
         velo_objects::validate_ref_name(r)?;
     }
-    let store = Arc::new(Store::open_or_create(&ctx.store)?);
+    let scratch = ctx
+        .through_service()
+        .then(|| Scratch::new("pull"))
+        .transpose()?;
+    let store = Arc::new(match &scratch {
+        Some(s) => Store::open_or_create(&s.0)?,
+        None => Store::open_or_create(&ctx.store)?,
+    });
     let opts = PullOptions {
         jobs: registry.jobs.max(1),
-        ref_name,
+        ref_name: if scratch.is_some() {
+            None
+        } else {
+            ref_name.clone()
+        },
         expect,
     };
     let bar = Bar::new(ctx, "pulling");
-    let result = velo_distribution::pull(store, &src, &opts, &bar);
+    let result = velo_distribution::pull(store.clone(), &src, &opts, &bar);
     bar.finish();
-    let r = result.with_context(|| format!("pull of {src} failed; no ref was written"))?;
+    let mut r = result.with_context(|| format!("pull of {src} failed; no ref was written"))?;
+    if scratch.is_some() {
+        let stored = to_service(ctx, &store, &r.image, ref_name.as_deref())
+            .with_context(|| format!("velo-mountd did not take {src}; no ref was written"))?;
+        if stored.image != r.image {
+            ctx.say(format!(
+                "velo: stored for you (owners mapped to you) as image {}",
+                stored.image
+            ));
+        }
+        r.ref_name = stored.name;
+    }
     if ctx.json {
         output::json(&r)?;
     } else {
@@ -180,7 +216,20 @@ pub fn pull(
 }
 
 pub fn export(ctx: &Ctx, image: &str, file: &Path) -> anyhow::Result<ExitCode> {
-    let store = Store::open(&ctx.store)?;
+    let scratch;
+    let store = if ctx.through_service() {
+        scratch = Scratch::new("export")?;
+        let store = Store::open_or_create(&scratch.0)?;
+        let mut client = ctx.client()?;
+        let digest = client
+            .export_into(image, &store, &|_| {})
+            .with_context(|| format!("get {image} from velo-mountd"))?;
+        client.done();
+        store.write_ref(image, &digest)?;
+        store
+    } else {
+        Store::open(&ctx.store)?
+    };
     let to_stdout = file.as_os_str() == "-";
     if to_stdout && ctx.json {
         anyhow::bail!("--json and an export to standard output (`-`) would mix on stdout");
@@ -210,12 +259,30 @@ pub fn import(
     ref_name: Option<String>,
     no_ref: bool,
 ) -> anyhow::Result<ExitCode> {
-    let store = Store::open_or_create(&ctx.store)?;
+    let scratch = ctx
+        .through_service()
+        .then(|| Scratch::new("import"))
+        .transpose()?;
+    let store = match &scratch {
+        Some(s) => Store::open_or_create(&s.0)?,
+        None => Store::open_or_create(&ctx.store)?,
+    };
     let bar = Bar::new(ctx, "importing");
     let result = velo_distribution::import(&store, file, ref_name.as_deref(), no_ref, &bar);
     bar.finish();
-    let r = result
+    let mut r = result
         .with_context(|| format!("import of {} failed; no ref was written", file.display()))?;
+    if scratch.is_some() {
+        let stored =
+            to_service(ctx, &store, &r.image, r.ref_name.as_deref()).with_context(|| {
+                format!(
+                    "velo-mountd did not take {}; no ref was written",
+                    file.display()
+                )
+            })?;
+        r.image = stored.image;
+        r.ref_name = stored.name;
+    }
     if ctx.json {
         output::json(&r)?;
     } else {
@@ -233,4 +300,49 @@ pub fn import(
         ));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A store of the user's own for one transfer (an ordinary user never opens velo-mountd's):
+/// what arrives is checked there, then handed to the service, which checks it again. Removed
+/// on drop.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(verb: &str) -> anyhow::Result<Self> {
+        let dir = velo_project::user_cache_dir()?
+            .join("transfer")
+            .join(format!("{verb}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Hands the image `image` of the scratch store `store` to velo-mountd (under `ref_name` in
+/// the user's namespace).
+fn to_service(
+    ctx: &Ctx,
+    store: &Store,
+    image: &Digest,
+    ref_name: Option<&str>,
+) -> anyhow::Result<velo_mount::protocol::ImportSummary> {
+    let bytes = velo_image::inspect::read_image_bytes(store, image)?;
+    let fs = velo_image::read_image(&bytes, &image.to_hex())?;
+    let objects: Vec<velo_image::UnstoredObject> = velo_image::inspect::objects_in_path_order(&fs)
+        .into_iter()
+        .map(|(digest, size)| velo_image::UnstoredObject {
+            path: store.object_path(&digest),
+            digest,
+            size,
+        })
+        .collect();
+    let mut client = ctx.client()?;
+    let r = client.import_parts(ref_name, image, &bytes, &objects, &|_| {})?;
+    client.done();
+    Ok(r)
 }

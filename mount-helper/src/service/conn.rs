@@ -78,6 +78,10 @@ pub fn handle(shared: &Shared, stream: UnixStream, caller: Caller) {
                 .map(|refs| Response::Refs { refs })
                 .map_err(Failure::store),
             Request::RemoveRef { name } => remove_ref(shared, &caller, &name),
+            Request::Export { name } => match export(shared, &conn, &caller, &name) {
+                Ok(()) => continue,
+                Err(f) => Err(f),
+            },
             Request::Status if caller.is_root() => Ok(Response::Status {
                 images: shared.lock_overlays().status(),
             }),
@@ -179,6 +183,70 @@ fn resolve(
         bytes,
         persisted_bytes,
     })
+}
+
+/// Streams the image `name` names and all its objects (see [`Request::Export`]). The image
+/// is read checked against its name; each object is sent as the store holds it (the client
+/// checks every byte it gets, as it would from a registry).
+fn export(shared: &Shared, conn: &Conn, caller: &Caller, name: &str) -> Result<(), Failure> {
+    let store = &shared.store;
+    let Some((image, _)) = namespace::resolve(store, caller, name).map_err(Failure::store)? else {
+        return Err(Failure::new(
+            ErrorKind::NotFound,
+            format!("no ref {name:?} that you may read"),
+        ));
+    };
+    let bytes = velo_image::inspect::read_image_bytes(store, &image)
+        .map_err(|e| Failure::new(ErrorKind::Corrupt, e.to_string()))?;
+    let fs = velo_image::read_image(&bytes, &image.to_hex())
+        .map_err(|e| Failure::new(ErrorKind::Corrupt, e.to_string()))?;
+    let objects = velo_image::inspect::objects_in_path_order(&fs);
+    conn.send(&Response::Exporting {
+        image,
+        size: bytes.len() as u64,
+        objects: objects.len() as u64,
+    })
+    .map_err(Failure::io)?;
+    // From here on the client reads raw bytes: a failure can only cut the stream short.
+    if let Err(why) = send_export(store, conn, &bytes, &objects) {
+        tracing::warn!(
+            "velo-mountd: export of {image} to uid {} cut short: {why}",
+            caller.uid
+        );
+        let _ = conn.stream().shutdown(std::net::Shutdown::Both);
+    }
+    Ok(())
+}
+
+fn send_export(
+    store: &velo_objects::Store,
+    conn: &Conn,
+    image: &[u8],
+    objects: &[(velo_objects::Digest, u64)],
+) -> Result<(), String> {
+    conn.send_raw(image).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 1 << 20];
+    for (d, size) in objects {
+        let mut head = [0u8; 40];
+        head[..32].copy_from_slice(d.as_bytes());
+        head[32..].copy_from_slice(&size.to_le_bytes());
+        conn.send_raw(&head).map_err(|e| e.to_string())?;
+        let fd = store.open_object(d).map_err(|e| e.to_string())?;
+        let mut pos = 0u64;
+        while pos < *size {
+            let want = (*size - pos).min(buf.len() as u64) as usize;
+            let n = velo_objects::fsutil::pread_full(fd.as_fd(), &mut buf[..want], pos)
+                .map_err(|e| format!("read object {d}: {e}"))?;
+            if n == 0 {
+                return Err(format!(
+                    "object {d} is shorter than its image says; run `velo fsck`"
+                ));
+            }
+            conn.send_raw(&buf[..n]).map_err(|e| e.to_string())?;
+            pos += n as u64;
+        }
+    }
+    Ok(())
 }
 
 fn remove_ref(shared: &Shared, caller: &Caller, name: &str) -> Result<Response, Failure> {
