@@ -6,7 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::mountd::Mountd;
+use common::mountd::{Mountd, TestUser};
 use common::{Env, can_mount, fixtures, path_str};
 
 /// `velo run` in `project` with npm's cache and offline mode set, as root.
@@ -337,6 +337,9 @@ fn custom_project(env: &Env) -> PathBuf {
     project
 }
 
+/// Through sudo (root, `SUDO_UID`/`SUDO_GID` set), the install and the command run as the
+/// caller, with the caller's identity from passwd: HOME, USER and LOGNAME (so getpass-style
+/// tools name them), and XDG dirs that sudo left pointing at root's under the caller's home.
 #[test]
 fn through_sudo_the_install_and_command_run_as_the_caller() {
     if !can_mount("through_sudo_the_install_and_command_run_as_the_caller") {
@@ -344,23 +347,50 @@ fn through_sudo_the_install_and_command_run_as_the_caller() {
     }
     let env = Env::new();
     let project = custom_project(&env);
+    let caller = TestUser::create("sudo", env.dir.path());
+    // The install and the command each print who they are and what their environment says.
+    let whoami = r#"id -u; printf '%s\n' "$HOME" "$USER" "$LOGNAME" "$XDG_CONFIG_HOME"; python3 -c 'import getpass; print(getpass.getuser())'"#;
+    fs::write(
+        project.join("velo.toml"),
+        format!(
+            "[[deps]]\necosystem = \"custom\"\ndirs = [\"deps\"]\ninputs = [\"deps.lock\"]\n\
+             install = '''mkdir -p deps/lib && cp deps.lock deps/lib/ && {{ {whoami}; }} > deps/lib/install'''\n"
+        ),
+    )
+    .unwrap();
     let run = |args: &[&str]| {
         let mut c = velo_in(&env, &project, args);
-        c.env("SUDO_UID", "65534").env("SUDO_GID", "65534");
+        // What sudo leaves: root's identity (and here an XDG dir of root's).
+        c.env("SUDO_UID", caller.uid.to_string())
+            .env("SUDO_GID", caller.gid.to_string())
+            .env("SUDO_USER", &caller.name)
+            .env("HOME", "/root")
+            .env("USER", "root")
+            .env("LOGNAME", "root")
+            .env("XDG_CONFIG_HOME", "/root/.config");
         c.output().unwrap()
     };
-    let (out, _) = ok(
-        run(&[
-            "run",
-            "sh",
-            "-c",
-            "id -u; cat deps/lib/built-by; stat -c %u deps/lib/deps.lock; touch deps/mine && stat -c %u deps/mine",
-        ]),
-        "run as caller",
+    let script = format!(
+        "cat deps/lib/install; {whoami}; stat -c %u deps/lib/deps.lock; touch deps/mine && stat -c %u deps/mine"
     );
+    let (out, _) = ok(run(&["run", "sh", "-c", &script]), "run as caller");
+    let uid = caller.uid.to_string();
+    let config = caller.home.join(".config");
+    let who = [
+        uid.as_str(),
+        path_str(&caller.home),
+        &caller.name,
+        &caller.name,
+        path_str(&config),
+        &caller.name,
+    ];
+    let mut want: Vec<&str> = who.iter().chain(&who).copied().collect();
+    want.extend([uid.as_str(), uid.as_str()]);
     assert_eq!(
-        out, "65534\n65534\n65534\n65534\n",
-        "command, install, tree and CoW writes all belong to the caller"
+        out.lines().collect::<Vec<_>>(),
+        want,
+        "the install's lines, the command's, then the owners of the tree and of a CoW write: \
+         all the caller's (uid, HOME, USER, LOGNAME, XDG_CONFIG_HOME, getpass), none root's"
     );
     // --user overrides.
     let (out, _) = ok(

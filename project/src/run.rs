@@ -270,6 +270,11 @@ fn run_as_user(
         if !missing(&mut client)? {
             continue;
         }
+        // The build runs in a user namespace of the user's: where a setting forbids them, say
+        // which (one sentence) before anything starts.
+        if let Some(why) = super::userns::Sysctls::read().blocker() {
+            bail!("velo cannot make a user namespace: {why}");
+        }
         let _lock = lock_file(&cache.join("locks"), &format!("build-{}", unit_dirs[0].key))?;
         if !missing(&mut client)? {
             continue; // another run of this user built it while we waited
@@ -366,7 +371,13 @@ fn run_through_service(
     for t in targets.iter().rev() {
         super::userns::detach(t);
     }
-    client.done();
+    if persist {
+        // The next run may need the same persisted upper at once: velo exits only once the
+        // service has taken it back.
+        client.done_and_wait();
+    } else {
+        client.done();
+    }
     status
 }
 
