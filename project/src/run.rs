@@ -161,15 +161,19 @@ fn run_as_root(
             super::child::ensure_target(&d.path, (user.uid, user.gid))?;
         }
         drop(store);
-        return run_through_service(
+        let mut client = client;
+        let mounts = mount_all(&mut client, project, &dirs, opts.persist)?
+            .ok_or_else(|| anyhow::anyhow!("velo-mountd does not see the image just built"))?;
+        let enter = || velo_mount::enter_private_namespace().map_err(Into::into);
+        return attach_and_run(
             client,
-            project,
+            mounts,
             &dirs,
             opts.persist,
             argv,
             &env,
             &user,
-            &|| velo_mount::enter_private_namespace().map_err(Into::into),
+            &enter,
         );
     }
 
@@ -256,7 +260,48 @@ fn run_as_user(
     let user = User::invoking(None)?;
     let cache = crate::user_cache_dir()?;
     let dirs = resolve(&CacheAt::Dir(cache.clone()), project, config, &user)?;
+    for d in &dirs {
+        std::fs::create_dir_all(&d.path).with_context(|| format!("create {}", d.path.display()))?;
+    }
+    let env = units_env(config, project);
+    let enter = || super::userns::enter().map_err(Into::into);
 
+    // The warm path asks for the mounts straight away; a missing tree is built, then asked for
+    // again on a new connection.
+    let mounts = match mount_all(&mut client, project, &dirs, opts.persist)? {
+        Some(mounts) => mounts,
+        None => {
+            client.done_and_wait(); // gives back what was lent before the missing one
+            build_missing_as_user(&socket, &cache, project, config, &dirs, opts)?;
+            client = Client::connect(&socket)?;
+            mount_all(&mut client, project, &dirs, opts.persist)?.ok_or_else(|| {
+                anyhow::anyhow!("the build finished but velo-mountd has no image for it")
+            })?
+        }
+    };
+    attach_and_run(
+        client,
+        mounts,
+        &dirs,
+        opts.persist,
+        argv,
+        &env,
+        &user,
+        &enter,
+    )
+}
+
+/// Builds, as the user, every unit of velo.toml whose trees velo-mountd does not have for
+/// them; each key once across this user's runs (a lock in their cache dir).
+fn build_missing_as_user(
+    socket: &Path,
+    cache: &Path,
+    project: &Path,
+    config: &Config,
+    dirs: &[ManagedDir],
+    opts: &RunOptions,
+) -> anyhow::Result<()> {
+    let mut client = Client::connect(socket)?;
     for (i, unit) in config.units.iter().enumerate() {
         let unit_dirs: Vec<&ManagedDir> = dirs.iter().filter(|d| d.unit == i).collect();
         let missing = |client: &mut Client| -> anyhow::Result<bool> {
@@ -288,7 +333,7 @@ fn run_as_user(
         }
         let env: BTreeMap<String, String> = unit_env(unit, project).into_iter().collect();
         build::build_as_user(&build::UserBuild {
-            socket: &socket,
+            socket,
             project,
             install: &unit.install,
             dirs: unit_dirs.clone(),
@@ -298,20 +343,8 @@ fn run_as_user(
             bail!("the build of {} finished but left no image", unit.ecosystem);
         }
     }
-    for d in &dirs {
-        std::fs::create_dir_all(&d.path).with_context(|| format!("create {}", d.path.display()))?;
-    }
-    let env = units_env(config, project);
-    run_through_service(
-        client,
-        project,
-        &dirs,
-        opts.persist,
-        argv,
-        &env,
-        &user,
-        &|| super::userns::enter().map_err(Into::into),
-    )
+    client.done();
+    Ok(())
 }
 
 /// An flock on `dir/name`, held until the file is dropped.
@@ -329,19 +362,14 @@ fn lock_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
     Ok(file)
 }
 
-/// Gets each dir's mount from velo-mountd, enters a namespace of this process's own
-/// (`enter`), attaches them there, runs the command, and hands the mounts back.
-#[allow(clippy::too_many_arguments)]
-fn run_through_service(
-    mut client: Client,
+/// Asks velo-mountd for each dir's mount; `None` if one of them has no image yet (the
+/// mounts already handed out stay with the connection until it is done).
+fn mount_all(
+    client: &mut Client,
     project: &Path,
     dirs: &[ManagedDir],
     persist: bool,
-    argv: &[OsString],
-    env: &BTreeMap<String, String>,
-    user: &User,
-    enter: &dyn Fn() -> anyhow::Result<()>,
-) -> anyhow::Result<i32> {
+) -> anyhow::Result<Option<Vec<client::Mounted>>> {
     let mut mounts = Vec::with_capacity(dirs.len());
     for d in dirs {
         let writes = if persist {
@@ -349,9 +377,14 @@ fn run_through_service(
         } else {
             Writes::Discard
         };
-        let m = client
-            .mount(&d.ref_name, writes)
-            .with_context(|| format!("mount {}", d.path.display()))?;
+        let m = match client.mount(&d.ref_name, writes) {
+            Ok(m) => m,
+            Err(client::ClientError::Refused {
+                kind: velo_mount::protocol::ErrorKind::NotFound,
+                ..
+            }) => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("mount {}", d.path.display())),
+        };
         tracing::debug!(
             "{}: image {}{}",
             d.path.display(),
@@ -360,6 +393,22 @@ fn run_through_service(
         );
         mounts.push(m);
     }
+    Ok(Some(mounts))
+}
+
+/// Enters a namespace of this process's own (`enter`), attaches the mounts there, runs the
+/// command, and hands the mounts back.
+#[allow(clippy::too_many_arguments)]
+fn attach_and_run(
+    client: Client,
+    mounts: Vec<client::Mounted>,
+    dirs: &[ManagedDir],
+    persist: bool,
+    argv: &[OsString],
+    env: &BTreeMap<String, String>,
+    user: &User,
+    enter: &dyn Fn() -> anyhow::Result<()>,
+) -> anyhow::Result<i32> {
     enter()?;
     for (d, m) in dirs.iter().zip(&mounts) {
         super::userns::attach(m.fd.as_fd(), &d.path)

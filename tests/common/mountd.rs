@@ -44,6 +44,7 @@ impl Mountd {
             .env_remove("VELO_STORE")
             .env_remove("LISTEN_FDS")
             .env_remove("LISTEN_PID")
+            .env("VELO_LOG", "warn")
             .spawn()
             .expect("start velo-mountd");
         let mut m = Self {
