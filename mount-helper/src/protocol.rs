@@ -56,6 +56,10 @@ pub enum Request {
     Hello {
         /// [`VERSION`] of the client.
         version: u32,
+        /// Also report what the caller's refs hold against their quota (reads every ref:
+        /// not on a run's path).
+        #[serde(default)]
+        usage: bool,
     },
     /// Which image a ref names, for the caller (their own refs first, then published ones).
     Resolve {
@@ -141,8 +145,9 @@ pub enum Response {
         verity: String,
         /// The caller's quota on new bytes, if one is set.
         quota: Option<u64>,
-        /// What the caller's refs hold against it now.
-        used: u64,
+        /// What the caller's refs hold against it now (if asked).
+        #[serde(default)]
+        used: Option<u64>,
     },
     /// The answer to [`Request::Resolve`].
     Resolved {
@@ -614,7 +619,10 @@ mod tests {
     #[test]
     fn requests_round_trip() {
         let all = [
-            Request::Hello { version: VERSION },
+            Request::Hello {
+                version: VERSION,
+                usage: true,
+            },
             Request::Resolve {
                 name: "deps/npm/abc".into(),
                 summary: true,

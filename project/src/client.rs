@@ -84,8 +84,8 @@ pub struct Hello {
     pub verity: String,
     /// The caller's quota, if any.
     pub quota: Option<u64>,
-    /// What the caller's refs hold now.
-    pub used: u64,
+    /// What the caller's refs hold now (if asked: [`Client::connect_with_usage`]).
+    pub used: Option<u64>,
 }
 
 /// A mount the service handed out.
@@ -127,6 +127,15 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 impl Client {
     /// Connects and says hello.
     pub fn connect(socket: &Path) -> Result<Self, ClientError> {
+        Self::connect_inner(socket, false)
+    }
+
+    /// [`Client::connect`], and asks what the caller's refs hold against their quota.
+    pub fn connect_with_usage(socket: &Path) -> Result<Self, ClientError> {
+        Self::connect_inner(socket, true)
+    }
+
+    fn connect_inner(socket: &Path, usage: bool) -> Result<Self, ClientError> {
         let stream = UnixStream::connect(socket).map_err(|e| ClientError::NoService {
             socket: socket.to_owned(),
             reason: e.to_string(),
@@ -141,11 +150,12 @@ impl Client {
                 store: PathBuf::new(),
                 verity: String::new(),
                 quota: None,
-                used: 0,
+                used: None,
             },
         };
         match client.ask(&Request::Hello {
             version: protocol::VERSION,
+            usage,
         })? {
             Response::Hello {
                 uid,

@@ -10,7 +10,7 @@ pub fn service(ctx: &Ctx, command: ServiceCommand) -> anyhow::Result<ExitCode> {
     let socket = velo_project::client::socket_path(ctx.socket.as_deref());
     match command {
         ServiceCommand::Status => {
-            let mut client = match velo_project::client::Client::connect(&socket) {
+            let mut client = match velo_project::client::Client::connect_with_usage(&socket) {
                 Ok(c) => c,
                 Err(e) => {
                     if ctx.json {
@@ -56,7 +56,7 @@ pub fn service(ctx: &Ctx, command: ServiceCommand) -> anyhow::Result<ExitCode> {
                 ctx.say(format!(
                     "  you (uid {}): your refs hold {} ({quota})",
                     hello.uid,
-                    output::bytes(hello.used)
+                    output::bytes(hello.used.unwrap_or(0))
                 ));
                 for c in images {
                     ctx.say(format!(

@@ -38,11 +38,11 @@ pub fn handle(shared: &Shared, stream: UnixStream, caller: Caller) {
             break;
         }
         let answer = match req {
-            Request::Hello { version } if version == protocol::VERSION => {
+            Request::Hello { version, usage } if version == protocol::VERSION => {
                 said_hello = true;
-                Ok(hello(shared, &caller))
+                Ok(hello(shared, &caller, usage))
             }
-            Request::Hello { version } => Err(Failure::new(
+            Request::Hello { version, .. } => Err(Failure::new(
                 ErrorKind::BadRequest,
                 format!(
                     "this velo speaks protocol {version}, velo-mountd speaks {}: use the \
@@ -119,14 +119,12 @@ fn give_back(shared: &Shared, lent: Vec<Overlay>, done: bool) {
     }
 }
 
-fn hello(shared: &Shared, caller: &Caller) -> Response {
-    let used = if caller.is_root() {
-        0
-    } else {
+fn hello(shared: &Shared, caller: &Caller, usage: bool) -> Response {
+    let used = (usage && !caller.is_root()).then(|| {
         namespace::own_images(&shared.store, caller)
             .map(|held| super::quota::Ledger::load(&shared.store, caller).usage(&held))
             .unwrap_or(0)
-    };
+    });
     Response::Hello {
         version: protocol::VERSION,
         uid: caller.uid,
