@@ -65,9 +65,8 @@ pub fn fsck(
             let kind = match f.kind {
                 "object-mismatch" | "object-not-a-file" | "object-no-verity"
                 | "object-unreadable" => Kind::Object,
-                "image-mismatch" | "image-unparsable" | "image-no-verity" | "image-unreadable" => {
-                    Kind::Image
-                }
+                "image-mismatch" | "image-unparsable" | "image-not-rebuilt" | "image-no-verity"
+                | "image-unreadable" => Kind::Image,
                 _ => continue,
             };
             let Some(digest) = digest_from_path(kind, &f.path) else {
@@ -135,9 +134,50 @@ fn image_finding(store: &Store, digest: &Digest, verdict: Verdict) -> Option<Fin
     })
 }
 
-/// One image: its bytes match its name, it parses, and every object it references is there.
-fn check_image(store: &Store, digest: &Digest) -> Result<Vec<Finding>> {
+/// The check export, push and pull run on every image: it parses (in userspace) and velo's
+/// own writer, given the parsed tree, writes exactly these bytes again. An image velo did not
+/// write (made by `mkfs.erofs`, say), or one edited by hand even if renamed to its new digest
+/// (a file's redirect pointed at another file's object: the kernel would serve the other
+/// file's bytes), fails it. Returns the tree, or the finding.
+fn rebuild_check(
+    store: &Store,
+    digest: &Digest,
+    bytes: &[u8],
+) -> std::result::Result<crate::FileSystem, Finding> {
     let path = store.image_path(digest);
+    let (fs, rebuilt) = match cfs::rebuild(bytes, &digest.to_hex()) {
+        Ok(done) => done,
+        Err(e) => {
+            return Err(Finding {
+                kind: "image-unparsable",
+                path,
+                expected: "a composefs EROFS image".into(),
+                found: e.to_string(),
+            });
+        }
+    };
+    if rebuilt.as_slice() != bytes {
+        return Err(Finding {
+            kind: "image-not-rebuilt",
+            path,
+            expected: format!(
+                "the bytes velo's writer makes of the tree it holds ({digest}, {} bytes)",
+                bytes.len()
+            ),
+            found: format!(
+                "{} ({} bytes): it was not written by velo, or was edited (e.g. a file's \
+                 redirect pointed at another object)",
+                velo_objects::verity::VerityHasher::digest(&rebuilt),
+                rebuilt.len()
+            ),
+        });
+    }
+    Ok(fs)
+}
+
+/// One image: its bytes match its name, it parses and rebuilds to the same bytes with velo's
+/// writer ([`rebuild_check`]), and every object it references is there.
+fn check_image(store: &Store, digest: &Digest) -> Result<Vec<Finding>> {
     let mut out = Vec::new();
     let bytes = match store.read_verified(Kind::Image, digest, inspect::MAX_IMAGE_BYTES)? {
         Ok(bytes) => bytes,
@@ -153,15 +193,10 @@ fn check_image(store: &Store, digest: &Digest) -> Result<Vec<Finding>> {
     {
         out.push(f);
     }
-    let fs = match cfs::read_image(&bytes, &digest.to_hex()) {
+    let fs = match rebuild_check(store, digest, &bytes) {
         Ok(fs) => fs,
-        Err(e) => {
-            out.push(Finding {
-                kind: "image-unparsable",
-                path,
-                expected: "a composefs EROFS image".into(),
-                found: e.to_string(),
-            });
+        Err(finding) => {
+            out.push(finding);
             return Ok(out);
         }
     };
@@ -191,7 +226,9 @@ pub struct VerifyReport {
     pub seconds: f64,
 }
 
-/// Re-hashes, in parallel, the image and every object it references, in userspace.
+/// Re-hashes, in parallel, the image and every object it references, in userspace; the image
+/// must also parse and rebuild to the same bytes with velo's writer, as on export and pull
+/// (else it is reported, and no object is checked).
 pub fn verify_image(
     store: &Store,
     digest: &Digest,
@@ -211,7 +248,18 @@ pub fn verify_image(
             });
         }
     };
-    let fs = cfs::read_image(&bytes, &digest.to_hex())?;
+    let fs = match rebuild_check(store, digest, &bytes) {
+        Ok(fs) => fs,
+        Err(finding) => {
+            bad.push(finding);
+            return Ok(VerifyReport {
+                objects: 0,
+                bytes: 0,
+                bad,
+                seconds: started.elapsed().as_secs_f64(),
+            });
+        }
+    };
     let objects = inspect::objects(&fs);
     let results: Vec<Option<Finding>> = pool.install(|| {
         objects

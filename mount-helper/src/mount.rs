@@ -123,16 +123,16 @@ pub fn mount_image_over(
 ) -> Result<MountReport> {
     crate::privilege::require_root("velo mount")?;
     let _lock = store.lock_shared()?;
-    let target_fd = open_target(&req.target, req.create_target)?;
-    let target = std::fs::canonicalize(&req.target)
-        .map_err(|e| MountError::io("resolve", &req.target, e))?;
+    // Resolved by fd without following any symlink; used by fd from here on (its path, the
+    // real one, only names it in the record and in messages).
+    let resolved = open_target(store, &req.target, req.create_target)?;
+    let (target_fd, target) = (resolved.fd, resolved.path);
     refuse_if_velo_mount(target_fd.as_fd(), &target)?;
 
     let image_fd = store.open_image(&req.image)?;
     let verity = store.verity();
-    if verity == VerityMode::Enabled {
-        check_image_verity(store, image_fd.as_fd(), &req.image)?;
-    }
+    // The kernel parses only bytes that are the image named: checked through this very fd.
+    check_image(store, image_fd.as_fd(), &req.image)?;
     let objects_fd = store.open_area(Area::Objects)?;
 
     let _tenant_lock = match &req.writes {
@@ -367,6 +367,282 @@ fn refuse_if_velo_mount(target_fd: BorrowedFd<'_>, target: &Path) -> Result<()> 
         });
     }
     Ok(())
+}
+
+/// Checks, before the kernel's EROFS parser sees it, that the image file open as `fd` (the very
+/// fd that is then mounted) is the image `digest` names. In a verity store the kernel measures
+/// it ([`check_image_verity`]); elsewhere its fs-verity digest is computed here, in userspace,
+/// and compared with its name. A file that is not the image it is named after (a copy of
+/// another image under a false name, a foreign image, a damaged one) is refused with an error
+/// naming it and pointing at `velo fsck`. It must also start with the composefs header, so an
+/// EROFS image another tool made (`mkfs.erofs`) is refused even under its own digest; the full
+/// check that an image is velo's (parse and rebuild with velo's writer, to the same bytes) is
+/// `velo fsck`'s and `velo mount --verify`'s, as the mount helper does not link the writer.
+///
+/// The userspace hash runs once per file: a positive result is cached in the store's `cache/`
+/// keyed by the file's identity (device, inode, size, mtime and ctime in ns; any write,
+/// rename, link or chmod changes the ctime). The cache is only a shortcut for files root owns,
+/// mode 0444, in a store root owns and alone can write (only root could have changed them
+/// without changing their identity); any other file is hashed every time.
+pub(crate) fn check_image(store: &Store, fd: BorrowedFd<'_>, digest: &Digest) -> Result<()> {
+    check_image_with(store, fd, digest, &mut hash_image)
+}
+
+/// The first bytes of every composefs image (`COMPOSEFS_MAGIC`, 0xd078629a little-endian).
+const COMPOSEFS_MAGIC: [u8; 4] = 0xd078_629a_u32.to_le_bytes();
+
+/// The identity of a file the image check cache is keyed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    size: i64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileIdentity {
+    fn of(st: &rustix::fs::Stat) -> Self {
+        let ns = |sec: i64, nsec: i64| i128::from(sec) * 1_000_000_000 + i128::from(nsec);
+        Self {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: st.st_size,
+            mtime_ns: ns(st.st_mtime, st.st_mtime_nsec as i64),
+            ctime_ns: ns(st.st_ctime, st.st_ctime_nsec as i64),
+        }
+    }
+
+    /// The cache entry recording that the file with this identity is the image `digest`.
+    fn entry(&self, digest: &Digest) -> String {
+        format!(
+            "velo-image-check v1 {digest} {} {} {} {} {}\n",
+            self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns
+        )
+    }
+}
+
+/// The `cache/` entry of an image's check.
+fn check_cache_name(digest: &Digest) -> String {
+    format!("image-checked-{digest}")
+}
+
+/// Whether a positive check of this file may be cached: root runs velo, owns the file (mode
+/// 0444) and owns the store, which nobody else can write.
+fn check_cacheable(store: &Store, st: &rustix::fs::Stat) -> bool {
+    let root_only = |uid: u32, mode: u32| uid == 0 && mode & 0o022 == 0;
+    rustix::process::geteuid().is_root()
+        && st.st_uid == 0
+        && st.st_mode & 0o7777 == 0o444
+        && rustix::fs::fstat(store.root_fd()).is_ok_and(|s| root_only(s.st_uid, s.st_mode))
+}
+
+/// The fs-verity digest of everything in the file `fd` of `size` bytes.
+fn hash_image(fd: BorrowedFd<'_>, size: u64) -> std::result::Result<Digest, Errno> {
+    let mut hasher = velo_objects::verity::VerityHasher::new();
+    let mut buf = vec![0u8; size.clamp(1, 1 << 20) as usize];
+    let mut pos = 0u64;
+    loop {
+        match velo_objects::fsutil::pread_full(fd, &mut buf, pos)? {
+            0 => return Ok(hasher.finalize()),
+            n => {
+                hasher.update(&buf[..n]);
+                pos += n as u64;
+            }
+        }
+    }
+}
+
+/// [`check_image`] with the hash function given (tests count its calls).
+fn check_image_with(
+    store: &Store,
+    fd: BorrowedFd<'_>,
+    digest: &Digest,
+    hash: &mut dyn FnMut(BorrowedFd<'_>, u64) -> std::result::Result<Digest, Errno>,
+) -> Result<()> {
+    let path = store.image_path(digest);
+    let refused = |what: String| MountError::ImageRefused {
+        digest: digest.to_hex(),
+        reason: format!(
+            "{} {what}; velo never hands the kernel an image that is not the one named. Run \
+             `velo fsck` (`velo fsck --repair` moves it to quarantine/)",
+            path.display()
+        ),
+    };
+    // Every image velo writes starts with the composefs header; an EROFS image made by another
+    // tool (`mkfs.erofs`) does not, whatever its name.
+    let composefs_header = || {
+        let mut magic = [0u8; 4];
+        match velo_objects::fsutil::pread_full(fd, &mut magic, 0) {
+            Ok(4) if magic == COMPOSEFS_MAGIC => Ok(()),
+            Ok(_) => Err(refused(
+                "has no composefs header: it is not an image velo wrote (e.g. one from mkfs.erofs)"
+                    .into(),
+            )),
+            Err(e) => Err(refused(format!("cannot be read ({e})"))),
+        }
+    };
+    if store.verity() == VerityMode::Enabled {
+        check_image_verity(store, fd, digest)?;
+        return composefs_header();
+    }
+    let st = rustix::fs::fstat(fd).map_err(|e| MountError::io("stat image", &path, e))?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+        return Err(refused("is not a regular file".into()));
+    }
+    let id = FileIdentity::of(&st);
+    let cacheable = check_cacheable(store, &st);
+    let name = check_cache_name(digest);
+    if cacheable
+        && let Ok(Some(entry)) = store.read_cache(&name)
+        && entry == id.entry(digest).as_bytes()
+    {
+        return Ok(());
+    }
+    let found = hash(fd, u64::try_from(st.st_size).unwrap_or(0)).map_err(|e| {
+        refused(format!(
+            "cannot be read ({e}), so it cannot be checked against its name"
+        ))
+    })?;
+    if found != *digest {
+        return Err(refused(format!(
+            "holds bytes whose fs-verity digest is {found}: it is not the image it is named \
+             after (another image under a false name, a foreign or a damaged file)"
+        )));
+    }
+    composefs_header()?;
+    // The bytes hashed are the bytes the kernel gets only if the file did not change meanwhile.
+    let after = rustix::fs::fstat(fd).map_err(|e| MountError::io("stat image", &path, e))?;
+    if FileIdentity::of(&after) != id {
+        return Err(refused("changed while it was being checked".into()));
+    }
+    if cacheable {
+        // Best effort: a lost entry only costs one more hash.
+        let _ = store.write_cache(&name, id.entry(digest).as_bytes());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod check_image_tests {
+    use super::*;
+    use std::cell::Cell;
+
+    /// `bytes` behind a composefs header (the check reads the header and the digest, not the
+    /// rest of the format).
+    fn image_bytes(fill: u8) -> Vec<u8> {
+        let mut bytes = COMPOSEFS_MAGIC.to_vec();
+        bytes.resize(50_000, fill);
+        bytes
+    }
+
+    /// A store with one image.
+    fn store_with_image(fill: u8) -> (tempfile::TempDir, Store, Digest) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_create(dir.path().join("store")).unwrap();
+        let digest = store
+            .store_bytes(velo_objects::Kind::Image, &image_bytes(fill))
+            .unwrap()
+            .digest;
+        (dir, store, digest)
+    }
+
+    /// Runs the check, counting how often the image is hashed.
+    fn check(store: &Store, digest: &Digest, hashed: &Cell<u32>) -> Result<()> {
+        let fd = store.open_image(digest)?;
+        check_image_with(store, fd.as_fd(), digest, &mut |fd, size| {
+            hashed.set(hashed.get() + 1);
+            hash_image(fd, size)
+        })
+    }
+
+    #[test]
+    fn an_unchanged_image_is_hashed_once_and_a_changed_one_again() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("SKIPPED an_unchanged_image_is_hashed_once…: the cache needs root's files");
+            return;
+        }
+        let (_dir, store, digest) = store_with_image(3);
+        if store.verity() == VerityMode::Enabled {
+            eprintln!("SKIPPED an_unchanged_image_is_hashed_once…: the kernel checks here");
+            return;
+        }
+        let hashed = Cell::new(0);
+        check(&store, &digest, &hashed).unwrap();
+        check(&store, &digest, &hashed).unwrap();
+        check(&store, &digest, &hashed).unwrap();
+        assert_eq!(hashed.get(), 1, "an unchanged image was hashed again");
+        // Any change of identity (here a chmod to the same mode: a new ctime) means a new hash.
+        let path = store.image_path(&digest);
+        rustix::fs::chmod(&path, Mode::from_raw_mode(0o444)).unwrap();
+        check(&store, &digest, &hashed).unwrap();
+        assert_eq!(
+            hashed.get(),
+            2,
+            "a changed identity was trusted from the cache"
+        );
+        check(&store, &digest, &hashed).unwrap();
+        assert_eq!(hashed.get(), 2);
+        // Not root's, or not 0444: never cached.
+        rustix::fs::chown(&path, Some(rustix::fs::Uid::from_raw(65534)), None).unwrap();
+        check(&store, &digest, &hashed).unwrap();
+        check(&store, &digest, &hashed).unwrap();
+        assert_eq!(
+            hashed.get(),
+            4,
+            "a file another user owns was trusted from the cache"
+        );
+        rustix::fs::chown(&path, Some(rustix::fs::Uid::ROOT), None).unwrap();
+        rustix::fs::chmod(&path, Mode::from_raw_mode(0o644)).unwrap();
+        check(&store, &digest, &hashed).unwrap();
+        check(&store, &digest, &hashed).unwrap();
+        assert_eq!(
+            hashed.get(),
+            6,
+            "a writable file was trusted from the cache"
+        );
+    }
+
+    #[test]
+    fn an_image_under_a_false_name_is_refused_even_after_a_cached_check() {
+        let (_dir, store, good) = store_with_image(1);
+        if store.verity() == VerityMode::Enabled {
+            eprintln!("SKIPPED an_image_under_a_false_name…: the kernel checks here");
+            return;
+        }
+        let other = store
+            .store_bytes(velo_objects::Kind::Image, &image_bytes(2))
+            .unwrap()
+            .digest;
+        let hashed = Cell::new(0);
+        check(&store, &good, &hashed).unwrap();
+        // Replace the good image's file with the other image's bytes (a new file: the name is
+        // the same, the identity is not), as root would keep it: 0444.
+        let path = store.image_path(&good);
+        let tmp = path.with_extension("tmp");
+        std::fs::copy(store.image_path(&other), &tmp).unwrap();
+        rustix::fs::chmod(&tmp, Mode::from_raw_mode(0o444)).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        let err = check(&store, &good, &hashed).unwrap_err().to_string();
+        assert!(
+            err.contains(&path.display().to_string())
+                && err.contains(&other.to_hex())
+                && err.contains("velo fsck"),
+            "{err}"
+        );
+        // A copy under a name that is no image's digest at all.
+        let fake = Digest::parse(&"ab".repeat(32)).unwrap();
+        std::fs::copy(store.image_path(&other), store.image_path(&fake)).unwrap();
+        let err = check(&store, &fake, &hashed).unwrap_err().to_string();
+        assert!(err.contains("not the image it is named after"), "{err}");
+        // Under its own digest but without the composefs header: not velo's.
+        let foreign = store
+            .store_bytes(velo_objects::Kind::Image, &[7u8; 10_000])
+            .unwrap()
+            .digest;
+        let err = check(&store, &foreign, &hashed).unwrap_err().to_string();
+        assert!(err.contains("no composefs header"), "{err}");
+    }
 }
 
 /// In a verity store the image is checked against its name before the kernel parses it: its
@@ -862,40 +1138,56 @@ pub fn liveness(record: &MountRecord) -> velo_objects::Liveness {
     }
 }
 
-/// A user-chosen upper dir. The overlay work dir goes beside it (same filesystem), named
-/// `.<name>.velo-work`.
+/// A user-chosen upper dir, resolved like a mount target: every component by fd from `/`,
+/// no symlink followed, missing directories created beneath their parent's fd (never inside
+/// the store or the target). It may not overlap the store or the target (compared by device
+/// and inode, walking up by fd). The overlay work dir goes beside it (same filesystem), named
+/// `.<name>.velo-work`, created and opened beneath the upper dir's parent fd; from then on
+/// both are used by fd only.
 fn user_upper(
     store: &Store,
     dir: &Path,
     target: &Path,
     image_root: BorrowedFd<'_>,
 ) -> Result<Upper> {
+    use crate::target::{identity, is_within, open_child_dir, reopen_dir, resolve_dir};
     let bad = |reason: String| MountError::BadUpper {
         path: dir.to_owned(),
         reason,
     };
-    let fresh = match std::fs::symlink_metadata(dir) {
-        Ok(md) if md.file_type().is_symlink() => return Err(bad("is a symlink".into())),
-        Ok(md) if !md.is_dir() => return Err(bad("is not a directory".into())),
-        Ok(_) => false,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir).map_err(|e| MountError::io("create upper dir", dir, e))?;
-            true
-        }
-        Err(e) => return Err(MountError::io("stat upper dir", dir, e)),
+    let store_root = store.root();
+    let store_id = identity(store.root_fd()).map_err(|e| MountError::io("stat", store_root, e))?;
+    // The target was resolved moments ago the same way (no symlink): this finds the same
+    // directory, for the overlap checks.
+    let target_dir = resolve_dir(target, None).map_err(|e| MountError::BadTarget {
+        path: target.to_owned(),
+        reason: e.reason(target),
+    })?;
+    let target_id =
+        identity(target_dir.fd.as_fd()).map_err(|e| MountError::io("stat", target, e))?;
+    let overlaps_store = format!("overlaps the store {}", store_root.display());
+    let overlaps_target = format!("overlaps the mount target {}", target.display());
+    let guard = |parent: BorrowedFd<'_>| match (
+        is_within(parent, store_id),
+        is_within(parent, target_id),
+    ) {
+        (Ok(false), Ok(false)) => None,
+        (Ok(true), _) => Some(overlaps_store.clone()),
+        (_, Ok(true)) => Some(overlaps_target.clone()),
+        (Err(e), _) | (_, Err(e)) => Some(format!("cannot be checked ({e})")),
     };
-    let path = std::fs::canonicalize(dir).map_err(|e| MountError::io("resolve", dir, e))?;
-    let store_root = std::fs::canonicalize(store.root())
-        .map_err(|e| MountError::io("resolve", store.root(), e))?;
-    if path.starts_with(&store_root) || store_root.starts_with(&path) {
-        return Err(bad(format!("overlaps the store {}", store_root.display())));
+    let resolved = resolve_dir(dir, Some(&guard)).map_err(|e| bad(e.reason(dir)))?;
+    let upper = resolved.fd.as_fd();
+    let upper_id = identity(upper).map_err(|e| MountError::io("stat", dir, e))?;
+    let walk = |r: rustix::io::Result<bool>| r.map_err(|e| MountError::io("walk up from", dir, e));
+    if walk(is_within(upper, store_id))? || walk(is_within(store.root_fd(), upper_id))? {
+        return Err(bad(overlaps_store));
     }
-    if path.starts_with(target) || target.starts_with(&path) {
-        return Err(bad(format!(
-            "overlaps the mount target {}",
-            target.display()
-        )));
+    if walk(is_within(upper, target_id))? || walk(is_within(target_dir.fd.as_fd(), upper_id))? {
+        return Err(bad(overlaps_target));
     }
+    drop(target_dir);
+    let path = resolved.path.clone();
     let mounts =
         mountinfo::read().map_err(|e| MountError::io("read", "/proc/self/mountinfo", e))?;
     if let Some(m) = mounts.iter().find(|m| {
@@ -908,26 +1200,20 @@ fn user_upper(
             m.mount_point.display()
         )));
     }
-    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+    let (Some(parent), Some(parent_path)) = (resolved.parent.as_ref(), path.parent()) else {
         return Err(bad("cannot be the root directory".into()));
     };
-    let work = parent.join(work_dir_name(name));
-    match std::fs::create_dir(&work) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(MountError::io("create work dir", &work, e)),
-    }
-    let open_dir = |p: &Path| {
-        rustix::fs::open(
-            p,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| MountError::io("open", p, e))
-    };
-    let upper_fd = open_dir(&path)?;
-    let work_fd = open_dir(&work)?;
-    if fresh {
+    let work_name = work_dir_name(&resolved.name);
+    let work_path = parent_path.join(&work_name);
+    let work = open_child_dir(parent.as_fd(), &work_name, &work_path, true).map_err(|e| {
+        MountError::BadUpper {
+            path: work_path.clone(),
+            reason: format!("(its overlay work dir) {}", e.reason(&work_path)),
+        }
+    })?;
+    let upper_fd = reopen_dir(upper).map_err(|e| MountError::io("open", &path, e))?;
+    let work_fd = reopen_dir(work.as_fd()).map_err(|e| MountError::io("open", &work_path, e))?;
+    if resolved.created {
         copy_root_metadata(image_root, upper_fd.as_fd(), &path)?;
     }
     Ok(Upper {

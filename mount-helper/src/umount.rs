@@ -1,10 +1,10 @@
 //! Unmounting: only mounts velo made, identified by mount ID through an fd of the target
 //! (never by re-resolving a path), and cleaning up what the mount owned in the store.
 
-use std::os::fd::AsFd;
+use std::ffi::OsString;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
 use rustix::mount::UnmountFlags;
 use serde::Serialize;
@@ -13,11 +13,13 @@ use velo_objects::{Digest, Store};
 use crate::error::{MountError, Result};
 use crate::kernel::{self, proc_fd_path};
 use crate::mountinfo;
+use crate::target::{ResolveError, resolve_dir};
 
 /// What an unmount did.
 #[derive(Debug, Clone, Serialize)]
 pub struct UmountReport {
-    /// Where the mount was.
+    /// Where the mount was (in JSON, a name that is not UTF-8 is shown lossily).
+    #[serde(serialize_with = "lossy_path")]
     pub target: PathBuf,
     /// The image it showed.
     pub image: Option<Digest>,
@@ -27,38 +29,58 @@ pub struct UmountReport {
     pub record_found: bool,
 }
 
+/// A path as JSON text: names that are not UTF-8 are shown with U+FFFD rather than failing the
+/// whole report after the unmount was done.
+fn lossy_path<S: serde::Serializer>(path: &Path, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&path.to_string_lossy())
+}
+
 /// Unmounts the velo mount at `target`. With `lazy`, a busy mount is detached (MNT_DETACH) and
 /// goes away when its last user does.
+///
+/// The target is resolved like a mount target: one component at a time from `/`, by fd,
+/// following no symlink (a symlink anywhere in the path is refused, naming it); names need not
+/// be UTF-8.
 pub fn umount(store: &Store, target: &Path, lazy: bool) -> Result<UmountReport> {
     crate::privilege::require_root("velo umount")?;
-    let (parent, name) = split_target(target)?;
+    let resolved = resolve_dir(target, None).map_err(|e| match e {
+        ResolveError::Missing(_) => MountError::NotVeloMount {
+            path: target.to_owned(),
+            reason: e.reason(target),
+        },
+        _ => MountError::BadTarget {
+            path: target.to_owned(),
+            reason: e.reason(target),
+        },
+    })?;
+    let Some(parent_fd) = resolved.parent else {
+        return Err(MountError::NotVeloMount {
+            path: target.to_owned(),
+            reason: "is the root directory".into(),
+        });
+    };
     // The parent stays pinned by an fd, so no rename of a path component can redirect us.
-    let parent_fd = rustix::fs::open(
-        &parent,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| MountError::io("open", &parent, e))?;
-    let via_parent = format!(
-        "{}/{}",
-        proc_fd_path(parent_fd.as_fd()),
-        name.to_string_lossy()
-    );
-    let (id, unique, info) = identify(target, &via_parent)?;
+    let mut via_parent = OsString::from(proc_fd_path(parent_fd.as_fd()));
+    via_parent.push("/");
+    via_parent.push(&resolved.name);
+    let via_parent = PathBuf::from(via_parent);
+    let abs_target = resolved.path;
+    // An fd on the mount would make it busy: identify it, then let the fd go.
+    let (id, unique, info) = identify(target, resolved.fd)?;
     let image = info
         .source
         .strip_prefix(crate::SOURCE_PREFIX)
         .and_then(|d| Digest::parse(d).ok());
-    // An fd on the mount would make it busy, so the unmount itself goes by name through the
-    // pinned parent, never following a symlink; afterwards the mount ID checked above must be
-    // gone (a mount stacked there meanwhile would show up as a mismatch).
+    // The unmount itself goes by name through the pinned parent, never following a symlink;
+    // afterwards the mount ID checked above must be gone (a mount stacked there meanwhile
+    // would show up as a mismatch).
     let flags = UnmountFlags::NOFOLLOW
         | if lazy {
             UnmountFlags::DETACH
         } else {
             UnmountFlags::empty()
         };
-    match rustix::mount::unmount(via_parent.as_str(), flags) {
+    match rustix::mount::unmount(&via_parent, flags) {
         Ok(()) => {}
         Err(Errno::BUSY) => {
             return Err(MountError::BadTarget {
@@ -69,7 +91,7 @@ pub fn umount(store: &Store, target: &Path, lazy: bool) -> Result<UmountReport> 
         }
         Err(e) => return Err(MountError::io("unmount", target, e)),
     }
-    let still = mountinfo::read().map_err(|e| MountError::io("read", "/proc/self/mountinfo", e))?;
+    let still = read_mountinfo()?;
     if still
         .iter()
         .any(|m| m.id == id && m.mount_point == info.mount_point)
@@ -81,7 +103,7 @@ pub fn umount(store: &Store, target: &Path, lazy: bool) -> Result<UmountReport> 
     }
 
     let mut report = UmountReport {
-        target: std::path::absolute(target).unwrap_or_else(|_| target.to_owned()),
+        target: abs_target,
         image,
         removed_upper: None,
         record_found: false,
@@ -104,51 +126,28 @@ pub fn umount(store: &Store, target: &Path, lazy: bool) -> Result<UmountReport> 
     Ok(report)
 }
 
-fn split_target(target: &Path) -> Result<(PathBuf, std::ffi::OsString)> {
-    let abs = std::path::absolute(target).map_err(|e| MountError::io("resolve", target, e))?;
-    match (abs.parent(), abs.file_name()) {
-        (Some(p), Some(n)) => Ok((p.to_owned(), n.to_owned())),
-        _ => Err(MountError::NotVeloMount {
-            path: target.to_owned(),
-            reason: "is the root directory".into(),
-        }),
-    }
+/// This namespace's mounts. Read as bytes: a mount point whose name is not UTF-8 (anywhere in
+/// the namespace, not only the target) must not make unmounting fail. Such names are only
+/// compared with each other here, so their lossy form is enough.
+fn read_mountinfo() -> Result<Vec<mountinfo::MountInfo>> {
+    let bytes = std::fs::read("/proc/self/mountinfo")
+        .map_err(|e| MountError::io("read", "/proc/self/mountinfo", e))?;
+    Ok(mountinfo::parse(&String::from_utf8_lossy(&bytes)))
 }
 
-/// Opens the target without following a symlink and finds its velo mount: (mount ID, unique
-/// ID, mountinfo line).
-fn identify(target: &Path, via_parent: &str) -> Result<(u64, Option<u64>, mountinfo::MountInfo)> {
-    let fd = match rustix::fs::open(
-        via_parent,
-        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    ) {
-        Ok(fd) => fd,
-        Err(Errno::NOENT) => {
-            return Err(MountError::NotVeloMount {
-                path: target.to_owned(),
-                reason: "does not exist".into(),
-            });
-        }
-        Err(e) => return Err(MountError::io("open", target, e)),
-    };
-    let st = rustix::fs::fstat(&fd).map_err(|e| MountError::io("stat", target, e))?;
-    if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Symlink {
-        return Err(MountError::NotVeloMount {
-            path: target.to_owned(),
-            reason: "is a symlink".into(),
-        });
-    }
+/// Finds the velo mount whose root `fd` (resolved without following a symlink) is: (mount ID,
+/// unique ID, mountinfo line). Consumes the fd, so that it does not keep the mount busy.
+fn identify(target: &Path, fd: OwnedFd) -> Result<(u64, Option<u64>, mountinfo::MountInfo)> {
     let (id, unique, is_root) =
         kernel::mount_ids(fd.as_fd()).map_err(|e| MountError::io("read mount id of", target, e))?;
+    drop(fd);
     if !is_root {
         return Err(MountError::NotVeloMount {
             path: target.to_owned(),
             reason: "is not a mount point".into(),
         });
     }
-    let mounts =
-        mountinfo::read().map_err(|e| MountError::io("read", "/proc/self/mountinfo", e))?;
+    let mounts = read_mountinfo()?;
     let Some(info) = mounts.into_iter().find(|m| m.id == id) else {
         return Err(MountError::NotVeloMount {
             path: target.to_owned(),

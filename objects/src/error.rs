@@ -119,6 +119,27 @@ pub enum StoreError {
         /// How many bytes came.
         found_size: u64,
     },
+    /// The store, or one of its areas, is owned by another user than the one velo runs as (root
+    /// trusts only root's stores), or is writable by group or others: whoever can write it
+    /// could swap its images and refs under this process.
+    #[error(
+        "store {}: {} {reason}, so {who} could swap its images and refs; refusing to use it. \
+         Fix: {fix}",
+        store.display(),
+        path.display()
+    )]
+    UntrustedStore {
+        /// The store root.
+        store: PathBuf,
+        /// The store root or the area found wanting.
+        path: PathBuf,
+        /// What is wrong with it, e.g. "is owned by uid 1000 (mode 700), not by root".
+        reason: String,
+        /// Who else could change it.
+        who: String,
+        /// How to fix it.
+        fix: String,
+    },
     /// A store entry has the wrong type or permissions.
     #[error("{}: {reason}", path.display())]
     Unexpected {

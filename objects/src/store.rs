@@ -129,11 +129,15 @@ impl Store {
         };
         // Canonical, so that paths velo compares with mountinfo's (upper dirs) match.
         let root = std::fs::canonicalize(&root).unwrap_or(root);
+        // Checked by the fd just opened, before anything in it is read: only the user velo runs
+        // as (root: only root) may be able to change the store.
+        check_trusted(&root, &root, root_fd.as_fd())?;
         let meta = match read_meta(&root, root_fd.as_fd())? {
             Some(meta) => meta,
             None if create => init_store(&root, root_fd.as_fd())?,
             None => return Err(StoreError::NoStore { path: root }),
         };
+        check_areas_trusted(&root, root_fd.as_fd())?;
         let open = |area: Area| {
             open_dir_beneath(root_fd.as_fd(), area.dir_name())
                 .ctx("open store directory", root.join(area.dir_name()))
@@ -340,6 +344,79 @@ impl Store {
     }
 }
 
+/// Why a store entry owned by `uid` with `mode` cannot be trusted by a process whose effective
+/// uid is `euid`: root trusts only root's (uid 0), any other user only their own, and nobody an
+/// entry that its group or others may write. `(what is wrong, who else could change it)`, or
+/// `None` if it can be trusted.
+pub(crate) fn untrusted(uid: u32, mode: u32, euid: u32) -> Option<(String, String)> {
+    let perms = mode & 0o7777;
+    let me = if euid == 0 {
+        "root".to_owned()
+    } else {
+        format!("uid {euid} (the user velo runs as)")
+    };
+    if uid != euid {
+        return Some((
+            format!("is owned by uid {uid} (mode {perms:o}), not by {me}"),
+            format!("uid {uid}"),
+        ));
+    }
+    if mode & 0o022 != 0 {
+        let who = match (mode & 0o020 != 0, mode & 0o002 != 0) {
+            (true, true) => "its group and every other user",
+            (true, false) => "every member of its group",
+            _ => "every other user",
+        };
+        return Some((
+            format!("is writable by {who} (mode {perms:o})"),
+            who.to_owned(),
+        ));
+    }
+    None
+}
+
+/// Refuses a store entry (`fd`, named `path`) that [`untrusted`] finds wanting. By `fstat` of
+/// the fd the store goes on to use, never by looking the path up again.
+fn check_trusted(root: &Path, path: &Path, fd: BorrowedFd<'_>) -> Result<()> {
+    let st = rustix::fs::fstat(fd).ctx("stat", path)?;
+    let euid = rustix::process::geteuid().as_raw();
+    let Some((reason, who)) = untrusted(st.st_uid, st.st_mode, euid) else {
+        return Ok(());
+    };
+    let fix = if euid == 0 {
+        format!(
+            "if you trust what it holds, `chown -R root:root {r} && chmod 700 {r}`; or use a \
+             store of your own (--store DIR)",
+            r = root.display()
+        )
+    } else {
+        "use a store of your own (--store DIR, created by the first `velo snapshot`), or run \
+         velo as the store's owner"
+            .to_owned()
+    };
+    Err(StoreError::UntrustedStore {
+        store: root.to_owned(),
+        path: path.to_owned(),
+        reason,
+        who,
+        fix,
+    })
+}
+
+/// Checks every well-known area the store has (a missing one is created later, by this user),
+/// each by the fd it was opened as.
+fn check_areas_trusted(root: &Path, root_fd: BorrowedFd<'_>) -> Result<()> {
+    for dir in DIRS {
+        let path = root.join(dir);
+        match open_dir_beneath(root_fd, dir) {
+            Ok(fd) => check_trusted(root, &path, fd.as_fd())?,
+            Err(Errno::NOENT) => {}
+            Err(e) => return Err(StoreError::io("open store directory", path, e)),
+        }
+    }
+    Ok(())
+}
+
 fn read_meta(root: &Path, root_fd: BorrowedFd<'_>) -> Result<Option<Meta>> {
     let path = root.join("meta.json");
     let fd = match open_beneath(root_fd, "meta.json", OFlags::RDONLY, Mode::empty()) {
@@ -347,6 +424,7 @@ fn read_meta(root: &Path, root_fd: BorrowedFd<'_>) -> Result<Option<Meta>> {
         Err(Errno::NOENT) => return Ok(None),
         Err(e) => return Err(StoreError::io("open", &path, e)),
     };
+    check_trusted(root, &path, fd.as_fd())?;
     let mut text = String::new();
     std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut text).map_err(|e| {
         StoreError::CorruptMeta {
@@ -504,4 +582,73 @@ pub fn filesystem_supports_verity(dir: &Path) -> Result<bool> {
     )
     .ctx("open", dir)?;
     Ok(probe_verity(fd.as_fd()) == VerityMode::Enabled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_trusts_only_root_and_users_only_themselves() {
+        assert_eq!(untrusted(0, 0o40700, 0), None);
+        assert_eq!(untrusted(0, 0o40755, 0), None, "readable is not writable");
+        let (reason, who) = untrusted(65534, 0o40700, 0).unwrap();
+        assert!(reason.contains("owned by uid 65534") && reason.contains("not by root"));
+        assert_eq!(who, "uid 65534");
+        let (reason, _) = untrusted(0, 0o40770, 0).unwrap();
+        assert!(
+            reason.contains("writable by every member of its group"),
+            "{reason}"
+        );
+        let (reason, _) = untrusted(0, 0o40702, 0).unwrap();
+        assert!(reason.contains("every other user"), "{reason}");
+        // A non-root user: their own store only.
+        assert_eq!(untrusted(1000, 0o40700, 1000), None);
+        assert!(
+            untrusted(0, 0o40700, 1000).is_some(),
+            "root's store, for a user"
+        );
+        assert!(untrusted(1001, 0o40700, 1000).is_some());
+        assert!(untrusted(1000, 0o40720, 1000).is_some());
+    }
+
+    /// As root (skipped otherwise): a store root or area owned by another user, or writable by
+    /// the group, is refused when opened, with the fix in the message.
+    #[test]
+    fn a_store_another_user_could_change_is_refused() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("SKIPPED a_store_another_user_could_change_is_refused: needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        drop(Store::open_or_create(&root).unwrap());
+        let nobody = Some(rustix::fs::Uid::from_raw(65534));
+        let chown = |p: &Path, uid| rustix::fs::chown(p, uid, None).unwrap();
+        let refused = |want: &Path| match Store::open(&root) {
+            Err(e @ StoreError::UntrustedStore { .. }) => {
+                let text = e.to_string();
+                assert!(
+                    text.contains(&format!("{} ", want.display()))
+                        && text.contains("chown -R root:root"),
+                    "{text}"
+                );
+            }
+            other => panic!("expected a refusal naming {}: {other:?}", want.display()),
+        };
+        chown(&root, nobody);
+        refused(&root);
+        chown(&root, Some(rustix::fs::Uid::ROOT));
+        Store::open(&root).unwrap();
+        chown(&root.join("images"), nobody);
+        refused(&root.join("images"));
+        chown(&root.join("images"), Some(rustix::fs::Uid::ROOT));
+        rustix::fs::chmod(root.join("refs"), Mode::from_raw_mode(0o770)).unwrap();
+        refused(&root.join("refs"));
+        rustix::fs::chmod(root.join("refs"), Mode::from_raw_mode(0o700)).unwrap();
+        chown(&root.join("meta.json"), nobody);
+        refused(&root.join("meta.json"));
+        chown(&root.join("meta.json"), Some(rustix::fs::Uid::ROOT));
+        Store::open(&root).unwrap();
+    }
 }

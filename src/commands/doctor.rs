@@ -118,6 +118,9 @@ pub fn doctor(ctx: &Ctx) -> anyhow::Result<ExitCode> {
             checks.push(verity_check(&dir, None));
             checks.push(space_check(&dir));
         }
+        Err(e @ StoreError::UntrustedStore { .. }) => {
+            checks.push(check("store owner", Status::Fail, e.to_string()))
+        }
         Err(e) => checks.push(check("store", Status::Fail, e.to_string())),
     }
 
@@ -167,22 +170,42 @@ fn store_checks(store: &Store, checks: &mut Vec<Check>) {
             meta.version
         ),
     ));
-    use std::os::unix::fs::PermissionsExt;
-    match std::fs::metadata(store.root()) {
-        Ok(md) if md.permissions().mode() & 0o077 != 0 => checks.push(check(
-            "store mode",
-            Status::Fail,
-            format!(
-                "{} is mode {:o}: other users can reach snapshot contents (secrets); chmod 700 it",
-                store.root().display(),
-                md.permissions().mode() & 0o7777
-            ),
-        )),
-        Ok(_) => checks.push(check(
-            "store mode",
-            Status::Ok,
-            "0700: only root can reach objects",
-        )),
+    // By the store's own fd (what it opened and checked), not by its path again.
+    let me = rustix::process::geteuid().as_raw();
+    let owner = if me == 0 {
+        "root".to_owned()
+    } else {
+        format!("uid {me}")
+    };
+    match rustix::fs::fstat(store.root_fd()) {
+        Ok(st) => {
+            // Store::open refuses a store another user could change; say that it passed.
+            checks.push(check(
+                "store owner",
+                Status::Ok,
+                format!(
+                    "owned by {owner} (uid {}), like its areas; none writable by group or others",
+                    st.st_uid
+                ),
+            ));
+            let mode = st.st_mode & 0o7777;
+            checks.push(if mode & 0o077 != 0 {
+                check(
+                    "store mode",
+                    Status::Fail,
+                    format!(
+                        "{} is mode {mode:o}: other users can reach snapshot contents (secrets); chmod 700 it",
+                        store.root().display()
+                    ),
+                )
+            } else {
+                check(
+                    "store mode",
+                    Status::Ok,
+                    format!("{mode:o}: only {owner} can reach objects"),
+                )
+            });
+        }
         Err(e) => checks.push(check("store mode", Status::Fail, e.to_string())),
     }
     checks.push(verity_check(store.root(), Some(meta.verity)));

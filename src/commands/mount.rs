@@ -37,6 +37,13 @@ pub fn mount(
             if ctx.json {
                 output::json(&serde_json::json!({ "error": "verification failed", "bad": v.bad }))?;
             }
+            if v.bad.iter().any(|f| f.kind.starts_with("image-")) {
+                anyhow::bail!(
+                    "refusing to mount {digest}: the image itself failed verification (listed \
+                     above; an image that does not rebuild to the same bytes with velo's writer \
+                     was not written by velo or was edited); run `velo fsck`"
+                );
+            }
             anyhow::bail!(
                 "refusing to mount {digest}: {} of its {} objects failed verification (listed above)",
                 v.bad.len(),
