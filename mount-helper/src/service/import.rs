@@ -146,7 +146,8 @@ pub fn import(
     for (d, s) in &objects {
         let present = store.has(Kind::Object, d, *s).map_err(Failure::store)?;
         if !present {
-            new_bytes += s;
+            // Sizes come from the client's image: any u64.
+            new_bytes = new_bytes.saturating_add(*s);
         }
         if !(present && (caller.is_root() || visible.iter().any(|set| set.contains(d)))) {
             need.push((*d, *s));
@@ -156,7 +157,7 @@ pub fn import(
         .has(Kind::Image, &stored_image, written.len() as u64)
         .map_err(Failure::store)?
     {
-        new_bytes += written.len() as u64;
+        new_bytes = new_bytes.saturating_add(written.len() as u64);
     }
     let ledger = Ledger::load(store, caller);
     if !caller.is_root() {

@@ -328,6 +328,12 @@ fn store_exists(root: &Path) -> bool {
     std::fs::symlink_metadata(root).is_ok()
 }
 
+/// The stack of a connection's thread. Imports and summaries parse a client's image, and the
+/// composefs reader recurses once per directory level (up to 2047): 2000 levels take ~11 MiB
+/// in a debug build and ~2 MiB in a release build, and a thread that overflows its stack
+/// aborts the whole service. Only the pages a thread touches are used.
+const CONN_STACK: usize = 32 << 20;
+
 /// Starts a thread for a new connection, within the limits.
 fn accept(shared: &Arc<Shared>, stream: UnixStream) {
     let Ok(cred) = rustix::net::sockopt::socket_peercred(&stream) else {
@@ -347,10 +353,10 @@ fn accept(shared: &Arc<Shared>, stream: UnixStream) {
     let worker = shared.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("conn-{}", caller.uid))
+        .stack_size(CONN_STACK)
         .spawn(move || {
+            let _counted_out = Leave(&worker, caller.uid);
             conn::handle(&worker, stream, caller);
-            leave(&worker, caller.uid);
-            worker.touch();
         });
     if spawned.is_err() {
         leave(shared, caller.uid);
@@ -375,6 +381,17 @@ fn admit(shared: &Shared, uid: u32) -> std::result::Result<(), String> {
     }
     *open.entry(uid).or_default() += 1;
     Ok(())
+}
+
+/// Uncounts a connection when its thread ends — also by a panic, which would otherwise keep
+/// the connection counted against its user and the service's limits for good.
+struct Leave<'s>(&'s Shared, u32);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        leave(self.0, self.1);
+        self.0.touch();
+    }
 }
 
 /// Uncounts a connection of `uid`.
