@@ -47,9 +47,10 @@ pub fn doctor(ctx: &Ctx) -> anyhow::Result<ExitCode> {
         check(
             "privileges",
             Status::Warn,
-            "not root: snapshot/ls/inspect work, mount/umount need root (run with sudo)",
+            "not root: velo run, snapshot, status and ls go through velo-mountd; mount/umount on the host need root",
         )
     });
+    service_checks(ctx, root, &mut checks);
     let release = rustix::system::uname()
         .release()
         .to_string_lossy()
@@ -93,7 +94,7 @@ pub fn doctor(ctx: &Ctx) -> anyhow::Result<ExitCode> {
                         velo_mount::ImageBacking::FileDirectIo => "file-backed with direct I/O",
                         velo_mount::ImageBacking::File => "file-backed, cached (no direct I/O here)",
                         velo_mount::ImageBacking::Loop => "through a loop device (this filesystem cannot back EROFS directly)",
-                        velo_mount::ImageBacking::Shared => "through the image cache",
+                        velo_mount::ImageBacking::Shared => "through velo-mountd",
                     }
                 ),
             ),
@@ -104,6 +105,7 @@ pub fn doctor(ctx: &Ctx) -> anyhow::Result<ExitCode> {
     });
 
     match Store::open(&ctx.store) {
+        _ if ctx.through_service() => {} // the service owns the store; users never open it
         Ok(store) => store_checks(&store, &mut checks),
         Err(StoreError::NoStore { path }) => {
             let dir = existing_ancestor(&path);
@@ -142,6 +144,58 @@ pub fn doctor(ctx: &Ctx) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// velo-mountd (for ordinary users, and root's warm runs) and user namespaces (where an
+/// ordinary user's velo attaches its mounts).
+fn service_checks(ctx: &Ctx, root: bool, checks: &mut Vec<Check>) {
+    let socket = velo_project::client::socket_path(ctx.socket.as_deref());
+    checks.push(
+        match velo_project::client::Client::connect_with_usage(&socket) {
+            Ok(client) => {
+                let h = client.hello().clone();
+                client.done();
+                check(
+                    "velo-mountd",
+                    Status::Ok,
+                    format!(
+                        "answers at {} (store {}, verity {}); you are uid {}{}",
+                        socket.display(),
+                        h.store.display(),
+                        h.verity,
+                        h.uid,
+                        h.quota
+                            .map(|q| format!(
+                                ", your refs hold {} of {}",
+                                output::bytes(h.used.unwrap_or(0)),
+                                output::bytes(q)
+                            ))
+                            .unwrap_or_default()
+                    ),
+                )
+            }
+            Err(e) => check(
+                "velo-mountd",
+                if root { Status::Warn } else { Status::Fail },
+                if root {
+                    format!("not running ({e}); root's velo works on the store directly")
+                } else {
+                    e.to_string()
+                },
+            ),
+        },
+    );
+    if !root {
+        let sysctls = velo_project::userns::Sysctls::read();
+        checks.push(match sysctls.blocker() {
+            Some(why) => check("user namespaces", Status::Fail, why),
+            None => check(
+                "user namespaces",
+                Status::Ok,
+                "unprivileged user namespaces are allowed: velo run attaches its mounts in one of its own",
+            ),
+        });
+    }
 }
 
 fn filesystem_listed(fs: &str) -> bool {

@@ -190,7 +190,7 @@ impl Overlays {
             return Ok(i);
         }
         let image_fd = store.open_image(image)?;
-        check_image_fd(store, image_fd.as_fd(), image)?;
+        crate::mount::check_image(store, image_fd.as_fd(), image)?;
         let (erofs, _) = crate::mount::erofs_mount(image_fd.as_fd(), image)?;
         if self.images.len() >= CAPACITY {
             self.evict_one(store);
@@ -546,37 +546,6 @@ fn unpin(store: &Store, pin: Option<String>) {
     if let Some(token) = pin {
         let _ = store.remove_mount_slot(&token);
     }
-}
-
-/// Checks that the image file is the image named before the kernel parses it.
-// TODO(merge): replace with the mount module's check once it lands.
-fn check_image_fd(store: &Store, fd: BorrowedFd<'_>, digest: &Digest) -> Result<()> {
-    if store.verity() == velo_objects::VerityMode::Enabled {
-        return crate::mount::check_image_verity(store, fd, digest);
-    }
-    let mut h = velo_objects::verity::VerityHasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut pos = 0u64;
-    loop {
-        let n = velo_objects::fsutil::pread_full(fd, &mut buf, pos)
-            .map_err(|e| MountError::io("read", store.image_path(digest), e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        pos += n as u64;
-    }
-    let found = h.finalize();
-    if found != *digest {
-        return Err(MountError::ImageRefused {
-            digest: digest.to_hex(),
-            reason: format!(
-                "{} hashes to {found}: run `velo fsck`",
-                store.image_path(digest).display()
-            ),
-        });
-    }
-    Ok(())
 }
 
 /// Removes the lease dirs in the store's `mounts/` that no mount in any mount namespace uses
