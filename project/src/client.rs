@@ -270,7 +270,14 @@ impl Client {
                 size: image.len() as u64,
             })
             .map_err(|e| self.proto(e))?;
-        self.conn.send_raw(image).map_err(|e| self.proto(e))?;
+        if let Err(e) = self.conn.send_raw(image) {
+            // The service may have refused the request and closed while the image was on its
+            // way: its reason is the better error.
+            return Err(match self.answer() {
+                Err(refused @ ClientError::Refused { .. }) => refused,
+                _ => self.proto(e),
+            });
+        }
         let count = match self.answer()? {
             Response::Need { count } => count,
             other => return Err(unexpected("import", other)),

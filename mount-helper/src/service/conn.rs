@@ -122,7 +122,9 @@ fn give_back(shared: &Shared, lent: Vec<Overlay>, done: bool) {
 fn hello(shared: &Shared, caller: &Caller, usage: bool) -> Response {
     let used = (usage && !caller.is_root()).then(|| {
         namespace::own_images(&shared.store, caller)
-            .map(|held| super::quota::Ledger::load(&shared.store, caller).usage(&held))
+            .map(|held| {
+                super::quota::Ledger::load(&shared.store, caller).usage_in(&shared.store, &held)
+            })
             .unwrap_or(0)
     });
     Response::Hello {

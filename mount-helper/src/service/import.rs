@@ -162,8 +162,12 @@ pub fn import(
     let ledger = Ledger::load(store, caller);
     if !caller.is_root() {
         let held = namespace::own_images(store, caller).map_err(Failure::store)?;
-        quota::check(shared.config.user_quota, ledger.usage(&held), new_bytes)
-            .map_err(|m| Failure::new(ErrorKind::Quota, m))?;
+        quota::check(
+            shared.config.user_quota,
+            ledger.usage_in(store, &held),
+            new_bytes,
+        )
+        .map_err(|m| Failure::new(ErrorKind::Quota, m))?;
     }
 
     // Ask for them, and take them in.
@@ -196,9 +200,7 @@ pub fn import(
     session.commit(&refs).map_err(Failure::store)?;
     drop(session);
     if !caller.is_root() {
-        let mut held = namespace::own_images(store, caller).map_err(Failure::store)?;
-        held.insert(stored_image);
-        if let Err(e) = ledger.charge(store, caller, stored_image, new_bytes, &held) {
+        if let Err(e) = ledger.charge(store, caller, stored_image, new_bytes) {
             tracing::warn!(
                 "velo-mountd: could not record uid {}'s usage: {e}",
                 caller.uid

@@ -3,8 +3,9 @@
 //! Each import is charged the bytes it adds (objects and the image that were not in the
 //! store before), recorded against its image in the user's ledger (`cache/quota-<uid>.json`).
 //! A user's usage is the sum of the charges of the images their own refs hold now (current
-//! or in history): removing a ref gives its charge back, and what another user already
-//! stored costs nothing. An import that would take the usage over the limit is refused before
+//! or in history) and of those still in the store: removing a ref gives its charge back once
+//! `velo gc` has removed the image (so importing and removing over and over cannot grow the
+//! store between collections), and what another user already stored costs nothing. An import that would take the usage over the limit is refused before
 //! any of its objects is received.
 
 use std::collections::{BTreeMap, HashSet};
@@ -35,30 +36,39 @@ impl Ledger {
             .unwrap_or_default()
     }
 
-    /// Records `bytes` against `image`, forgetting charges of images the user no longer
-    /// holds, and saves the ledger.
+    /// Records `bytes` against `image`, forgetting charges of images that are gone from the
+    /// store, and saves the ledger.
     pub fn charge(
         mut self,
         store: &Store,
         caller: &Caller,
         image: Digest,
         bytes: u64,
-        held: &HashSet<Digest>,
     ) -> velo_objects::Result<()> {
-        self.charges.retain(|d, _| held.contains(d));
+        self.charges.retain(|d, _| in_store(store, d));
         *self.charges.entry(image).or_default() += bytes;
         let data = serde_json::to_vec(&self).unwrap_or_default();
         store.write_cache(&entry_name(caller), &data)
     }
 
-    /// The bytes charged to the images in `held`.
-    pub fn usage(&self, held: &HashSet<Digest>) -> u64 {
+    /// The bytes charged to the images in `held`, or still in the store (`exists`).
+    pub fn usage(&self, held: &HashSet<Digest>, exists: impl Fn(&Digest) -> bool) -> u64 {
         self.charges
             .iter()
-            .filter(|(d, _)| held.contains(d))
-            .map(|(_, b)| b)
-            .sum()
+            .filter(|(d, _)| held.contains(d) || exists(d))
+            .map(|(_, b)| *b)
+            .fold(0u64, u64::saturating_add)
     }
+
+    /// [`Ledger::usage`] against the store.
+    pub fn usage_in(&self, store: &Store, held: &HashSet<Digest>) -> u64 {
+        self.usage(held, |d| in_store(store, d))
+    }
+}
+
+/// Whether the image is (still) in the store.
+fn in_store(store: &Store, image: &Digest) -> bool {
+    store.open_image(image).is_ok()
 }
 
 /// Whether adding `adding` bytes to `used` stays within `limit`; the refusal says how much.
@@ -78,13 +88,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn usage_counts_only_images_still_held() {
+    fn usage_counts_images_held_or_not_yet_collected() {
         let (a, b) = (Digest::from_bytes([1; 32]), Digest::from_bytes([2; 32]));
         let ledger = Ledger {
             charges: [(a, 100), (b, 50)].into_iter().collect(),
         };
-        assert_eq!(ledger.usage(&[a, b].into_iter().collect()), 150);
-        assert_eq!(ledger.usage(&[b].into_iter().collect()), 50);
+        let gone = |_: &Digest| false;
+        assert_eq!(ledger.usage(&[a, b].into_iter().collect(), gone), 150);
+        assert_eq!(ledger.usage(&[b].into_iter().collect(), gone), 50);
+        // An image no ref holds any more still counts until GC has removed it.
+        assert_eq!(ledger.usage(&[b].into_iter().collect(), |d| *d == a), 150);
     }
 
     #[test]
