@@ -672,3 +672,22 @@ fn a_hand_edited_redirect_is_damage_for_fsck_and_refused_by_verify() {
         m.umount();
     }
 }
+
+/// The record that an image was checked against its name goes with the image: GC removes it
+/// (it would otherwise outlive every image ever mounted).
+#[test]
+fn gc_removes_the_check_record_of_a_removed_image() {
+    if !can_mount("gc_removes_the_check_record_of_a_removed_image") {
+        return;
+    }
+    let env = Env::new();
+    let (_, a) = snapshot_tree(&env, "one", "a");
+    let mnt = env.path("mnt");
+    env.mount("a", &mnt, &[]).umount();
+    let record = env.store.join("cache").join(format!("image-checked-{a}"));
+    assert!(record.exists(), "a mount records its check");
+    env.ok(&["ref", "rm", "a"]);
+    let r = env.json(&["gc"]);
+    assert_eq!(r["images_removed"], 1, "{r}");
+    assert!(!record.exists(), "the check record outlived its image");
+}

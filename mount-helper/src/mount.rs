@@ -424,7 +424,7 @@ impl FileIdentity {
 
 /// The `cache/` entry of an image's check.
 fn check_cache_name(digest: &Digest) -> String {
-    format!("image-checked-{digest}")
+    format!("{}{digest}", velo_objects::IMAGE_CHECK_PREFIX)
 }
 
 /// Whether a positive check of this file may be cached: root runs velo, owns the file (mode

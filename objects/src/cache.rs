@@ -24,7 +24,25 @@ fn check_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Cache entries named after an image start with this, then its digest: the record that the
+/// image file was checked against its name (`velo-mount`); GC removes them with the image.
+pub const IMAGE_CHECK_PREFIX: &str = "image-checked-";
+
 impl Store {
+    /// Removes a cache entry (none is fine).
+    pub fn remove_cache(&self, name: &str) -> Result<()> {
+        check_name(name)?;
+        let dir = self.open_area(Area::Cache)?;
+        match rustix::fs::unlinkat(&dir, name, rustix::fs::AtFlags::empty()) {
+            Ok(()) | Err(Errno::NOENT) => Ok(()),
+            Err(e) => Err(StoreError::io(
+                "remove cache",
+                self.area_path(Area::Cache).join(name),
+                e,
+            )),
+        }
+    }
+
     /// Reads a cache entry; `None` if there is none.
     pub fn read_cache(&self, name: &str) -> Result<Option<Vec<u8>>> {
         check_name(name)?;

@@ -183,6 +183,7 @@ impl Store {
             report.images_removed += 1;
             report.image_bytes_freed += self.image_size(&image).unwrap_or(0);
             if !opts.dry_run {
+                let _ = self.remove_cache(&format!("{}{image}", crate::IMAGE_CHECK_PREFIX));
                 match rustix::fs::unlinkat(
                     self.images_fd(),
                     image.to_hex().as_str(),

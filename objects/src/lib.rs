@@ -19,6 +19,7 @@
 //! EROFS; it has no dependency on the `composefs` crate so the mount helper can use it.
 
 mod cache;
+pub use cache::IMAGE_CHECK_PREFIX;
 mod digest;
 mod error;
 mod fsck;
