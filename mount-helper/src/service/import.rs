@@ -199,13 +199,13 @@ pub fn import(
         .collect();
     session.commit(&refs).map_err(Failure::store)?;
     drop(session);
-    if !caller.is_root() {
-        if let Err(e) = ledger.charge(store, caller, stored_image, new_bytes) {
-            tracing::warn!(
-                "velo-mountd: could not record uid {}'s usage: {e}",
-                caller.uid
-            );
-        }
+    if !caller.is_root()
+        && let Err(e) = ledger.charge(store, caller, stored_image, new_bytes)
+    {
+        tracing::warn!(
+            "velo-mountd: could not record uid {}'s usage: {e}",
+            caller.uid
+        );
     }
     Ok(Response::Imported(ImportSummary {
         image: stored_image,
