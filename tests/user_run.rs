@@ -285,6 +285,10 @@ fn an_npm_project_as_an_ordinary_user() {
     assert_eq!(row["up_to_date"], true, "{status}");
     assert!(row["files"].as_u64().unwrap() > 0, "{status}");
     assert!(row["bytes"].as_u64().unwrap() > 0, "{status}");
+    assert!(
+        row["last_used"].as_u64().is_some_and(|t| t > 0),
+        "a run touched the ref: {status}"
+    );
     let ref_name = row["ref"].as_str().unwrap();
     assert!(ref_name.starts_with("deps/npm/"), "{status}");
     let ls = velo_json(&a, &mountd, &project, &["ls"]);

@@ -165,6 +165,10 @@ pub enum Response {
         /// Bytes kept by the persisted upper (if asked and it exists).
         #[serde(default)]
         persisted_bytes: Option<u64>,
+        /// When the ref was last mounted or written (seconds since the epoch), for the
+        /// caller's own refs.
+        #[serde(default)]
+        last_used: Option<u64>,
     },
     /// An export follows: the image's `size` bytes, then `objects` objects.
     Exporting {

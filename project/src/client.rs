@@ -110,6 +110,8 @@ pub struct Resolved {
     pub bytes: Option<u64>,
     /// Bytes of the persisted upper, if asked and it exists.
     pub persisted_bytes: Option<u64>,
+    /// When the caller's ref was last used (seconds since the epoch).
+    pub last_used: Option<u64>,
 }
 
 /// A conversation with the service.
@@ -225,12 +227,14 @@ impl Client {
                 files,
                 bytes,
                 persisted_bytes,
+                last_used,
                 ..
             } => Ok(Resolved {
                 image,
                 files,
                 bytes,
                 persisted_bytes,
+                last_used,
             }),
             other => Err(unexpected("resolve", other)),
         }

@@ -182,7 +182,7 @@ fn status_through_service(
         let r = client.resolve(&d.ref_name, true, Some(&tenant))?;
         rows.push(StatusRow {
             up_to_date: r.image.is_some(),
-            last_used: None,
+            last_used: r.last_used,
             files: r.files,
             bytes: r.bytes,
             persisted_bytes: r.persisted_bytes,

@@ -176,9 +176,13 @@ fn resolve(
             .ok()
             .and_then(|_| store.tenant_upper_bytes(&t).ok())
     });
+    let last_used = found
+        .filter(|f| !f.1)
+        .and_then(|_| store.ref_last_used(&namespace::own_ref(caller, name)).ok());
     Ok(Response::Resolved {
         image: found.map(|f| f.0),
         published: found.is_some_and(|f| f.1),
+        last_used,
         files,
         bytes,
         persisted_bytes,
