@@ -102,17 +102,10 @@ pub fn push(
     pack_size: Option<u64>,
 ) -> anyhow::Result<ExitCode> {
     let dest = OciAddress::parse(destination, registry.plain_http)?;
-    let scratch;
+    let _scratch;
     let store = if ctx.through_service() {
-        // The user's image and objects come from velo-mountd into a store of their own.
-        scratch = Scratch::new("push")?;
-        let store = Store::open_or_create(&scratch.0)?;
-        let mut client = ctx.client()?;
-        let digest = client
-            .export_into(image, &store, &|_| {})
-            .with_context(|| format!("get {image} from velo-mountd"))?;
-        client.done();
-        store.write_ref(image, &digest)?;
+        let (s, store) = from_service(ctx, image, "push")?;
+        _scratch = s;
         Arc::new(store)
     } else {
         Arc::new(Store::open(&ctx.store)?)
@@ -216,16 +209,10 @@ pub fn pull(
 }
 
 pub fn export(ctx: &Ctx, image: &str, file: &Path) -> anyhow::Result<ExitCode> {
-    let scratch;
+    let _scratch;
     let store = if ctx.through_service() {
-        scratch = Scratch::new("export")?;
-        let store = Store::open_or_create(&scratch.0)?;
-        let mut client = ctx.client()?;
-        let digest = client
-            .export_into(image, &store, &|_| {})
-            .with_context(|| format!("get {image} from velo-mountd"))?;
-        client.done();
-        store.write_ref(image, &digest)?;
+        let (s, store) = from_service(ctx, image, "export")?;
+        _scratch = s;
         store
     } else {
         Store::open(&ctx.store)?
@@ -321,6 +308,20 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// The user's ref `image`, its image and objects copied from velo-mountd (every byte checked)
+/// into a scratch store, under the same ref name.
+fn from_service(ctx: &Ctx, image: &str, verb: &str) -> anyhow::Result<(Scratch, Store)> {
+    let scratch = Scratch::new(verb)?;
+    let store = Store::open_or_create(&scratch.0)?;
+    let mut client = ctx.client()?;
+    let digest = client
+        .export_into(image, &store, &|_| {})
+        .with_context(|| format!("get {image} from velo-mountd"))?;
+    client.done();
+    store.write_ref(image, &digest)?;
+    Ok((scratch, store))
 }
 
 /// Hands the image `image` of the scratch store `store` to velo-mountd (under `ref_name` in
