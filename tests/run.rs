@@ -321,20 +321,7 @@ fn unknown_keys_in_velo_toml_are_named() {
 
 /// A hand-written velo.toml whose install records who ran it.
 fn custom_project(env: &Env) -> PathBuf {
-    let project = env.path("custom");
-    fs::create_dir_all(&project).unwrap();
-    fs::write(project.join("deps.lock"), "v1\n").unwrap();
-    fs::write(
-        project.join("velo.toml"),
-        "[[deps]]\necosystem = \"custom\"\ndirs = [\"deps\"]\ninputs = [\"deps.lock\"]\n\
-         install = \"mkdir -p deps/lib && id -u > deps/lib/built-by && cp deps.lock deps/lib/\"\n",
-    )
-    .unwrap();
-    for p in [env.dir.path(), project.as_path()] {
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    project
+    fixtures::custom_project(env.dir.path(), &env.path("custom"))
 }
 
 /// Through sudo (root, `SUDO_UID`/`SUDO_GID` set), the install and the command run as the

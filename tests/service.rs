@@ -4,29 +4,11 @@
 mod common;
 
 use std::fs;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::mountd::Mountd;
 use common::{Env, can_mount, describe, path_str};
-
-fn custom_project(env: &Env) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let project = env.path("custom");
-    fs::create_dir_all(&project).unwrap();
-    fs::write(project.join("deps.lock"), "v1\n").unwrap();
-    fs::write(
-        project.join("velo.toml"),
-        "[[deps]]\necosystem = \"custom\"\ndirs = [\"deps\"]\ninputs = [\"deps.lock\"]\n\
-         install = \"mkdir -p deps/lib && cp deps.lock deps/lib/\"\n",
-    )
-    .unwrap();
-    for p in [env.dir.path(), project.as_path()] {
-        fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    project
-}
 
 /// velo is killed while its command runs on a lent overlay: the service retires the overlay
 /// (never lends it again while the command holds it), and GC keeps the image — also after the
@@ -38,7 +20,7 @@ fn a_command_outliving_velo_and_the_service_keeps_its_image() {
         return;
     }
     let env = Env::new();
-    let project = custom_project(&env);
+    let project = common::fixtures::custom_project(env.dir.path(), &env.path("custom"));
     let mountd = Mountd::start(&env);
     let velo = |args: &[&str]| {
         let mut c = Command::new(common::velo_bin());

@@ -198,3 +198,22 @@ pub fn every_kind_tree(dir: &Path, sparse_bytes: u64) {
 pub fn far_offset(sparse_bytes: u64) -> u64 {
     sparse_bytes - 3 - (sparse_bytes / 10)
 }
+
+/// A project at `project` with a hand-written velo.toml whose install records who ran it
+/// (`deps/lib/built-by`) and copies its lockfile (`deps/lib/deps.lock`, "v1"); `base` and the
+/// project are made traversable for other users.
+pub fn custom_project(base: &Path, project: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir_all(project).expect("mkdir");
+    fs::write(project.join("deps.lock"), "v1\n").expect("write");
+    fs::write(
+        project.join("velo.toml"),
+        "[[deps]]\necosystem = \"custom\"\ndirs = [\"deps\"]\ninputs = [\"deps.lock\"]\n\
+         install = \"mkdir -p deps/lib && id -u > deps/lib/built-by && cp deps.lock deps/lib/\"\n",
+    )
+    .expect("write");
+    for p in [base, project] {
+        fs::set_permissions(p, fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    project.to_owned()
+}
