@@ -17,16 +17,29 @@
 //!   `velo run .venv/bin/python -c "import …"` against the same on the tree on local disk;
 //! * (c) the imports alone (timed inside the process) on the mount against local disk, warm
 //!   (many runs) and cold (`sync; echo 3 > /proc/sys/vm/drop_caches` before every run, both
-//!   sides), held to the 5% target — through `velo run` (the overlay the image cache lends,
+//!   sides), held to the 5% target — through `velo run` (the overlay velo-mountd lends,
 //!   lent again to the next run when it comes back untouched, as users get it; the figures
 //!   print how many runs got one back) and through one `velo mount`
-//!   kept for all runs (the steady state).
+//!   kept for all runs (the steady state);
+//! * (d) as an ordinary user (a throwaway one, `velo-bench-<pid>`), against root through the
+//!   same velo-mountd: warm `velo run true` (at most 1 ms more), the imports of (c) warm
+//!   (unchanged), and a cold build of the node tree as the user (install + snapshot + import)
+//!   against `npm ci --offline` alone (at most 1.2×).
 //!
-//! It measures and prints; it never fails on timing. Every mount and loop device it makes is
-//! behind a guard that removes it on drop, and the end checks that none is left.
+//! Root's `velo run` goes through one velo-mountd the bench starts for its store
+//! (`VELO_SOCKET`), as it would on a machine that runs the service; the service is stopped
+//! before the ext4 is unmounted.
+//!
+//! It measures and prints; it never fails on timing. Every mount and loop device it makes, the
+//! service and the user are behind guards that undo them on drop, and the end checks that no
+//! mount or loop device is left.
 
+#[path = "run/as_user.rs"]
+mod as_user;
 #[path = "run/import.rs"]
 mod import;
+#[path = "run/mountd.rs"]
+mod mountd;
 #[path = "run/setup.rs"]
 mod setup;
 // Shared with the other benchmarks; not every helper is used here.
@@ -41,6 +54,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use import::{Lang, Sample, Side};
+use mountd::{BenchUser, Mountd};
 use setup::{Env, Tree};
 use stats::{Series, Verdict, human, print_table, print_verdicts};
 use sys::{LoopExt4, MountGuard, cmd, drop_caches, remove_tree, run, sync_fs, timed};
@@ -64,6 +78,7 @@ struct Runs {
     first_import: [usize; 2],
     warm: [usize; 2],
     cold: [usize; 2],
+    user_cold: usize,
 }
 
 impl Runs {
@@ -80,6 +95,7 @@ impl Runs {
             first_import: [n(11), n(7)],
             warm: [n(21), n(11)],
             cold: [n(7), n(5)],
+            user_cold: n(5),
         }
     }
 
@@ -109,6 +125,10 @@ fn main() {
         "cp",
         "sync",
         "cc",
+        "useradd",
+        "userdel",
+        "getfacl",
+        "setfacl",
     ]);
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     let cache = manifest.join("target/bench-cache");
@@ -126,7 +146,32 @@ fn main() {
         ext4.root().display(),
         ext4.device()
     );
-    let env = Env::new(Path::new(env!("CARGO_BIN_EXE_velo")), &cache, ext4.root());
+    let run_dir = cache.join("run");
+    let (velo, mountd_bin) =
+        mountd::binaries(Path::new(env!("CARGO_BIN_EXE_velo")), &run_dir.join("bin"));
+    let env = Env::new(
+        &velo,
+        &cache,
+        ext4.root(),
+        &run_dir.join("velo-mountd.sock"),
+    );
+    // Declared after the ext4, so dropped (stopped) before it on every path.
+    let mountd = Mountd::start(
+        &mountd_bin,
+        &env.velo,
+        &env.store,
+        &env.socket,
+        &run_dir.join("velo-mountd.log"),
+    );
+    println!(
+        "  velo and velo-mountd: this build's, copied to {} for the run",
+        run_dir.join("bin").display()
+    );
+    println!(
+        "  velo-mountd serves the store at {} (log: {}); root's velo run goes through it",
+        mountd.socket().display(),
+        mountd.log().display()
+    );
     let node = setup::node(&env, &workloads.join("node"));
     let python = setup::python(&env, &workloads.join("python"));
     print_trees(&env, &node.tree, &python.tree);
@@ -135,21 +180,92 @@ fn main() {
     let mut verdicts = place(&env, &node, &python, &runs);
     verdicts.extend(first_import(&env, &node.tree, Lang::Node, &runs));
     verdicts.extend(first_import(&env, &python.tree, Lang::Python, &runs));
-    verdicts.extend(import_times(&env, &ext4, &node.tree, Lang::Node, &runs));
-    verdicts.extend(import_times(&env, &ext4, &python.tree, Lang::Python, &runs));
+    verdicts.extend(import_times(
+        &env,
+        &ext4,
+        &mountd,
+        &node.tree,
+        Lang::Node,
+        &runs,
+    ));
+    verdicts.extend(import_times(
+        &env,
+        &ext4,
+        &mountd,
+        &python.tree,
+        Lang::Python,
+        &runs,
+    ));
+    verdicts.extend(as_an_ordinary_user(
+        &env,
+        &ext4,
+        &mountd,
+        &mountd_bin,
+        &run_dir,
+        &node,
+        &python,
+        &runs,
+    ));
 
     println!("\nsummary");
     print_verdicts(&verdicts);
     println!("\n  load average at the end: {}", sys::loadavg());
-    let marker = cache.join("run");
-    // The image cache `velo run` started holds images on the ext4: let it go first.
-    run(&mut env.velo(&env.root, ["image-cache", "stop"]));
+    let marker = run_dir;
+    // The service holds images and lent overlays on the ext4: it lets them go first.
+    mountd.stop();
     ext4.close();
     sys::print_leftovers(&marker);
     println!(
         "  total bench time: {:.0} s",
         started.elapsed().as_secs_f64()
     );
+}
+
+/// (d) As an ordinary user, against root, through the same velo-mountd.
+#[allow(clippy::too_many_arguments)]
+fn as_an_ordinary_user(
+    env: &Env,
+    ext4: &LoopExt4,
+    mountd: &Mountd,
+    mountd_bin: &Path,
+    run_dir: &Path,
+    node: &setup::Node,
+    python: &setup::Python,
+    runs: &Runs,
+) -> Vec<Verdict> {
+    // Dropped at the end of this function, also on a panic: its processes, refs, home and the
+    // access it was granted go with it.
+    let mut user = BenchUser::create(
+        &env.root.join("as-user/home"),
+        env.path(),
+        &env.velo,
+        &env.store,
+    );
+    let u = as_user::prepare(env, &mut user, node, python);
+    let mut verdicts = as_user::place(env, &u, &node.tree, runs.velo_true);
+    for (tree, project, lang) in [
+        (&node.tree, &u.node, Lang::Node),
+        (&python.tree, &u.python, Lang::Python),
+    ] {
+        verdicts.extend(as_user::imports(
+            env,
+            ext4,
+            mountd,
+            &u,
+            tree,
+            project,
+            lang,
+            runs.warm[Runs::of(lang)],
+        ));
+    }
+    verdicts.extend(as_user::cold_build(
+        env,
+        &u,
+        mountd_bin,
+        run_dir,
+        runs.user_cold,
+    ));
+    verdicts
 }
 
 fn print_machine() {
@@ -382,20 +498,27 @@ fn disk_command(env: &Env, tree: &Tree, lang: Lang) -> std::process::Command {
 enum Place {
     /// On the tree's copy on local disk.
     Disk,
-    /// Through `velo run` (the overlay the image cache lends).
+    /// Through `velo run` (the overlay velo-mountd lends).
     VeloRun,
     /// On a `velo mount` kept for all runs.
     Mounted,
 }
 
 /// (c) The imports alone, on the mount against local disk, warm and cold.
-fn import_times(env: &Env, ext4: &LoopExt4, tree: &Tree, lang: Lang, runs: &Runs) -> Vec<Verdict> {
+fn import_times(
+    env: &Env,
+    ext4: &LoopExt4,
+    mountd: &Mountd,
+    tree: &Tree,
+    lang: Lang,
+    runs: &Runs,
+) -> Vec<Verdict> {
     println!(
         "\n(c) {}: import time (inside the process) on the mount vs local disk",
         lang.name()
     );
     println!(
-        "  velo run attaches the overlay the image cache lends it (lent again to the next run \
+        "  velo run attaches the overlay velo-mountd lends it (lent again to the next run \
          when a run hands it back untouched); velo mount is mounted once before the runs (the \
          steady state)"
     );
@@ -437,26 +560,32 @@ fn import_times(env: &Env, ext4: &LoopExt4, tree: &Tree, lang: Lang, runs: &Runs
         }
         print_verdicts(&verdicts[verdicts.len() - 2..]);
     }
-    print_lending(env, tree);
+    print_lending(mountd, tree);
     mount.release();
     verdicts
 }
 
-/// What the image cache did with the overlays of the tree's image: how many runs got one an
+/// What velo-mountd did with the overlays of the tree's image: how many runs got one an
 /// earlier run had handed back untouched.
-fn print_lending(env: &Env, tree: &Tree) {
-    let status = sys::run_json(&mut env.velo(&env.root, ["--json", "image-cache", "status"]));
-    let Some(entry) = status["images"]
-        .as_array()
-        .and_then(|list| list.iter().find(|e| e["image"] == tree.image.as_str()))
-    else {
-        println!("  (image cache: the image is not cached: {status})");
+fn print_lending(mountd: &Mountd, tree: &Tree) {
+    let Some(entry) = mountd.image(&tree.image) else {
+        println!(
+            "  (velo-mountd does not hold the image: {})",
+            mountd.status()
+        );
         return;
     };
     println!(
-        "  image cache, this image so far: {} requests answered from the cached superblock, \
-         {} runs got an overlay back from an earlier run, {} overlays discarded",
-        entry["hits"], entry["reused"], entry["discarded"]
+        "  velo-mountd, this image so far: {} requests answered from its superblock, \
+         {} runs got an overlay back from an earlier run, {} overlays discarded \
+         (now: {} lent, {} idle, {} being checked, {} retired)",
+        entry["hits"],
+        entry["reused"],
+        entry["discarded"],
+        entry["lent"],
+        entry["idle"],
+        entry["checking"],
+        entry["retired"]
     );
 }
 

@@ -18,7 +18,7 @@ const UV_VERSION: &str = "0.13.9";
 /// 4.1 ≥ 3.11.5); also the uv project's `requires-python`.
 const PYTHON_RANGE: &str = ">=3.11.5,<3.12";
 /// The file in a directory that records what it was built from.
-const MARKER: &str = ".velo-bench-built-from";
+pub const MARKER: &str = ".velo-bench-built-from";
 
 /// Paths and the environment every command of the bench runs with.
 pub struct Env {
@@ -39,13 +39,17 @@ pub struct Env {
     /// A program that prints the time it started (`CLOCK_MONOTONIC`, ns) and exits, with no C
     /// library start-up of its own: `velo run PROBE` shows when velo handed over to a command.
     pub probe: PathBuf,
+    /// velo-mountd's socket: root's `velo run` goes through the service there (it serves
+    /// `store`), and so does the ordinary user's.
+    pub socket: PathBuf,
     /// `PATH` with the bench's pnpm and uv first.
     path: OsString,
 }
 
 impl Env {
-    /// Installs the tools (once) and fixes the paths. `root` is the mounted ext4.
-    pub fn new(velo: &Path, cache: &Path, root: &Path) -> Self {
+    /// Installs the tools (once) and fixes the paths. `root` is the mounted ext4; `socket` is
+    /// where the bench's velo-mountd listens.
+    pub fn new(velo: &Path, cache: &Path, root: &Path, socket: &Path) -> Self {
         let tools = cache.join("tools");
         let pnpm = ensure_pnpm(&tools);
         let uv = ensure_uv(&tools);
@@ -70,13 +74,20 @@ impl Env {
             uv,
             python,
             probe,
+            socket: socket.to_owned(),
             path,
         }
     }
 
+    /// `PATH` of the bench's commands (pnpm and uv first).
+    pub fn path(&self) -> &OsStr {
+        &self.path
+    }
+
     /// `program args…` with the bench's environment: tool caches on the ext4, no bytecode
     /// writes (both sides read the same `.pyc` files), no sudo caller (everything runs as
-    /// root), and the same values on every run so that velo's keys stay stable.
+    /// root), no velo store, socket or service switch from the caller's environment, and the
+    /// same values on every run so that velo's keys stay stable.
     pub fn command<I, S>(&self, program: impl AsRef<OsStr>, args: I) -> Command
     where
         I: IntoIterator<Item = S>,
@@ -95,18 +106,24 @@ impl Env {
             .env("MPLCONFIGDIR", self.caches.join("matplotlib"))
             .env_remove("SUDO_UID")
             .env_remove("SUDO_GID")
-            .env_remove("VELO_STORE");
+            .env_remove("VELO_STORE")
+            .env_remove("VELO_SOCKET")
+            .env_remove("VELO_MOUNTD");
         c
     }
 
-    /// `velo --store STORE -q ARGS…` in `project`.
+    /// `velo --store STORE -q ARGS…` in `project`, with `VELO_SOCKET` naming the bench's
+    /// velo-mountd (which serves that store, so `velo run` gets its overlays from it).
     pub fn velo<I, S>(&self, project: &Path, args: I) -> Command
     where
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
         let mut c = self.command(&self.velo, [OsStr::new("--store"), self.store.as_os_str()]);
-        c.arg("-q").args(args).current_dir(project);
+        c.arg("-q")
+            .args(args)
+            .current_dir(project)
+            .env("VELO_SOCKET", &self.socket);
         c
     }
 

@@ -211,6 +211,30 @@ impl Verdict {
         }
     }
 
+    /// `value − base` in milliseconds (both in seconds), held to `≤ target_ms`.
+    pub fn extra_ms(label: &str, value: f64, base: f64, target_ms: f64, note: &str) -> Self {
+        let ms = (value - base) * 1e3;
+        Self {
+            label: label.to_owned(),
+            figure: format!("{ms:+.2} ms"),
+            target: Some(format!("≤ +{target_ms} ms")),
+            pass: ms <= target_ms,
+            note: note.to_owned(),
+        }
+    }
+
+    /// `value / base` as "N×", held to `≤ target`.
+    pub fn ratio(label: &str, value: f64, base: f64, target: f64, note: &str) -> Self {
+        let x = value / base;
+        Self {
+            label: label.to_owned(),
+            figure: format!("{x:.2}×"),
+            target: Some(format!("≤ {target}×")),
+            pass: x <= target,
+            note: note.to_owned(),
+        }
+    }
+
     /// `mount / local − 1` as a signed percentage, for information.
     pub fn info_overhead(label: &str, mount: f64, local: f64, note: &str) -> Self {
         let pct = (mount / local - 1.0) * 100.0;
