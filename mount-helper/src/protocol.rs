@@ -127,9 +127,11 @@ pub enum Writes {
     Persist(String),
 }
 
-/// What the service answers.
+/// What the service answers. Unlike requests, answers may carry fields this client does not
+/// know (a newer service adds some): they are ignored, so a client keeps working across an
+/// upgrade of the service that keeps [`VERSION`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(rename_all = "kebab-case")]
 pub enum Response {
     /// The answer to [`Request::Hello`].
     Hello {
@@ -222,7 +224,6 @@ pub enum Response {
 
 /// What an import did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ImportSummary {
     /// The image stored: velo's writer's output for the tree as the service mapped it.
     pub image: Digest,
@@ -246,7 +247,6 @@ pub struct ImportSummary {
 
 /// One ref the caller may read.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RefEntry {
     /// The name, as the caller names it.
     pub name: String,
@@ -258,7 +258,6 @@ pub struct RefEntry {
 
 /// One image the service keeps mounted, as `velo service status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CachedImage {
     /// The image.
     pub image: Digest,
@@ -689,6 +688,19 @@ mod tests {
         }
         let long = vec![b' '; MAX_MESSAGE];
         assert_eq!(parse_request(&long), Err(ProtocolError::TooLong));
+    }
+
+    /// A newer service's answers may carry fields this client does not know: they are
+    /// ignored (a request with an unknown field, from a client, is refused instead).
+    #[test]
+    fn answers_with_new_fields_still_parse() {
+        let newer = br#"{"resolved":{"image":null,"published":false,"added-later":7}}"#;
+        assert!(matches!(
+            parse_response(newer),
+            Ok(Response::Resolved { image: None, .. })
+        ));
+        let newer = br#"{"mounted":{"image":"0000000000000000000000000000000000000000000000000000000000000000","writable":true,"verity":"off","persisted":false,"reused":false,"epoch":3}}"#;
+        assert!(parse_response(newer).is_ok());
     }
 
     /// A conversation over a real socket pair: messages, raw bytes between them, and an fd.
