@@ -96,6 +96,7 @@ pub fn import(
         )
     })?;
 
+    let started = std::time::Instant::now();
     // The image, allocated as its bytes arrive (a false size costs nothing until sent).
     let mut bytes = Vec::new();
     conn.raw(size)
@@ -170,6 +171,7 @@ pub fn import(
         .map_err(|m| Failure::new(ErrorKind::Quota, m))?;
     }
 
+    let checked = started.elapsed();
     // Ask for them, and take them in.
     let session = store.begin_write().map_err(Failure::store)?;
     let mut staging = store.begin_staging().map_err(Failure::store)?;
@@ -188,7 +190,9 @@ pub fn import(
                 other => Failure::new(ErrorKind::Corrupt, format!("{what}: {other}")),
             })?;
     }
+    let received = started.elapsed();
     staging.publish().map_err(Failure::store)?;
+    let published = started.elapsed();
     store
         .store_bytes(Kind::Image, &written)
         .map_err(Failure::store)?;
@@ -199,6 +203,14 @@ pub fn import(
         .collect();
     session.commit(&refs).map_err(Failure::store)?;
     drop(session);
+    tracing::debug!(
+        "velo-mountd: import for uid {}: {} objects, {} sent; image checked and rewritten at \
+         {checked:?}, objects received {received:?}, published {published:?}, committed {:?}",
+        caller.uid,
+        objects.len(),
+        need.len(),
+        started.elapsed()
+    );
     if !caller.is_root()
         && let Err(e) = ledger.charge(store, caller, stored_image, new_bytes)
     {
