@@ -232,7 +232,9 @@ impl Store {
         path: &std::path::Path,
     ) -> Result<()> {
         let mut hasher = VerityHasher::new();
-        let mut buf = vec![0u8; COPY_CHUNK];
+        // Sized to the object: most are a few KiB, and zeroing a whole chunk for each of tens
+        // of thousands cost more than hashing them (7 s of an 8 s import of 29k objects).
+        let mut buf = vec![0u8; (size as usize).clamp(1, COPY_CHUNK)];
         let mut pos = 0u64;
         let mismatch = |found: Option<Digest>, got: u64| StoreError::Mismatch {
             what: what.to_owned(),

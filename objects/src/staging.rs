@@ -25,7 +25,9 @@ pub struct Staging<'s> {
     store: &'s Store,
     name: String,
     dir: OwnedFd,
-    staged: Vec<(Digest, u64)>,
+    /// What is staged, and the same digests as a set (an import has tens of thousands), for
+    /// threads that stage at once.
+    staged: std::sync::Mutex<(Vec<(Digest, u64)>, std::collections::HashSet<Digest>)>,
     published: bool,
 }
 
@@ -42,18 +44,24 @@ impl Store {
             store: self,
             name,
             dir,
-            staged: Vec::new(),
+            staged: Default::default(),
             published: false,
         })
     }
 }
 
 impl Staging<'_> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, (Vec<(Digest, u64)>, std::collections::HashSet<Digest>)> {
+        self.staged.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Stages the object `expected` of `size` bytes read from `src` — exactly `size` bytes are
     /// read — if they hash to it; otherwise [`StoreError::Mismatch`] and nothing is kept.
-    /// `what` names the source in messages.
+    /// `what` names the source in messages. Several threads may stage at once.
     pub fn add_verified(
-        &mut self,
+        &self,
         src: &mut dyn std::io::Read,
         expected: &Digest,
         size: u64,
@@ -61,38 +69,59 @@ impl Staging<'_> {
     ) -> Result<()> {
         let file = expected.to_hex();
         let path = self.store.area_path(Area::Tmp).join(&self.name).join(&file);
-        if self.staged.iter().any(|(d, _)| d == expected) {
+        if !self.lock().1.insert(*expected) {
             return Err(StoreError::Unexpected {
                 path,
                 reason: format!("{what}: the object arrived twice"),
             });
         }
+        let staged = self.stage_file(src, expected, size, what, &file, &path);
+        let mut lock = self.lock();
+        match staged {
+            Ok(()) => {
+                lock.0.push((*expected, size));
+                Ok(())
+            }
+            Err(e) => {
+                lock.1.remove(expected);
+                Err(e)
+            }
+        }
+    }
+
+    fn stage_file(
+        &self,
+        src: &mut dyn std::io::Read,
+        expected: &Digest,
+        size: u64,
+        what: &str,
+        file: &str,
+        path: &std::path::Path,
+    ) -> Result<()> {
         let fd = open_beneath(
             self.dir.as_fd(),
-            &file,
+            file,
             OFlags::CREATE | OFlags::EXCL | OFlags::RDWR,
             Mode::from_raw_mode(0o444),
         )
-        .ctx("create", &path)?;
+        .ctx("create", path)?;
         let copied = self
             .store
-            .copy_verified(src, expected, size, what, fd.as_fd(), &path);
-        if let Err(e) = copied {
-            let _ = rustix::fs::unlinkat(&self.dir, file.as_str(), AtFlags::empty());
-            return Err(e);
+            .copy_verified(src, expected, size, what, fd.as_fd(), path);
+        if copied.is_err() {
+            let _ = rustix::fs::unlinkat(&self.dir, file, AtFlags::empty());
         }
-        self.staged.push((*expected, size));
-        Ok(())
+        copied
     }
 
     /// How many objects are staged.
     pub fn len(&self) -> usize {
-        self.staged.len()
+        self.lock().0.len()
     }
 
     /// True if nothing is staged.
     pub fn is_empty(&self) -> bool {
-        self.staged.is_empty()
+        self.len() == 0
     }
 
     /// Links every staged object into `objects/` (one already there is a dedup hit; a damaged
@@ -100,7 +129,8 @@ impl Staging<'_> {
     /// staging directory. Returns how many objects were new.
     pub fn publish(mut self) -> Result<u64> {
         let mut new = 0;
-        for (digest, size) in std::mem::take(&mut self.staged) {
+        let staged = std::mem::take(&mut self.lock().0);
+        for (digest, size) in staged {
             let file = digest.to_hex();
             let (dir, name) = self.store.final_dir(Kind::Object, &digest)?;
             let path = self.store.object_path(&digest);
@@ -160,7 +190,7 @@ mod tests {
         let data = vec![5u8; 10_000];
         let digest = VerityHasher::digest(&data);
         {
-            let mut s = store.begin_staging().expect("staging");
+            let s = store.begin_staging().expect("staging");
             s.add_verified(&mut data.as_slice(), &digest, data.len() as u64, "test")
                 .expect("verified");
             assert!(!store.has(Kind::Object, &digest, 10_000).expect("has"));
@@ -170,7 +200,7 @@ mod tests {
             fsutil::list_dir(store.tmp_fd()).expect("list").is_empty(),
             "the dropped staging left tmp/ empty"
         );
-        let mut s = store.begin_staging().expect("staging");
+        let s = store.begin_staging().expect("staging");
         s.add_verified(&mut data.as_slice(), &digest, 10_000, "test")
             .expect("verified");
         assert_eq!(s.publish().expect("publish"), 1);
@@ -183,7 +213,7 @@ mod tests {
         let (_d, store) = store();
         let data = vec![7u8; 5000];
         let digest = VerityHasher::digest(&data);
-        let mut s = store.begin_staging().expect("staging");
+        let s = store.begin_staging().expect("staging");
         let mut wrong = data.clone();
         wrong[4999] = 8;
         for (bytes, size) in [(&wrong[..], 5000), (&data[..4000], 5000), (&data[..], 4000)] {

@@ -55,10 +55,28 @@ pub fn build_as_user(b: &UserBuild<'_>) -> anyhow::Result<()> {
         }
         Ok(())
     })();
-    if let Err(e) = std::fs::remove_dir_all(&work) {
-        tracing::warn!("could not remove {}: {e}", work.display());
-    }
+    remove_in_background(&work);
     result
+}
+
+/// Removes `dir` in a process of its own that velo does not wait for (removing a tree of tens
+/// of thousands of files takes a while, and the command is waiting to start).
+fn remove_in_background(dir: &Path) {
+    use std::process::Stdio;
+    let spawned = std::process::Command::new("rm")
+        .arg("-rf")
+        .arg("--")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    if spawned.is_err() {
+        // No rm (a minimal container): do it here.
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            tracing::warn!("could not remove {}: {e}", dir.display());
+        }
+    }
 }
 
 fn names(dirs: &[&ManagedDir]) -> String {
@@ -117,7 +135,7 @@ fn build_child_inner(b: &UserBuild<'_>, staging: &[PathBuf]) -> anyhow::Result<i
         )
         .with_context(|| format!("snapshot {} after the install", dir.path.display()))?;
         let r = client
-            .import(Some(&dir.ref_name), &snap, &|_| {})
+            .import_consuming(Some(&dir.ref_name), &snap)
             .with_context(|| format!("store {} through velo-mountd", dir.path.display()))?;
         tracing::info!(
             "{}: {} objects ({} sent, {} new bytes) -> {} {}",

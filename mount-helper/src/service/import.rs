@@ -174,22 +174,14 @@ pub fn import(
     let checked = started.elapsed();
     // Ask for them, and take them in.
     let session = store.begin_write().map_err(Failure::store)?;
-    let mut staging = store.begin_staging().map_err(Failure::store)?;
+    let staging = store.begin_staging().map_err(Failure::store)?;
     conn.send(&Response::Need {
         count: need.len() as u64,
     })
     .map_err(Failure::io)?;
     let list: Vec<u8> = need.iter().flat_map(|(d, _)| *d.as_bytes()).collect();
     conn.send_raw(&list).map_err(Failure::io)?;
-    for (i, (d, s)) in need.iter().enumerate() {
-        let what = format!("object {d} (number {} of {} sent)", i + 1, need.len());
-        staging
-            .add_verified(&mut conn.raw(*s), d, *s, &what)
-            .map_err(|e| match e {
-                StoreError::Mismatch { .. } => Failure::new(ErrorKind::Corrupt, e.to_string()),
-                other => Failure::new(ErrorKind::Corrupt, format!("{what}: {other}")),
-            })?;
-    }
+    receive_objects(conn, &staging, &need)?;
     let received = started.elapsed();
     staging.publish().map_err(Failure::store)?;
     let published = started.elapsed();
@@ -230,6 +222,87 @@ pub fn import(
         devices_removed: mapped.devices_removed,
         xattrs_removed: mapped.xattrs_dropped_total(),
     }))
+}
+
+/// Objects up to this size are read whole and checked by a worker while the next ones
+/// arrive; larger ones are checked as they stream in. (At most [`IN_FLIGHT`] of them wait.)
+const BUFFERED: u64 = 1 << 20;
+/// Objects read and waiting for a worker, at most.
+const IN_FLIGHT: usize = 32;
+/// Threads that hash and stage objects.
+const WORKERS: usize = 2;
+
+/// Takes the objects `need` lists, in that order, from `conn` into `staging`: each checked
+/// against its digest, on [`WORKERS`] threads while the next ones arrive (hashing is most of
+/// an import's time). The first failure stops it.
+fn receive_objects(
+    conn: &mut Conn,
+    staging: &velo_objects::Staging<'_>,
+    need: &[(Digest, u64)],
+) -> Result<(), Failure> {
+    let what = |i: usize| {
+        format!(
+            "object {} (number {} of {} sent)",
+            need[i].0,
+            i + 1,
+            need.len()
+        )
+    };
+    let refused = |i: usize, e: StoreError| match e {
+        StoreError::Mismatch { .. } => Failure::new(ErrorKind::Corrupt, e.to_string()),
+        other => Failure::new(ErrorKind::Corrupt, format!("{}: {other}", what(i))),
+    };
+    let failed: Mutex<Option<Failure>> = Mutex::new(None);
+    let fail = |f: Failure| {
+        failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(f);
+    };
+    let has_failed = || failed.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Vec<u8>)>(IN_FLIGHT);
+    let rx = Mutex::new(rx);
+    std::thread::scope(|scope| {
+        let (rx, fail, what, refused) = (&rx, &fail, &what, &refused);
+        for _ in 0..WORKERS {
+            scope.spawn(move || {
+                loop {
+                    let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let Ok((i, bytes)) = job else { break };
+                    let (d, s) = need[i];
+                    if let Err(e) = staging.add_verified(&mut bytes.as_slice(), &d, s, &what(i)) {
+                        fail(refused(i, e));
+                    }
+                }
+            });
+        }
+        for (i, (d, s)) in need.iter().enumerate() {
+            if has_failed() {
+                break;
+            }
+            if *s <= BUFFERED {
+                let mut bytes = vec![0u8; *s as usize];
+                if let Err(e) = conn.read_exact(&mut bytes) {
+                    fail(Failure::new(
+                        ErrorKind::Corrupt,
+                        format!("{}: the stream broke off ({e})", what(i)),
+                    ));
+                    break;
+                }
+                if tx.send((i, bytes)).is_err() {
+                    break;
+                }
+            } else if let Err(e) = staging.add_verified(&mut conn.raw(*s), d, *s, &what(i)) {
+                fail(refused(i, e));
+                break;
+            }
+        }
+        drop(tx);
+    });
+    match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(f) => Err(f),
+        None => Ok(()),
+    }
 }
 
 /// Per-user locks, created on first use.
