@@ -30,7 +30,8 @@
 //! (`VELO_SOCKET`), as it would on a machine that runs the service; the service is stopped
 //! before the ext4 is unmounted.
 //!
-//! It measures and prints; it never fails on timing. Every mount and loop device it makes, the
+//! `VELO_BENCH_ONLY=d` (any of `abcd`) runs only those sections. It measures and prints; it
+//! never fails on timing. Every mount and loop device it makes, the
 //! service and the user are behind guards that undo them on drop, and the end checks that no
 //! mount or loop device is left.
 
@@ -177,35 +178,46 @@ fn main() {
     print_trees(&env, &node.tree, &python.tree);
 
     let runs = Runs::get();
-    let mut verdicts = place(&env, &node, &python, &runs);
-    verdicts.extend(first_import(&env, &node.tree, Lang::Node, &runs));
-    verdicts.extend(first_import(&env, &python.tree, Lang::Python, &runs));
-    verdicts.extend(import_times(
-        &env,
-        &ext4,
-        &mountd,
-        &node.tree,
-        Lang::Node,
-        &runs,
-    ));
-    verdicts.extend(import_times(
-        &env,
-        &ext4,
-        &mountd,
-        &python.tree,
-        Lang::Python,
-        &runs,
-    ));
-    verdicts.extend(as_an_ordinary_user(
-        &env,
-        &ext4,
-        &mountd,
-        &mountd_bin,
-        &run_dir,
-        &node,
-        &python,
-        &runs,
-    ));
+    // `VELO_BENCH_ONLY=abc` or `=d`: the sections to run (default: all).
+    let only = std::env::var("VELO_BENCH_ONLY").unwrap_or_else(|_| "abcd".into());
+    let mut verdicts = Vec::new();
+    if only.contains('a') {
+        verdicts.extend(place(&env, &node, &python, &runs));
+    }
+    if only.contains('b') {
+        verdicts.extend(first_import(&env, &node.tree, Lang::Node, &runs));
+        verdicts.extend(first_import(&env, &python.tree, Lang::Python, &runs));
+    }
+    if only.contains('c') {
+        verdicts.extend(import_times(
+            &env,
+            &ext4,
+            &mountd,
+            &node.tree,
+            Lang::Node,
+            &runs,
+        ));
+        verdicts.extend(import_times(
+            &env,
+            &ext4,
+            &mountd,
+            &python.tree,
+            Lang::Python,
+            &runs,
+        ));
+    }
+    if only.contains('d') {
+        verdicts.extend(as_an_ordinary_user(
+            &env,
+            &ext4,
+            &mountd,
+            &mountd_bin,
+            &run_dir,
+            &node,
+            &python,
+            &runs,
+        ));
+    }
 
     println!("\nsummary");
     print_verdicts(&verdicts);
