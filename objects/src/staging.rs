@@ -110,6 +110,8 @@ impl Staging<'_> {
             .copy_verified(src, expected, size, what, fd.as_fd(), path);
         if copied.is_err() {
             let _ = rustix::fs::unlinkat(&self.dir, file, AtFlags::empty());
+        } else {
+            start_writeback(fd.as_fd());
         }
         copied
     }
@@ -163,6 +165,18 @@ impl Staging<'_> {
 impl Drop for Staging<'_> {
     fn drop(&mut self) {
         let _ = fsutil::remove_tree_at(self.store.tmp_fd(), self.name.as_ref());
+    }
+}
+
+/// Starts writing the file's data to disk without waiting for it: the `syncfs` before the
+/// import's ref is written then finds most of an import's bytes on their way already, instead
+/// of all of them at once at the end (measured: an empty store taking the node workload's 226
+/// MB). Best effort.
+fn start_writeback(fd: std::os::fd::BorrowedFd<'_>) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range(2) on a valid fd with a valid flag; it touches no memory.
+    unsafe {
+        libc::sync_file_range(fd.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
     }
 }
 
