@@ -19,6 +19,9 @@ use crate::store::{Area, Store};
 /// Names of staging directories in `tmp/` start with this.
 pub(crate) const PREFIX: &str = "stage-";
 
+/// The objects staged (digest, size), in order, and their digests as a set.
+type Staged = (Vec<(Digest, u64)>, std::collections::HashSet<Digest>);
+
 /// Objects held back until all of them are checked; see the module docs.
 #[derive(Debug)]
 pub struct Staging<'s> {
@@ -27,7 +30,7 @@ pub struct Staging<'s> {
     dir: OwnedFd,
     /// What is staged, and the same digests as a set (an import has tens of thousands), for
     /// threads that stage at once.
-    staged: std::sync::Mutex<(Vec<(Digest, u64)>, std::collections::HashSet<Digest>)>,
+    staged: std::sync::Mutex<Staged>,
     published: bool,
 }
 
@@ -51,9 +54,7 @@ impl Store {
 }
 
 impl Staging<'_> {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, (Vec<(Digest, u64)>, std::collections::HashSet<Digest>)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Staged> {
         self.staged.lock().unwrap_or_else(|p| p.into_inner())
     }
 
