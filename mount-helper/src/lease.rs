@@ -1,7 +1,7 @@
 //! When a lent overlay may be lent again: its upper dir untouched, and nothing left that could
 //! still reach it.
 //!
-//! The image cache lends each `velo run` a whole overlay (see [`crate::image_cache`]); the
+//! velo-mountd lends each `velo run` a whole overlay (see [`crate::service`]); the
 //! next run over the same image gets it back with its dentries and inodes warm, instead of a
 //! fresh overlay superblock that looks every path up again. That is only sound when the next
 //! run sees exactly the pristine image, and nothing from the last run can change what it

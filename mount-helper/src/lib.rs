@@ -27,8 +27,8 @@ pub mod units;
 
 pub use error::{MountError, Result};
 pub use mount::{
-    GivenLayer, ImageBacking, LayerPassing, MountReport, MountRequest, ProbeReport, SOURCE_PREFIX,
-    Writes, enter_private_namespace, liveness, mount_image, mount_image_over, prefetch_image,
-    probe, tenant_mount_point, work_dir_name,
+    ImageBacking, LayerPassing, MountReport, MountRequest, ProbeReport, SOURCE_PREFIX, Writes,
+    enter_private_namespace, liveness, mount_image, prefetch_image, probe, tenant_mount_point,
+    work_dir_name,
 };
 pub use umount::{UmountReport, umount};

@@ -95,32 +95,6 @@ pub struct MountReport {
 /// Mounts an image. Requires root (checked). On any error nothing stays mounted and no slot
 /// or managed upper dir is left in the store.
 pub fn mount_image(store: &Store, req: &MountRequest) -> Result<MountReport> {
-    mount_image_over(store, req, None)
-}
-
-/// A layer the image cache hands out for a mount (see [`crate::image_cache`]).
-#[derive(Debug)]
-pub enum GivenLayer {
-    /// A detached EROFS mount of the image: the overlay is built over it here.
-    Erofs(OwnedFd),
-    /// A whole detached overlay of the image with a discarded upper dir at `upper`, lent for
-    /// one copy-on-write mount: a clone of it is attached (its upper is the lease's, not a
-    /// fresh one in the mount's slot).
-    Overlay {
-        /// The detached overlay mount.
-        mount: OwnedFd,
-        /// Its upper dir.
-        upper: PathBuf,
-    },
-}
-
-/// [`mount_image`], with a layer the image cache holds (`given`). Where the kernel does not
-/// take it, the image is mounted here as usual.
-pub fn mount_image_over(
-    store: &Store,
-    req: &MountRequest,
-    given: Option<GivenLayer>,
-) -> Result<MountReport> {
     crate::privilege::require_root("velo mount")?;
     let _lock = store.lock_shared()?;
     // Resolved by fd without following any symlink; used by fd from here on (its path, the
@@ -144,62 +118,17 @@ pub fn mount_image_over(
         if req.prefetch {
             prefetch_fd(image_fd.as_fd());
         }
-        let (shared, leased) = match given {
-            Some(GivenLayer::Erofs(fd)) => (Some(fd), None),
-            Some(GivenLayer::Overlay { mount, upper }) if req.writes == Writes::CowManaged => {
-                (None, Some((mount, upper)))
-            }
-            Some(GivenLayer::Overlay { .. }) | None => (None, None),
-        };
-        if let Some((lent, upper)) = leased {
-            match attach_clone(lent.as_fd(), target_fd.as_fd()) {
-                Ok(ovl) => {
-                    drop(lent);
-                    let upper = Some((upper, true));
-                    let how = (ImageBacking::Shared, LayerPassing::Fds);
-                    return record_mount(store, &slot, req, &target, ovl, upper, verity, how);
-                }
-                Err(e) => tracing::debug!("the lent overlay was refused ({e}); mounting here"),
-            }
-        }
-        let (mut erofs, mut backing) = match shared {
-            Some(fd) => (fd, ImageBacking::Shared),
-            None => erofs_mount(image_fd.as_fd(), &req.image)?,
-        };
+        let (erofs, backing) = erofs_mount(image_fd.as_fd(), &req.image)?;
         let upper = prepare_upper(store, &slot, &req.writes, &target, erofs.as_fd())?;
-        let upper_fds = upper
-            .as_ref()
-            .map(|u| (u.upper_fd.as_fd(), u.work_fd.as_fd()));
-        let discard_upper = upper.as_ref().is_some_and(|u| u.managed);
         let layers = Layers {
             meta: erofs.as_fd(),
             data: objects_fd.as_fd(),
-            upper: upper_fds,
-            discard_upper,
+            upper: upper
+                .as_ref()
+                .map(|u| (u.upper_fd.as_fd(), u.work_fd.as_fd())),
+            discard_upper: upper.as_ref().is_some_and(|u| u.managed),
         };
-        // A shared superblock goes in only as an fd (never attached: it is not ours to move);
-        // a kernel that refuses it gets the image mounted here.
-        let attempt = if backing == ImageBacking::Shared {
-            overlay_with(&req.image, &layers, verity, LayerPassing::Fds)
-                .map(|fd| (fd, LayerPassing::Fds))
-        } else {
-            overlay_mount(&req.image, &layers, verity, &slot.path.join("image"))
-        };
-        let (ovl, passing) = match attempt {
-            Ok(done) => done,
-            Err(e) if backing == ImageBacking::Shared => {
-                tracing::debug!("the shared image layer was refused ({e}); mounting the image");
-                (erofs, backing) = erofs_mount(image_fd.as_fd(), &req.image)?;
-                let layers = Layers {
-                    meta: erofs.as_fd(),
-                    data: objects_fd.as_fd(),
-                    upper: upper_fds,
-                    discard_upper,
-                };
-                overlay_mount(&req.image, &layers, verity, &slot.path.join("image"))?
-            }
-            Err(e) => return Err(e),
-        };
+        let (ovl, passing) = overlay_mount(&req.image, &layers, verity, &slot.path.join("image"))?;
         rustix::mount::move_mount(
             ovl.as_fd(),
             "",
@@ -224,26 +153,6 @@ pub fn mount_image_over(
         let _ = store.remove_mount_slot(&slot.token);
     }
     result
-}
-
-/// Attaches a clone of the detached mount `lent` at `target` (the original stays detached
-/// with its holder). Returns the clone.
-fn attach_clone(lent: BorrowedFd<'_>, target: BorrowedFd<'_>) -> rustix::io::Result<OwnedFd> {
-    let clone = rustix::mount::open_tree(
-        lent,
-        "",
-        rustix::mount::OpenTreeFlags::OPEN_TREE_CLONE
-            | rustix::mount::OpenTreeFlags::OPEN_TREE_CLOEXEC
-            | rustix::mount::OpenTreeFlags::AT_EMPTY_PATH,
-    )?;
-    rustix::mount::move_mount(
-        clone.as_fd(),
-        "",
-        target,
-        "",
-        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
-    )?;
-    Ok(clone)
 }
 
 /// Writes the record of the mount `ovl`, just attached at `target`, into its slot (the pin
@@ -305,7 +214,7 @@ fn record_mount(
 
 /// A detached overlay of `image` over its detached EROFS mount `erofs`, with a fresh upper and
 /// work dir in `dir` (created here, inside the store; the caller removes it with the overlay),
-/// its upper discarded (`volatile`). The image cache lends these out. Returns the overlay and
+/// its upper discarded (`volatile`). velo-mountd lends these out. Returns the overlay and
 /// its upper dir.
 pub(crate) fn lease_overlay(
     store: &Store,
@@ -696,9 +605,6 @@ pub enum ImageBacking {
     File,
     /// Through an autoclear loop device (the store's filesystem, e.g. tmpfs, cannot back EROFS).
     Loop,
-    /// The superblock the image cache keeps for this image, shared with other runs
-    /// ([`crate::image_cache`]).
-    Shared,
 }
 
 /// A detached, read-only EROFS mount of the image: file-backed with `directio` where the

@@ -94,7 +94,6 @@ pub fn doctor(ctx: &Ctx) -> anyhow::Result<ExitCode> {
                         velo_mount::ImageBacking::FileDirectIo => "file-backed with direct I/O",
                         velo_mount::ImageBacking::File => "file-backed, cached (no direct I/O here)",
                         velo_mount::ImageBacking::Loop => "through a loop device (this filesystem cannot back EROFS directly)",
-                        velo_mount::ImageBacking::Shared => "through velo-mountd",
                     }
                 ),
             ),
