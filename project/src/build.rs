@@ -135,7 +135,7 @@ fn build_child_inner(b: &UserBuild<'_>, staging: &[PathBuf]) -> anyhow::Result<i
         )
         .with_context(|| format!("snapshot {} after the install", dir.path.display()))?;
         let r = client
-            .import_consuming(Some(&dir.ref_name), &snap)
+            .import(Some(&dir.ref_name), &snap, &|_| {})
             .with_context(|| format!("store {} through velo-mountd", dir.path.display()))?;
         tracing::info!(
             "{}: {} objects ({} sent, {} new bytes) -> {} {}",

@@ -120,8 +120,6 @@ pub struct Client {
     conn: Conn,
     socket: PathBuf,
     hello: Hello,
-    /// Remove each file of an import once it is sent ([`Client::import_consuming`]).
-    consume: bool,
 }
 
 /// How long the client waits for an answer (an import's answers may take longer: the
@@ -149,7 +147,6 @@ impl Client {
         let mut client = Self {
             conn: Conn::receiving_fds(stream),
             socket: socket.to_owned(),
-            consume: false,
             hello: Hello {
                 uid: 0,
                 store: PathBuf::new(),
@@ -260,20 +257,6 @@ impl Client {
         )
     }
 
-    /// [`Client::import`] of a tree that is thrown away afterwards (a build's): each file is
-    /// removed as soon as its bytes are sent, so the data the install wrote is not flushed to
-    /// disk by the store's `syncfs` at the end of the import (the store's copy is).
-    pub fn import_consuming(
-        &mut self,
-        name: Option<&str>,
-        snapshot: &UnstoredSnapshot,
-    ) -> Result<ImportSummary, ClientError> {
-        self.consume = true;
-        let r = self.import(name, snapshot, &|_| {});
-        self.consume = false;
-        r
-    }
-
     /// [`Client::import`] of an image (`digest`, `image` its bytes) whose objects are in the
     /// files `objects` names.
     pub fn import_parts(
@@ -327,9 +310,6 @@ impl Client {
                 });
             };
             self.send_file(&object.path, object.size, &mut buf)?;
-            if self.consume {
-                let _ = std::fs::remove_file(&object.path);
-            }
             sent(object.size);
         }
         match self.answer()? {
