@@ -520,15 +520,7 @@ fn the_pin_lives_as_long_as_the_namespace_and_the_upper_is_volatile() {
         std::thread::yield_now();
     };
     // Whatever happens below, the command does not outlive the test.
-    struct Kill(i32);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            if let Some(pid) = rustix::process::Pid::from_raw(self.0) {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-            }
-        }
-    }
-    let _kill = Kill(command_pid);
+    let _kill = common::KillOnDrop(command_pid);
     velo.kill().unwrap();
     velo.wait().unwrap();
     env.ok(&["ref", "rm", &ref_name]);

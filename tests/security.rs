@@ -9,11 +9,9 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{BufRead, BufReader};
-use std::ops::Deref;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
-use std::sync::Mutex;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
@@ -22,33 +20,6 @@ use common::{Env, can_mount, describe, listing, path_str};
 use serde_json::{Value, json};
 
 // --- users, commands, the hostile client ------------------------------------------------------
-
-/// useradd/userdel lock /etc/passwd: tests running in parallel take turns.
-static USERADD: Mutex<()> = Mutex::new(());
-
-/// A [`TestUser`] created and removed one at a time.
-struct User(Option<TestUser>);
-
-impl User {
-    fn create(tag: &str, env: &Env) -> Self {
-        let _turn = USERADD.lock().unwrap_or_else(|p| p.into_inner());
-        Self(Some(TestUser::create(tag, env.dir.path())))
-    }
-}
-
-impl Deref for User {
-    type Target = TestUser;
-    fn deref(&self) -> &TestUser {
-        self.0.as_ref().expect("a user")
-    }
-}
-
-impl Drop for User {
-    fn drop(&mut self) {
-        let _turn = USERADD.lock().unwrap_or_else(|p| p.into_inner());
-        drop(self.0.take());
-    }
-}
 
 /// A Python every user may run (pyenv shims under /root are not theirs).
 fn python() -> PathBuf {
@@ -462,8 +433,8 @@ fn b_cannot_mount_or_read_a_private_refs_or_persisted_uppers() {
     let env = Env::new();
     let mountd = Mountd::start(&env);
     raw_client(&env);
-    let a = User::create("s1a", &env);
-    let b = User::create("s1b", &env);
+    let a = TestUser::create("s1a", env.dir.path());
+    let b = TestUser::create("s1b", env.dir.path());
 
     // A's private snapshot.
     let a_tree = a.home.join("tree");
@@ -690,8 +661,8 @@ fn b_cannot_import_a_lying_truncated_or_hostile_stream() {
     let mountd = Mountd::start(&env);
     let pid = service_pid(&mountd);
     raw_client(&env);
-    let a = User::create("s2a", &env);
-    let b = User::create("s2b", &env);
+    let a = TestUser::create("s2a", env.dir.path());
+    let b = TestUser::create("s2b", env.dir.path());
     let project = project_of(&a, "proj");
     run_as(&a, &mountd, &project);
 
@@ -886,8 +857,8 @@ fn b_cannot_exceed_the_quota() {
     }
     let env = Env::new();
     let mountd = Mountd::start_with(&env, &["--user-quota", "200K"]);
-    let a = User::create("s3a", &env);
-    let b = User::create("s3b", &env);
+    let a = TestUser::create("s3a", env.dir.path());
+    let b = TestUser::create("s3b", env.dir.path());
     let quota = 200 * 1024;
     let used = |u: &TestUser| hello_as(u, &mountd)["used"].as_u64().expect("used");
     assert_eq!(hello_as(&b, &mountd)["quota"], quota);
@@ -993,8 +964,8 @@ fn b_cannot_make_the_service_open_create_or_mount_a_path() {
     let mountd = Mountd::start(&env);
     let pid = service_pid(&mountd);
     raw_client(&env);
-    let a = User::create("s4a", &env);
-    let b = User::create("s4b", &env);
+    let a = TestUser::create("s4a", env.dir.path());
+    let b = TestUser::create("s4b", env.dir.path());
     let a_tree = a.home.join("tree");
     tree_of(&a, &a_tree, &[("f", noise(41, 1000))]);
     snapshot_as(&a, &mountd, &a_tree, "secret");
@@ -1094,8 +1065,8 @@ fn b_cannot_attach_anything_into_the_host_namespace() {
     let env = Env::new();
     let mountd = Mountd::start(&env);
     raw_client(&env);
-    let a = User::create("s5a", &env);
-    let b = User::create("s5b", &env);
+    let a = TestUser::create("s5a", env.dir.path());
+    let b = TestUser::create("s5b", env.dir.path());
     let b_tree = b.home.join("tree");
     tree_of(&b, &b_tree, &[("f", noise(51, 1000))]);
     snapshot_as(&b, &mountd, &b_tree, "mine");
@@ -1190,8 +1161,8 @@ fn b_cannot_crash_or_stall_the_service() {
     let mountd = Mountd::start_with(&env, &["--max-per-user", "4"]);
     let pid = service_pid(&mountd);
     raw_client(&env);
-    let a = User::create("s6a", &env);
-    let b = User::create("s6b", &env);
+    let a = TestUser::create("s6a", env.dir.path());
+    let b = TestUser::create("s6b", env.dir.path());
     let project = project_of(&a, "proj");
     run_as(&a, &mountd, &project); // builds
     run_as(&a, &mountd, &project); // warm
@@ -1360,8 +1331,8 @@ fn images_stay_nosuid_nodev_and_b_cannot_undo_that_harmfully() {
     let env = Env::new();
     let mountd = Mountd::start(&env);
     raw_client(&env);
-    let a = User::create("s7a", &env);
-    let b = User::create("s7b", &env);
+    let a = TestUser::create("s7a", env.dir.path());
+    let b = TestUser::create("s7b", env.dir.path());
 
     let tree = env.path("suid-tree");
     fs::create_dir_all(tree.join("bin")).expect("mkdir");
@@ -1642,8 +1613,8 @@ fn fuzzed_requests_from_b_leave_the_service_serving() {
     let mountd = Mountd::start(&env);
     let pid = service_pid(&mountd);
     raw_client(&env);
-    let a = User::create("s8a", &env);
-    let b = User::create("s8b", &env);
+    let a = TestUser::create("s8a", env.dir.path());
+    let b = TestUser::create("s8b", env.dir.path());
     let project = project_of(&a, "proj");
     run_as(&a, &mountd, &project);
     let b_tree = b.home.join("tree");

@@ -73,15 +73,8 @@ fn a_command_outliving_velo_and_the_service_keeps_its_image() {
         assert!(Instant::now() < deadline, "the command never started");
         std::thread::sleep(Duration::from_millis(5));
     };
-    struct Kill(i32);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            if let Some(pid) = rustix::process::Pid::from_raw(self.0) {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-            }
-        }
-    }
-    let _kill = Kill(command_pid);
+    // Whatever happens below, the command does not outlive the test.
+    let _kill = common::KillOnDrop(command_pid);
     run.kill().unwrap();
     run.wait().unwrap();
     // The connection closed without `done`: the overlay is checked, found in use, retired.

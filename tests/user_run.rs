@@ -10,38 +10,10 @@ use std::io::{BufRead, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::mountd::{Mountd, TestUser};
 use common::{Env, can_mount, describe, fixtures, path_str};
-
-/// useradd/userdel from tests running in parallel take turns with /etc/passwd.
-static PASSWD: Mutex<()> = Mutex::new(());
-
-/// A [`TestUser`] made and removed one at a time.
-struct User(Option<TestUser>);
-
-impl User {
-    fn create(tag: &str, env: &Env) -> Self {
-        let _turn = PASSWD.lock().unwrap_or_else(|p| p.into_inner());
-        Self(Some(TestUser::create(tag, env.dir.path())))
-    }
-}
-
-impl std::ops::Deref for User {
-    type Target = TestUser;
-    fn deref(&self) -> &TestUser {
-        self.0.as_ref().expect("a user")
-    }
-}
-
-impl Drop for User {
-    fn drop(&mut self) {
-        let _turn = PASSWD.lock().unwrap_or_else(|p| p.into_inner());
-        self.0.take();
-    }
-}
 
 /// `velo --socket S ARGS…` as `user` in `dir`, with npm and pip kept offline (these variables
 /// key the trees, so every call of a test sets the same ones).
@@ -218,7 +190,7 @@ fn an_npm_project_as_an_ordinary_user() {
     }
     let env = Env::new();
     let mountd = Mountd::start(&env);
-    let a = User::create("un", &env);
+    let a = TestUser::create("un", env.dir.path());
     let project = npm_project(&env, &mountd, &a, "proj");
 
     let started = Instant::now();
@@ -327,7 +299,7 @@ fn a_python_venv_as_an_ordinary_user() {
     }
     let env = Env::new();
     let mountd = Mountd::start(&env);
-    let a = User::create("py", &env);
+    let a = TestUser::create("py", env.dir.path());
     let project = env.path("py");
     fs::create_dir_all(&project).unwrap();
     let wheel = fixtures::wheel(env.dir.path());
@@ -392,8 +364,8 @@ fn two_users_each_get_a_tree_of_their_own() {
     }
     let env = Env::new();
     let mountd = Mountd::start(&env);
-    let a = User::create("ta", &env);
-    let b = User::create("tb", &env);
+    let a = TestUser::create("ta", env.dir.path());
+    let b = TestUser::create("tb", env.dir.path());
     let pa = npm_project(&env, &mountd, &a, "pa");
     let pb = env.path("pb");
     fixtures::sh(&format!("cp -a {}/. {}", path_str(&pa), path_str(&pb)), &pb);
@@ -449,7 +421,7 @@ fn persist_as_an_ordinary_user_keeps_writes() {
     }
     let env = Env::new();
     let mountd = Mountd::start(&env);
-    let a = User::create("ps", &env);
+    let a = TestUser::create("ps", env.dir.path());
     let project = custom_project(&env, &a, "persist");
     velo_ok(&a, &mountd, &project, &["run", "true"]);
     let status = velo_json(&a, &mountd, &project, &["status"]);
@@ -574,7 +546,7 @@ fn without_user_namespaces_velo_run_names_the_setting() {
     }
     let env = Env::new();
     let mountd = Mountd::start(&env);
-    let a = User::create("ns", &env);
+    let a = TestUser::create("ns", env.dir.path());
     let project = custom_project(&env, &a, "nons");
     let said_so = |out: &Output| {
         assert!(!out.status.success(), "{}", describe(out));
@@ -648,7 +620,7 @@ fn snapshot_ref_rm_and_status_as_an_ordinary_user() {
     }
     let env = Env::new();
     let mountd = Mountd::start(&env);
-    let a = User::create("sn", &env);
+    let a = TestUser::create("sn", env.dir.path());
     let tree = a.home.join("tree");
     fs::create_dir_all(tree.join("sub")).unwrap();
     fs::write(tree.join("small"), "tiny\n").unwrap();

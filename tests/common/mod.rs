@@ -210,6 +210,18 @@ pub fn velo_as_nobody(store: &Path) -> Command {
     c
 }
 
+/// A process the test started outside `std::process::Child` (by its pid): SIGKILLed on drop,
+/// so it never outlives the test, even when the test fails.
+pub struct KillOnDrop(pub i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.0) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    }
+}
+
 /// A tmpfs the test mounted (`size` like `2m`, or none); unmounted on drop, even on failure.
 pub struct Tmpfs(PathBuf);
 

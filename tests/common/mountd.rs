@@ -146,6 +146,10 @@ impl Drop for Mountd {
     }
 }
 
+/// useradd/userdel lock /etc/passwd and fail rather than wait: this test binary's users are
+/// made and removed one at a time.
+static PASSWD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// An ordinary user made for a test (with a home dir of its own); removed on drop.
 pub struct TestUser {
     /// Login name.
@@ -164,6 +168,7 @@ impl TestUser {
         use std::os::unix::fs::MetadataExt;
         let name = format!("velo-{tag}-{}", std::process::id());
         let home = base.join(format!("{tag}-home"));
+        let _turn = PASSWD.lock().unwrap_or_else(|p| p.into_inner());
         let _ = Command::new("userdel").arg(&name).output();
         let out = Command::new("useradd")
             .args(["--no-create-home", "--shell", "/bin/sh", "--home-dir"])
@@ -241,6 +246,7 @@ impl Drop for TestUser {
             .args(["-KILL", "-U"])
             .arg(self.uid.to_string())
             .output();
+        let _turn = PASSWD.lock().unwrap_or_else(|p| p.into_inner());
         let _ = Command::new("userdel").arg(&self.name).output();
     }
 }
