@@ -473,6 +473,68 @@ fn persist_as_an_ordinary_user_keeps_writes() {
     nothing_left(&env, &mountd, &[&a]);
 }
 
+/// A build writes its tree to memory (a tmpfs, gone with the build's namespace) unless
+/// `VELO_BUILD_IN=disk` says otherwise, which builds in the user's cache dir and removes it
+/// after; a value velo does not know is refused by name before anything is built.
+#[test]
+fn a_build_runs_in_memory_unless_told_to_use_the_disk() {
+    if !can_mount("a_build_runs_in_memory_unless_told_to_use_the_disk") {
+        return;
+    }
+    let env = Env::new();
+    let mountd = Mountd::start(&env);
+    let a = TestUser::create("mem", env.dir.path());
+    let project = custom_project(&env, &a, "mem");
+    // The install records the type and device of the filesystem it writes the tree to.
+    fs::write(
+        project.join("velo.toml"),
+        "[[deps]]\necosystem = \"custom\"\ndirs = [\"deps\"]\ninputs = [\"deps.lock\"]\n\
+         install = \"echo built >> installs.log && mkdir -p deps/lib && stat -f -c %T deps > \
+         deps/lib/fs && stat -c %d deps > deps/lib/dev\"\n",
+    )
+    .unwrap();
+    a.own(&project);
+    let cache = a.home.join(".cache/velo");
+    let (out, _) = velo_ok(
+        &a,
+        &mountd,
+        &project,
+        &["run", "cat", "deps/lib/fs", "deps/lib/dev"],
+    );
+    let cache_dev = fs::metadata(&cache).unwrap().dev();
+    let (fs_type, dev) = out.trim().split_once('\n').unwrap();
+    assert_eq!(fs_type, "tmpfs", "by default the tree is built in memory");
+    assert_ne!(
+        dev.parse::<u64>().unwrap(),
+        cache_dev,
+        "not in the cache dir"
+    );
+
+    fs::write(project.join("deps.lock"), "v2\n").unwrap();
+    let mut refused = velo_as(&a, &mountd, &project, &["run", "true"]);
+    let out = refused.env("VELO_BUILD_IN", "ram").output().unwrap();
+    assert!(!out.status.success(), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("VELO_BUILD_IN=\"ram\""), "{err}");
+    assert_eq!(installs(&project), 1, "nothing was built for a bad value");
+
+    let mut on_disk = velo_as(&a, &mountd, &project, &["run", "cat", "deps/lib/dev"]);
+    let out = on_disk.env("VELO_BUILD_IN", "disk").output().unwrap();
+    let (out, _) = ok(out, "velo run with VELO_BUILD_IN=disk");
+    let dev: u64 = out.trim().parse().unwrap();
+    assert_eq!(
+        dev,
+        cache_dev,
+        "VELO_BUILD_IN=disk builds on the filesystem of {}",
+        cache.display()
+    );
+    assert_eq!(installs(&project), 2);
+    nothing_left(&env, &mountd, &[&a]);
+    // The disk build's dir is removed by an `rm` velo does not wait for; `nothing_left` saw
+    // every process of the user end, so it is gone now.
+    assert_eq!(entries(&cache.join("builds")), Vec::<PathBuf>::new());
+}
+
 /// `velo run` as `user` in `project` inside a user namespace whose `user.max_user_namespaces`
 /// is 0 (root and the user mapped to themselves), so velo cannot make the namespace it needs.
 fn run_without_user_namespaces(

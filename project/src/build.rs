@@ -1,8 +1,12 @@
 //! Building a missing dependency tree as an ordinary user: the install runs as the user, with
-//! their own environment, in their own user and mount namespace where an empty directory of
-//! theirs is mounted over each managed dir's real path (so paths baked into the tree are
-//! final); then each tree is snapshotted without a store and streamed to `velo-mountd`, which
-//! checks every byte, maps the tree to the user and writes the ref in their namespace.
+//! their own environment, in their own user and mount namespace where an empty directory is
+//! mounted over each managed dir's real path (so paths baked into the tree are final); then
+//! each tree is snapshotted without a store and streamed to `velo-mountd`, which checks every
+//! byte, maps the tree to the user and writes the ref in their namespace.
+//!
+//! The empty directory is a tmpfs when there is memory for it ([`BuildIn`]): the install's
+//! output is read once more and then thrown away, so writing it to a disk (and flushing it
+//! there, as the store's `syncfs` would, and removing it after) is work for nothing.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,8 +32,57 @@ pub struct UserBuild<'a> {
     pub env: &'a BTreeMap<String, String>,
 }
 
+/// Where an install writes the trees it builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildIn {
+    /// A new tmpfs of at most this many bytes over each dir, in the build's own namespace
+    /// (gone with it).
+    Memory(u64),
+    /// An empty dir in the user's cache dir over each dir, removed after the build.
+    Disk,
+}
+
+/// The variable that chooses [`BuildIn`]: `memory` or `disk`.
+pub const BUILD_IN_VAR: &str = "VELO_BUILD_IN";
+
+impl BuildIn {
+    /// The choice `value` of [`BUILD_IN_VAR`] makes, given the memory `budget` a build may
+    /// use (see [`crate::memory::build_budget`]). Unset: in memory if the budget is at least
+    /// [`crate::memory::MIN_BUDGET`], else on disk.
+    pub fn parse(value: Option<&str>, budget: Option<u64>) -> Result<Self, String> {
+        match value.map(str::trim) {
+            None | Some("") => Ok(match budget {
+                Some(b) if b >= crate::memory::MIN_BUDGET => Self::Memory(b),
+                _ => Self::Disk,
+            }),
+            Some("memory") => Ok(Self::Memory(budget.unwrap_or(crate::memory::MIN_BUDGET))),
+            Some("disk") => Ok(Self::Disk),
+            Some(other) => Err(format!(
+                "{BUILD_IN_VAR}={other:?} is not a place to build in: use `memory` (a tmpfs, \
+                 the default when there is room) or `disk`"
+            )),
+        }
+    }
+
+    /// The choice for this process's environment and memory.
+    pub fn choose() -> anyhow::Result<Self> {
+        let value = std::env::var(BUILD_IN_VAR).ok();
+        Self::parse(value.as_deref(), crate::memory::build_budget()).map_err(anyhow::Error::msg)
+    }
+}
+
 /// Runs the build; on success every dir's ref exists for the user.
 pub fn build_as_user(b: &UserBuild<'_>) -> anyhow::Result<()> {
+    let place = BuildIn::choose()?;
+    tracing::debug!("building in {place:?}");
+    for dir in &b.dirs {
+        std::fs::create_dir_all(&dir.path)
+            .with_context(|| format!("create {}", dir.path.display()))?;
+    }
+    if let BuildIn::Memory(size) = place {
+        let (status, _) = crate::run::in_child(|| build_child(b, &Place::Memory(size)))?;
+        return check_status(b, status);
+    }
     let key = b.dirs.first().map_or("build", |d| d.key.as_str());
     let work = crate::user_cache_dir()?
         .join("builds")
@@ -39,24 +92,32 @@ pub fn build_as_user(b: &UserBuild<'_>) -> anyhow::Result<()> {
         .map(|i| work.join(i.to_string()))
         .collect();
     let result = (|| {
-        for (dir, stage) in b.dirs.iter().zip(&staging) {
+        for stage in &staging {
             std::fs::create_dir(stage).with_context(|| format!("create {}", stage.display()))?;
-            std::fs::create_dir_all(&dir.path)
-                .with_context(|| format!("create {}", dir.path.display()))?;
         }
-        let (status, _) = crate::run::in_child(|| build_child(b, &staging))?;
-        if status != 0 {
-            bail!(
-                "building {} failed: `{}` exited with {}; no ref was written (its output is above)",
-                names(&b.dirs),
-                b.install,
-                crate::run::describe_status(status)
-            );
-        }
-        Ok(())
+        let (status, _) = crate::run::in_child(|| build_child(b, &Place::Disk(&staging)))?;
+        check_status(b, status)
     })();
     remove_in_background(&work);
     result
+}
+
+/// Where the forked child builds: [`BuildIn`] with the staging dirs made for a disk build.
+enum Place<'a> {
+    Memory(u64),
+    Disk(&'a [PathBuf]),
+}
+
+fn check_status(b: &UserBuild<'_>, status: i32) -> anyhow::Result<()> {
+    if status != 0 {
+        bail!(
+            "building {} failed: `{}` exited with {}; no ref was written (its output is above)",
+            names(&b.dirs),
+            b.install,
+            crate::run::describe_status(status)
+        );
+    }
+    Ok(())
 }
 
 /// Removes `dir` in a process of its own that velo does not wait for (removing a tree of tens
@@ -79,6 +140,13 @@ fn remove_in_background(dir: &Path) {
     }
 }
 
+/// True if the filesystem at `path` has (almost) no blocks or inodes left.
+fn nearly_full(path: &Path) -> bool {
+    rustix::fs::statvfs(path).is_ok_and(|s| {
+        s.f_bavail.saturating_mul(100) < s.f_blocks || s.f_favail.saturating_mul(100) < s.f_files
+    })
+}
+
 fn names(dirs: &[&ManagedDir]) -> String {
     dirs.iter()
         .map(|d| d.dir.as_str())
@@ -87,8 +155,8 @@ fn names(dirs: &[&ManagedDir]) -> String {
 }
 
 /// The forked child: namespace, install, snapshots, import. Returns its exit status.
-fn build_child(b: &UserBuild<'_>, staging: &[PathBuf]) -> i32 {
-    match build_child_inner(b, staging) {
+fn build_child(b: &UserBuild<'_>, place: &Place<'_>) -> i32 {
+    match build_child_inner(b, place) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("velo: error: {e:#}");
@@ -97,10 +165,27 @@ fn build_child(b: &UserBuild<'_>, staging: &[PathBuf]) -> i32 {
     }
 }
 
-fn build_child_inner(b: &UserBuild<'_>, staging: &[PathBuf]) -> anyhow::Result<i32> {
+fn build_child_inner(b: &UserBuild<'_>, place: &Place<'_>) -> anyhow::Result<i32> {
+    use std::os::unix::fs::PermissionsExt;
     userns::enter()?;
-    for (dir, stage) in b.dirs.iter().zip(staging) {
-        userns::bind(stage, &dir.path).with_context(|| {
+    // What each tree is snapshotted from, seen from inside this namespace.
+    let mut roots: Vec<&Path> = Vec::new();
+    for (i, dir) in b.dirs.iter().enumerate() {
+        let mounted = match place {
+            Place::Memory(size) => {
+                let mode = std::fs::metadata(&dir.path)
+                    .with_context(|| format!("stat {}", dir.path.display()))?
+                    .permissions()
+                    .mode();
+                roots.push(&dir.path);
+                userns::tmpfs(&dir.path, *size, mode)
+            }
+            Place::Disk(staging) => {
+                roots.push(&staging[i]);
+                userns::bind(&staging[i], &dir.path)
+            }
+        };
+        mounted.with_context(|| {
             format!(
                 "mount an empty dir over {} for the install",
                 dir.path.display()
@@ -124,12 +209,22 @@ fn build_child_inner(b: &UserBuild<'_>, staging: &[PathBuf]) -> anyhow::Result<i
             "velo: the install `{}` failed ({status}); no image was made",
             b.install
         );
+        if let Place::Memory(size) = place {
+            for dir in b.dirs.iter().filter(|d| nearly_full(&d.path)) {
+                eprintln!(
+                    "velo: {} was built in memory (a tmpfs of at most {} MiB), which is full: \
+                     {BUILD_IN_VAR}=disk builds on disk",
+                    dir.path.display(),
+                    size >> 20
+                );
+            }
+        }
         return Ok(status.code().map_or(1, |c| c.clamp(1, 255)));
     }
     let mut client = Client::connect(b.socket)?;
-    for (dir, stage) in b.dirs.iter().zip(staging) {
+    for (dir, root) in b.dirs.iter().zip(roots) {
         let snap = velo_image::snapshot_unstored(
-            stage,
+            root,
             &velo_image::SnapshotOptions::default(),
             &velo_image::NoProgress,
         )
@@ -149,4 +244,36 @@ fn build_child_inner(b: &UserBuild<'_>, staging: &[PathBuf]) -> anyhow::Result<i
     }
     client.done();
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MIN_BUDGET;
+
+    #[test]
+    fn a_build_goes_to_memory_when_there_is_room_and_as_told() {
+        assert_eq!(
+            BuildIn::parse(None, Some(4 * MIN_BUDGET)),
+            Ok(BuildIn::Memory(4 * MIN_BUDGET))
+        );
+        assert_eq!(
+            BuildIn::parse(None, Some(MIN_BUDGET - 1)),
+            Ok(BuildIn::Disk)
+        );
+        assert_eq!(BuildIn::parse(Some(""), None), Ok(BuildIn::Disk));
+        assert_eq!(
+            BuildIn::parse(Some("disk"), Some(4 * MIN_BUDGET)),
+            Ok(BuildIn::Disk)
+        );
+        assert_eq!(
+            BuildIn::parse(Some("memory"), Some(10)),
+            Ok(BuildIn::Memory(10))
+        );
+        let err = BuildIn::parse(Some("ram"), None).expect_err("refused");
+        assert!(
+            err.contains("VELO_BUILD_IN") && err.contains("\"ram\""),
+            "{err}"
+        );
+    }
 }

@@ -9,6 +9,7 @@ pub mod client;
 pub mod config;
 pub mod detect;
 pub mod key;
+pub mod memory;
 pub mod run;
 pub mod user;
 pub mod userns;

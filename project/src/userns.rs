@@ -151,6 +151,25 @@ pub fn bind(source: &Path, target: &Path) -> std::io::Result<()> {
     attach(tree.as_fd(), target)
 }
 
+/// Mounts a new, empty tmpfs at `target` (a directory, not a symlink) holding at most `size`
+/// bytes, its root owned by the caller with permission bits `mode`.
+pub fn tmpfs(target: &Path, size: u64, mode: u32) -> std::io::Result<()> {
+    use rustix::mount::{
+        FsMountFlags, FsOpenFlags, MountAttrFlags, fsconfig_create, fsconfig_set_string, fsmount,
+        fsopen,
+    };
+    let fs = fsopen("tmpfs", FsOpenFlags::FSOPEN_CLOEXEC)?;
+    fsconfig_set_string(fs.as_fd(), "size", size.to_string())?;
+    fsconfig_set_string(fs.as_fd(), "mode", format!("{:o}", mode & 0o7777))?;
+    fsconfig_create(fs.as_fd())?;
+    let mount = fsmount(
+        fs.as_fd(),
+        FsMountFlags::FSMOUNT_CLOEXEC,
+        MountAttrFlags::empty(),
+    )?;
+    attach(mount.as_fd(), target)
+}
+
 /// Detaches whatever is mounted at `target` (lazily: busy files keep it until closed).
 pub fn detach(target: &Path) {
     let _ = rustix::mount::unmount(
