@@ -534,9 +534,9 @@ pub fn cold_build(
         empty.median() - npm.median()
     );
     println!(
-        "  (velo's build also flushes what the install wrote — the import syncs the store's \
-         filesystem before it writes the ref, and the build dir is on it here — and removes the \
-         build dir; the reference lines time both after npm ci alone)"
+        "  (velo's install writes the tree to a tmpfs, so neither the store's syncfs before \
+         the ref nor a removal touches what it wrote; the reference lines time both for npm ci \
+         alone's tree on this disk)"
     );
     let v = vec![
         Verdict::ratio(
