@@ -127,9 +127,10 @@ impl Staging<'_> {
         self.len() == 0
     }
 
-    /// Links every staged object into `objects/` (one already there is a dedup hit; a damaged
-    /// entry under its name is replaced), enables fs-verity in a verity store, and removes the
-    /// staging directory. Returns how many objects were new.
+    /// Moves every staged object into `objects/` (one already there is a dedup hit and stays
+    /// staged, to be removed with the rest; a damaged entry under its name is replaced),
+    /// enables fs-verity in a verity store, and removes the staging directory. Returns how many
+    /// objects were new.
     pub fn publish(mut self) -> Result<u64> {
         let mut new = 0;
         let staged = std::mem::take(&mut self.lock().0);
@@ -137,12 +138,14 @@ impl Staging<'_> {
             let file = digest.to_hex();
             let (dir, name) = self.store.final_dir(Kind::Object, &digest)?;
             let path = self.store.object_path(&digest);
-            match rustix::fs::linkat(
+            // A rename, not a link: the staging dir then has nothing left to unlink for it
+            // (an import's tens of thousands of directory operations fewer).
+            match rustix::fs::renameat_with(
                 &self.dir,
                 file.as_str(),
                 dir,
                 name.as_str(),
-                AtFlags::empty(),
+                rustix::fs::RenameFlags::NOREPLACE,
             ) {
                 Ok(()) => new += 1,
                 Err(Errno::EXIST) if self.store.has(Kind::Object, &digest, size)? => continue,
@@ -152,7 +155,7 @@ impl Staging<'_> {
                         .ctx("replace damaged entry", &path)?;
                     new += 1;
                 }
-                Err(e) => return Err(StoreError::io("link", path, e)),
+                Err(e) => return Err(StoreError::io("move", path, e)),
             }
             if self.store.verity() == crate::VerityMode::Enabled {
                 self.store.enable_verity(Kind::Object, &digest)?;
@@ -219,6 +222,13 @@ mod tests {
         s.add_verified(&mut data.as_slice(), &digest, 10_000, "test")
             .expect("verified");
         assert_eq!(s.publish().expect("publish"), 1);
+        assert!(store.has(Kind::Object, &digest, 10_000).expect("has"));
+        assert!(fsutil::list_dir(store.tmp_fd()).expect("list").is_empty());
+        // The same object again: a dedup hit, nothing new, nothing left in tmp/.
+        let s = store.begin_staging().expect("staging");
+        s.add_verified(&mut data.as_slice(), &digest, 10_000, "test")
+            .expect("verified");
+        assert_eq!(s.publish().expect("publish"), 0);
         assert!(store.has(Kind::Object, &digest, 10_000).expect("has"));
         assert!(fsutil::list_dir(store.tmp_fd()).expect("list").is_empty());
     }
