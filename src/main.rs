@@ -1,6 +1,16 @@
 //! `velo`: the Velo Rift command line. It parses arguments and prints; the libraries do the
 //! work (`velo-objects` the store, `velo-image` snapshots and images, `velo-mount` mounts).
 
+/// `print!` through [`output::stdout`] (a reader that went away ends velo quietly).
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::output::stdout(format_args!($($arg)*)) };
+}
+
+/// `println!` through [`output::stdout`].
+macro_rules! outln {
+    ($($arg:tt)*) => { $crate::output::stdout(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
 mod cli;
 mod commands;
 mod logging;
@@ -22,7 +32,7 @@ fn main() -> ExitCode {
         Err(e) => {
             let msg = format!("{e:#}");
             if json {
-                println!("{}", serde_json::json!({ "error": msg }));
+                outln!("{}", serde_json::json!({ "error": msg }));
             }
             eprintln!("velo: error: {msg}");
             ExitCode::FAILURE

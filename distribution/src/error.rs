@@ -73,14 +73,14 @@ pub enum DistError {
         reason: String,
     },
     /// A local file could not be read or written.
-    #[error("{op} {}: {source}", path.display())]
+    #[error("{op} {}: {cause}", path.display())]
     Io {
         /// What velo was doing.
         op: &'static str,
         /// The path.
         path: PathBuf,
         /// The system's answer.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -89,7 +89,7 @@ impl DistError {
         Self::Io {
             op,
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 }

@@ -65,7 +65,9 @@ pub fn store_object(
         }),
         // A read error here is the stream (a decompressor) failing at this object.
         Err(StoreError::Io {
-            op: "read", source, ..
+            op: "read",
+            cause: source,
+            ..
         }) => Err(DistError::Corrupt {
             what: what.to_owned(),
             reason: format!("its bytes do not decompress: {source}"),

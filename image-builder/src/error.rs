@@ -8,14 +8,14 @@ use velo_objects::StoreError;
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     /// A system call on a source path failed.
-    #[error("{op} {}: {source}", path.display())]
+    #[error("{op} {}: {cause}", path.display())]
     Io {
         /// What velo was doing.
         op: &'static str,
         /// The path it was doing it on.
         path: PathBuf,
-        /// The system's answer (shown in the message, so not also chained as a source).
-        source: std::io::Error,
+        /// The system's answer (shown in the message; a field named `source` would also be chained as the cause, and printed twice).
+        cause: std::io::Error,
     },
     /// The store refused or failed.
     #[error(transparent)]
@@ -55,7 +55,7 @@ impl ImageError {
         Self::Io {
             op,
             path: path.into(),
-            source: source.into(),
+            cause: source.into(),
         }
     }
 }

@@ -54,6 +54,18 @@ pub fn read_image_bytes(store: &Store, digest: &Digest) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// The owner, mode and mtime of the root of image `digest` (what a tenant's upper root takes).
+pub fn root_attrs(store: &Store, digest: &Digest) -> Result<velo_objects::RootAttrs> {
+    let fs = load(store, digest)?;
+    let st = &fs.root.stat;
+    Ok(velo_objects::RootAttrs {
+        uid: st.st_uid,
+        gid: st.st_gid,
+        mode: st.st_mode,
+        mtime: (st.st_mtim_sec, st.st_mtim_nsec),
+    })
+}
+
 /// Parses an image of the store.
 pub fn load(store: &Store, digest: &Digest) -> Result<FileSystem> {
     let bytes = read_image_bytes(store, digest)?;

@@ -225,7 +225,7 @@ pub fn scan(root: &Path, progress: &dyn Fn(u64)) -> Result<Vec<Entry>> {
             });
         };
         let xattrs = read_xattrs(path).map_err(|e| match e {
-            ImageError::Io { source, .. }
+            ImageError::Io { cause: source, .. }
                 if source.raw_os_error() == Some(Errno::NAMETOOLONG.raw_os_error()) =>
             {
                 ImageError::BadSource {

@@ -16,14 +16,14 @@ pub enum MountError {
         action: String,
     },
     /// A system call failed.
-    #[error("{op} {}: {source}", path.display())]
+    #[error("{op} {}: {cause}", path.display())]
     Io {
         /// What velo was doing.
         op: &'static str,
         /// The path concerned.
         path: PathBuf,
-        /// The system's answer (shown in the message, so not also chained as a source).
-        source: std::io::Error,
+        /// The system's answer (shown in the message; a field named `source` would also be chained as the cause, and printed twice).
+        cause: std::io::Error,
     },
     /// The target is not acceptable.
     #[error("mount target {}: {reason}", path.display())]
@@ -81,7 +81,7 @@ impl MountError {
         Self::Io {
             op,
             path: path.into(),
-            source: source.into(),
+            cause: source.into(),
         }
     }
 }

@@ -722,13 +722,28 @@ fn erofs_mount_with(source: &str, digest: &Digest, directio: bool) -> Result<Own
     ctx.mount(attrs).map_err(|e| match e {
         MountError::Kernel { detail, errno, .. } => MountError::Kernel {
             errno,
-            what: format!(
-                "mount image {digest} (file-backed EROFS needs Linux 6.12+; EIO means the image cannot be read)"
-            ),
+            what: format!("mount image {digest}{}", erofs_hint(errno)),
             detail,
         },
         other => other,
     })
+}
+
+/// What an EROFS mount's `errno` most likely means, as a parenthesis (or nothing).
+fn erofs_hint(errno: Option<rustix::io::Errno>) -> &'static str {
+    use rustix::io::Errno;
+    match errno {
+        // Not allowed here (a user namespace, or no CAP_SYS_ADMIN): an age of the kernel
+        // would be the wrong thing to blame.
+        Some(Errno::PERM | Errno::ACCESS) => {
+            " (only root in the host's user namespace may mount an image; as an ordinary user \
+             `velo run` asks velo-mountd for its mounts)"
+        }
+        // A kernel that takes only block devices as EROFS sources.
+        Some(Errno::NOTBLK | Errno::INVAL) => " (file-backed EROFS needs Linux 6.12+)",
+        Some(Errno::IO) => " (the image cannot be read)",
+        _ => "",
+    }
 }
 
 struct Layers<'a> {

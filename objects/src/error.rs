@@ -9,14 +9,14 @@ use crate::digest::Digest;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// A system call on a store path or a source file failed.
-    #[error("{op} {}: {source}", path.display())]
+    #[error("{op} {}: {cause}", path.display())]
     Io {
         /// What velo was doing, e.g. "open object".
         op: &'static str,
         /// The path it was doing it on.
         path: PathBuf,
-        /// The system's answer (shown in the message, so not also chained as a source).
-        source: io::Error,
+        /// The system's answer (shown in the message; a field named `source` would also be chained as the cause, and printed twice).
+        cause: io::Error,
     },
     /// No store exists at the given path.
     #[error("no velo store at {} (it is created by the first `velo snapshot`)", path.display())]
@@ -64,7 +64,15 @@ pub enum StoreError {
         /// What is wrong with it.
         reason: &'static str,
     },
-    /// No such ref.
+    /// A tenant name velo does not accept.
+    #[error("invalid tenant name {name:?}: {reason}")]
+    InvalidTenant {
+        /// The name given.
+        name: String,
+        /// Why it is invalid.
+        reason: &'static str,
+    },
+    /// A ref does not exist.
     #[error("no ref {name:?} in store {}", store.display())]
     RefNotFound {
         /// The ref name.
@@ -156,7 +164,7 @@ impl StoreError {
         Self::Io {
             op,
             path: path.into(),
-            source: source.into(),
+            cause: source.into(),
         }
     }
 }

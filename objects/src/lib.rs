@@ -54,5 +54,5 @@ pub use refs::{MAX_REF_LEN, validate_ref_name};
 pub use session::{Recovery, WriteSession};
 pub use staging::Staging;
 pub use store::{Area, DEFAULT_STORE, Store, filesystem_supports_verity};
-pub use tenants::{Tenant, TenantDirs, validate_tenant_name};
+pub use tenants::{RootAttrs, Tenant, TenantDirs, validate_tenant_name};
 pub use verify::Verdict;

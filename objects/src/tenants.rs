@@ -45,11 +45,25 @@ pub fn validate_tenant_name(name: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(StoreError::InvalidRef {
+        Err(StoreError::InvalidTenant {
             name: name.to_owned(),
             reason: "a tenant name has 1-64 letters, digits or `._-` and does not start with `.`",
         })
     }
+}
+
+/// What a tenant's upper root takes from its image's root, so the mount's root looks like
+/// the snapshot's (overlayfs shows the upper root's owner, mode and times).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RootAttrs {
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Permission bits.
+    pub mode: u32,
+    /// Modification time (seconds, nanoseconds).
+    pub mtime: (i64, u32),
 }
 
 /// Open handles on a tenant's directories.
@@ -231,6 +245,30 @@ impl Store {
                 .ctx("create", path.join(sub))?;
         }
         Ok(())
+    }
+
+    /// Gives the tenant's upper root `attrs` (its image root's): after `create` and `reset`,
+    /// whose fresh upper dir would otherwise show the time it was made.
+    pub fn set_tenant_root(&self, name: &str, attrs: &RootAttrs) -> Result<()> {
+        let dirs = self.tenant_dirs(name)?;
+        let path = &dirs.upper_path;
+        rustix::fs::fchown(
+            &dirs.upper,
+            Some(rustix::fs::Uid::from_raw(attrs.uid)),
+            Some(rustix::fs::Gid::from_raw(attrs.gid)),
+        )
+        .ctx("chown", path)?;
+        rustix::fs::fchmod(&dirs.upper, Mode::from_raw_mode(attrs.mode & 0o7777))
+            .ctx("chmod", path)?;
+        let mtime = rustix::fs::Timespec {
+            tv_sec: attrs.mtime.0,
+            tv_nsec: attrs.mtime.1.into(),
+        };
+        let times = rustix::fs::Timestamps {
+            last_access: mtime,
+            last_modification: mtime,
+        };
+        rustix::fs::futimens(&dirs.upper, &times).ctx("set times of", path)
     }
 
     /// Removes a tenant and its writes (the caller makes sure it is not mounted).

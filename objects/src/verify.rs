@@ -83,7 +83,7 @@ impl Store {
         };
         let hasher = match hash_stat(fd.as_fd(), &path, &st) {
             Ok(h) => h,
-            Err(crate::StoreError::Io { source, .. }) => return Ok(unreadable(&source)),
+            Err(crate::StoreError::Io { cause: source, .. }) => return Ok(unreadable(&source)),
             Err(e) => return Err(e),
         };
         let size = hasher.len();

@@ -36,12 +36,12 @@ pub enum ClientError {
         message: String,
     },
     /// The conversation broke.
-    #[error("talking to velo-mountd at {}: {source}", socket.display())]
+    #[error("talking to velo-mountd at {}: {cause}", socket.display())]
     Protocol {
         /// The socket.
         socket: PathBuf,
-        /// What broke.
-        source: ProtocolError,
+        /// What broke (in the message; not chained, or it would be printed twice).
+        cause: ProtocolError,
     },
     /// The service answered something this client did not expect.
     #[error("velo-mountd answered {got} to {request}")]
@@ -52,12 +52,12 @@ pub enum ClientError {
         got: String,
     },
     /// A file of the tree could not be read while sending it.
-    #[error("read {}: {source}", path.display())]
+    #[error("read {}: {cause}", path.display())]
     Read {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why (in the message; not chained, or it would be printed twice).
+        cause: std::io::Error,
     },
 }
 
@@ -193,7 +193,7 @@ impl Client {
     fn proto(&self, source: ProtocolError) -> ClientError {
         ClientError::Protocol {
             socket: self.socket.clone(),
-            source,
+            cause: source,
         }
     }
 
@@ -322,9 +322,9 @@ impl Client {
     /// stream stays in step; the service then refuses the object as not matching).
     fn send_file(&self, path: &Path, size: u64, buf: &mut [u8]) -> Result<(), ClientError> {
         use std::io::Read;
-        let read_err = |source| ClientError::Read {
+        let read_err = |cause| ClientError::Read {
             path: path.to_owned(),
-            source,
+            cause,
         };
         let mut file = std::fs::File::open(path).map_err(read_err)?;
         let mut left = size;

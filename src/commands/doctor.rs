@@ -135,7 +135,7 @@ pub fn doctor(ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 Status::Warn => "warn",
                 Status::Fail => "FAIL",
             };
-            println!("[{tag}] {:<12} {}", c.name, c.detail);
+            outln!("[{tag}] {:<12} {}", c.name, c.detail);
         }
     }
     Ok(if failed {

@@ -43,7 +43,7 @@ pub fn fsck(ctx: &Ctx, repair: bool, jobs: Option<usize>) -> anyhow::Result<Exit
         output::json(&r)?;
     } else {
         for f in &r.damage {
-            println!(
+            outln!(
                 "{} {} expected={} found={}",
                 f.kind,
                 f.path.display(),

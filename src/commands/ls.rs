@@ -179,7 +179,7 @@ pub fn inspect(ctx: &Ctx, image: &str, dump: bool) -> anyhow::Result<ExitCode> {
     summary.digest = Some(digest);
     summary.image_bytes = store.image_size(&digest)?;
     if dump {
-        print!("{}", velo_image::dumpfile(&fs)?);
+        out!("{}", velo_image::dumpfile(&fs)?);
         return Ok(ExitCode::SUCCESS);
     }
     if ctx.json {

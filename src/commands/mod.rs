@@ -122,7 +122,7 @@ impl Ctx {
     /// Prints a human line unless quiet or JSON.
     pub fn say(&self, line: impl AsRef<str>) {
         if !self.quiet && !self.json {
-            println!("{}", line.as_ref());
+            outln!("{}", line.as_ref());
         }
     }
 }

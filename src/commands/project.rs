@@ -110,9 +110,11 @@ pub fn status(ctx: &Ctx, project: Option<&Path>) -> anyhow::Result<ExitCode> {
                 .persisted_bytes
                 .map(|b| format!("; persisted writes {}", output::bytes(b)))
                 .unwrap_or_default();
-            println!(
+            outln!(
                 "{:<28} {:<6} key {}  {state}{persisted}",
-                r.dir, r.ecosystem, r.key
+                r.dir,
+                r.ecosystem,
+                r.key
             );
         }
     }

@@ -89,6 +89,7 @@ pub fn tenant(ctx: &Ctx, command: TenantCommand) -> anyhow::Result<ExitCode> {
             let digest = store.resolve(&image)?;
             let from_ref = (digest.to_hex() != image).then_some(image);
             let t = store.create_tenant_limited(&name, digest, from_ref, size_limit)?;
+            store.set_tenant_root(&name, &velo_image::inspect::root_attrs(&store, &digest)?)?;
             if ctx.json && mount.is_none() {
                 output::json(&t)?;
             } else {
@@ -181,13 +182,15 @@ pub fn tenant(ctx: &Ctx, command: TenantCommand) -> anyhow::Result<ExitCode> {
                         .as_deref()
                         .map(|d| format!("  ({d})"))
                         .unwrap_or_default();
-                    println!("{tag} {}{detail}", c.path.display());
+                    outln!("{tag} {}{detail}", c.path.display());
                 }
             }
         }
         TenantCommand::Reset { name } => {
             refuse_if_mounted(&store, &name, "reset")?;
             store.reset_tenant(&name)?;
+            let image = store.tenant(&name)?.image;
+            store.set_tenant_root(&name, &velo_image::inspect::root_attrs(&store, &image)?)?;
             ctx.say(format!("tenant {name}: all writes dropped"));
         }
         TenantCommand::Rm { name } => {

@@ -81,7 +81,7 @@ pub fn listen(path: &Path) -> Result<Listener> {
             return Err(MountError::Io {
                 op: "use the socket passed by systemd (LISTEN_FDS)",
                 path: path.to_owned(),
-                source: std::io::Error::other("fd 3 is not a listening unix stream socket"),
+                cause: std::io::Error::other("fd 3 is not a listening unix stream socket"),
             });
         }
         // The path systemd bound (for messages), where the socket says.
@@ -114,9 +114,7 @@ pub fn listen(path: &Path) -> Result<Listener> {
                 return Err(MountError::Io {
                     op: "listen at",
                     path: path.to_owned(),
-                    source: std::io::Error::other(
-                        "a service already listens there (stop it first)",
-                    ),
+                    cause: std::io::Error::other("a service already listens there (stop it first)"),
                 });
             }
             std::fs::remove_file(path).map_err(|e| MountError::io("remove stale", path, e))?;
@@ -125,7 +123,7 @@ pub fn listen(path: &Path) -> Result<Listener> {
             return Err(MountError::Io {
                 op: "listen at",
                 path: path.to_owned(),
-                source: std::io::Error::other("something that is not a socket is there"),
+                cause: std::io::Error::other("something that is not a socket is there"),
             });
         }
         Err(_) => {}

@@ -228,7 +228,7 @@ pub fn serve(store: Store, listener: Listener, config: Config) -> Result<()> {
         return Err(MountError::Io {
             op: "serve",
             path: store.root().to_owned(),
-            source: std::io::Error::other("another velo-mountd already serves this store"),
+            cause: std::io::Error::other("another velo-mountd already serves this store"),
         });
     };
     let orphans = overlays::remove_orphans_locked(&store);
