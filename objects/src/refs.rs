@@ -188,6 +188,9 @@ impl Store {
     /// its objects go through [`crate::WriteSession::commit`], which syncs those first.
     pub fn write_ref(&self, name: &str, digest: &Digest) -> Result<()> {
         validate_ref_name(name)?;
+        // Read, append to the history, replace: one writer at a time, or two writers of one
+        // ref would both record the same old value and lose the one between.
+        let _refs = self.lock_refs()?;
         let (parent, leaf, path) = self.named_file(Area::Refs, name)?;
         match self.read_ref(name) {
             Ok(old) if old != *digest => self.append_history(name, &old)?,
@@ -206,7 +209,7 @@ impl Store {
     /// stays until garbage collection finds nothing else needs it.
     pub fn remove_ref(&self, name: &str) -> Result<()> {
         validate_ref_name(name)?;
-        let refs = self.open_area(Area::Refs)?;
+        let refs = self.lock_refs()?;
         let path = self.area_path(Area::Refs).join(name);
         let (parent_rel, leaf) = name.rsplit_once('/').unwrap_or(("", name));
         let parent = if parent_rel.is_empty() {
@@ -231,6 +234,14 @@ impl Store {
             }),
             Err(e) => Err(StoreError::io("remove ref", path, e)),
         }
+    }
+
+    /// Holds `refs/` exclusively (a lock on the directory) until the fd is dropped.
+    fn lock_refs(&self) -> Result<OwnedFd> {
+        let refs = self.open_area(Area::Refs)?;
+        rustix::fs::flock(&refs, rustix::fs::FlockOperation::LockExclusive)
+            .ctx("lock", self.area_path(Area::Refs))?;
+        Ok(refs)
     }
 
     /// Records that `name` pointed at `old` until now (`history/<name>`, one line per change).

@@ -263,3 +263,31 @@ fn live_writer_marker_is_left_alone() {
     assert_eq!(fs::read_dir(store.root().join("tmp")).unwrap().count(), 0);
     assert_eq!(store.read_ref("a/b").unwrap(), img.digest);
 }
+
+/// Writers of one ref at once lose nothing: every value but the last is in its history,
+/// once (the read, append and replace of each write happen under a lock).
+#[test]
+fn concurrent_writes_to_one_ref_keep_its_whole_history() {
+    let (_d, store) = new_store();
+    let threads = 4;
+    let each = 25;
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let store = &store;
+            s.spawn(move || {
+                for i in 0..each {
+                    let d = Digest::from_bytes([(t * each + i) as u8 + 1; 32]);
+                    store.write_ref("app/deps", &d).expect("write ref");
+                }
+            });
+        }
+    });
+    let current = store.read_ref("app/deps").expect("read");
+    let history = store.ref_history("app/deps").expect("history");
+    assert_eq!(history.len(), threads * each - 1, "{history:?}");
+    let mut seen: Vec<Digest> = history.iter().map(|(_, d)| *d).collect();
+    seen.push(current);
+    seen.sort_by_key(|d| d.to_hex());
+    seen.dedup();
+    assert_eq!(seen.len(), threads * each, "each value once");
+}
