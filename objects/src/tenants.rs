@@ -106,45 +106,59 @@ impl Store {
         match rustix::fs::mkdirat(&tenants, name, Mode::from_raw_mode(0o700)) {
             Ok(()) => {}
             Err(Errno::EXIST) => {
-                return Err(StoreError::Unexpected {
-                    path,
-                    reason: format!("tenant {name:?} already exists"),
-                });
+                let reason = if self.is_half_made_tenant(name) {
+                    format!(
+                        "tenant {name:?} is left from a create that did not finish; `velo \
+                         tenant rm {name}` removes it"
+                    )
+                } else {
+                    format!("tenant {name:?} already exists")
+                };
+                return Err(StoreError::Unexpected { path, reason });
             }
             Err(e) => return Err(StoreError::io("create tenant", path, e)),
         }
-        let dir = open_dir_beneath(tenants.as_fd(), name).ctx("open tenant", &path)?;
-        for sub in ["upper", "work"] {
-            rustix::fs::mkdirat(&dir, sub, Mode::from_raw_mode(0o755))
-                .ctx("create", path.join(sub))?;
+        // Anything failing from here (a full disk) takes the half-made tenant away again, so
+        // the name can be used — and is not listed — afterwards.
+        let made = (|| {
+            let dir = open_dir_beneath(tenants.as_fd(), name).ctx("open tenant", &path)?;
+            for sub in ["upper", "work"] {
+                rustix::fs::mkdirat(&dir, sub, Mode::from_raw_mode(0o755))
+                    .ctx("create", path.join(sub))?;
+            }
+            let limit_enforcement =
+                size_limit.map(|bytes| self.limit_tenant(dir.as_fd(), name, bytes));
+            let tenant = Tenant {
+                name: name.to_owned(),
+                image,
+                from_ref,
+                created: fsutil::now_ns() as u64 / 1_000_000_000,
+                size_limit,
+                limit_enforcement,
+            };
+            let data = serde_json::to_vec_pretty(&tenant).map_err(|e| StoreError::Unexpected {
+                path: path.join("meta.json"),
+                reason: e.to_string(),
+            })?;
+            // meta.json last: a tenant without one is a half-made leftover.
+            let fd = open_beneath(
+                dir.as_fd(),
+                ".meta.json.tmp",
+                OFlags::CREATE | OFlags::TRUNC | OFlags::WRONLY,
+                Mode::from_raw_mode(0o600),
+            )
+            .ctx("create", path.join("meta.json"))?;
+            fsutil::pwrite_all(fd.as_fd(), &data, 0).ctx("write", path.join("meta.json"))?;
+            rustix::fs::fsync(&fd).ctx("fsync", path.join("meta.json"))?;
+            rustix::fs::renameat(&dir, ".meta.json.tmp", &dir, "meta.json")
+                .ctx("write", path.join("meta.json"))?;
+            rustix::fs::fsync(&dir).ctx("fsync", &path)?;
+            Ok(tenant)
+        })();
+        if made.is_err() {
+            let _ = fsutil::remove_tree_at(tenants.as_fd(), name.as_ref());
         }
-        let limit_enforcement = size_limit.map(|bytes| self.limit_tenant(dir.as_fd(), name, bytes));
-        let tenant = Tenant {
-            name: name.to_owned(),
-            image,
-            from_ref,
-            created: fsutil::now_ns() as u64 / 1_000_000_000,
-            size_limit,
-            limit_enforcement,
-        };
-        let data = serde_json::to_vec_pretty(&tenant).map_err(|e| StoreError::Unexpected {
-            path: path.join("meta.json"),
-            reason: e.to_string(),
-        })?;
-        // meta.json last: a tenant without one is a half-made leftover.
-        let fd = open_beneath(
-            dir.as_fd(),
-            ".meta.json.tmp",
-            OFlags::CREATE | OFlags::TRUNC | OFlags::WRONLY,
-            Mode::from_raw_mode(0o600),
-        )
-        .ctx("create", path.join("meta.json"))?;
-        fsutil::pwrite_all(fd.as_fd(), &data, 0).ctx("write", path.join("meta.json"))?;
-        rustix::fs::fsync(&fd).ctx("fsync", path.join("meta.json"))?;
-        rustix::fs::renameat(&dir, ".meta.json.tmp", &dir, "meta.json")
-            .ctx("write", path.join("meta.json"))?;
-        rustix::fs::fsync(&dir).ctx("fsync", &path)?;
-        Ok(tenant)
+        made
     }
 
     /// Puts a new tenant's upper and work dirs in a project with a block limit; returns how the
@@ -271,12 +285,29 @@ impl Store {
         rustix::fs::futimens(&dirs.upper, &times).ctx("set times of", path)
     }
 
-    /// Removes a tenant and its writes (the caller makes sure it is not mounted).
+    /// Removes a tenant and its writes (the caller makes sure it is not mounted) — also one a
+    /// killed `create` left half-made (a directory without `meta.json`, which no mount uses).
     pub fn remove_tenant(&self, name: &str) -> Result<()> {
-        self.tenant(name)?;
+        if let Err(e) = self.tenant(name) {
+            if !self.is_half_made_tenant(name) {
+                return Err(e);
+            }
+        }
         let tenants = self.open_area(Area::Tenants)?;
         fsutil::remove_tree_at(tenants.as_fd(), name.as_ref())
             .ctx("remove tenant", self.area_path(Area::Tenants).join(name))
+    }
+
+    /// True if `tenants/<name>` is a directory without `meta.json`: a `create` that did not
+    /// finish.
+    pub fn is_half_made_tenant(&self, name: &str) -> bool {
+        validate_tenant_name(name).is_ok()
+            && self.open_area(Area::Tenants).is_ok_and(|t| {
+                open_dir_beneath(t.as_fd(), name).is_ok_and(|dir| {
+                    rustix::fs::statat(&dir, "meta.json", rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+                        .is_err_and(|e| e == Errno::NOENT)
+                })
+            })
     }
 
     /// Disk space used by a tenant's upper dir (allocated blocks of its files).

@@ -194,7 +194,9 @@ pub fn tenant(ctx: &Ctx, command: TenantCommand) -> anyhow::Result<ExitCode> {
             ctx.say(format!("tenant {name}: all writes dropped"));
         }
         TenantCommand::Rm { name } => {
-            refuse_if_mounted(&store, &name, "remove")?;
+            if !store.is_half_made_tenant(&name) {
+                refuse_if_mounted(&store, &name, "remove")?;
+            }
             store.remove_tenant(&name)?;
             ctx.say(format!("removed tenant {name}"));
         }
