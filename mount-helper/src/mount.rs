@@ -97,11 +97,44 @@ pub struct MountReport {
 pub fn mount_image(store: &Store, req: &MountRequest) -> Result<MountReport> {
     crate::privilege::require_root("velo mount")?;
     let _lock = store.lock_shared()?;
+    // One mount of this store at a time resolves its target and attaches there: two at once
+    // could each find the target free (each fd opened before the other's attach) and stack
+    // two mounts on it.
+    let _attaching = lock_mounts(store)?;
     // Resolved by fd without following any symlink; used by fd from here on (its path, the
     // real one, only names it in the record and in messages).
     let resolved = open_target(store, &req.target, req.create_target)?;
-    let (target_fd, target) = (resolved.fd, resolved.path);
-    refuse_if_velo_mount(target_fd.as_fd(), &target)?;
+    let result = mount_at(store, req, resolved.fd.as_fd(), &resolved.path);
+    if result.is_err() && resolved.created {
+        // The target dir this mount created goes with it (it is empty: nothing was attached).
+        if let Some(parent) = &resolved.parent {
+            let _ = rustix::fs::unlinkat(
+                parent,
+                resolved.name.as_os_str(),
+                rustix::fs::AtFlags::REMOVEDIR,
+            );
+        }
+    }
+    result
+}
+
+/// Holds the store's `mounts/` exclusively (a lock on the directory) until the fd is dropped.
+fn lock_mounts(store: &Store) -> Result<OwnedFd> {
+    let dir = store.open_area(Area::Mounts)?;
+    rustix::fs::flock(&dir, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| MountError::io("lock", store.area_path(Area::Mounts), e))?;
+    Ok(dir)
+}
+
+/// [`mount_image`] at the resolved `target_fd` (real path `target`).
+fn mount_at(
+    store: &Store,
+    req: &MountRequest,
+    target_fd: BorrowedFd<'_>,
+    target: &Path,
+) -> Result<MountReport> {
+    let target = target.to_owned();
+    refuse_if_velo_mount(target_fd, &target)?;
 
     let image_fd = store.open_image(&req.image)?;
     let verity = store.verity();
@@ -132,7 +165,7 @@ pub fn mount_image(store: &Store, req: &MountRequest) -> Result<MountReport> {
         rustix::mount::move_mount(
             ovl.as_fd(),
             "",
-            target_fd.as_fd(),
+            target_fd,
             "",
             MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
         )
