@@ -288,10 +288,10 @@ impl Store {
     /// Removes a tenant and its writes (the caller makes sure it is not mounted) — also one a
     /// killed `create` left half-made (a directory without `meta.json`, which no mount uses).
     pub fn remove_tenant(&self, name: &str) -> Result<()> {
-        if let Err(e) = self.tenant(name) {
-            if !self.is_half_made_tenant(name) {
-                return Err(e);
-            }
+        if let Err(e) = self.tenant(name)
+            && !self.is_half_made_tenant(name)
+        {
+            return Err(e);
         }
         let tenants = self.open_area(Area::Tenants)?;
         fsutil::remove_tree_at(tenants.as_fd(), name.as_ref())
