@@ -96,7 +96,10 @@ fn parallel_mounts_of_one_target_never_stack() {
         let stacked = mounts_at(&target);
         for _ in 1..stacked {
             // Leave nothing mounted even when the test fails.
-            let _ = std::process::Command::new("umount").arg("-l").arg(&target).status();
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&target)
+                .status();
         }
         for o in outs.iter().filter(|o| !o.status.success()) {
             let err = String::from_utf8_lossy(&o.stderr);
@@ -130,4 +133,40 @@ fn a_failed_mount_removes_the_target_dir_it_created() {
     let err = env.fails(&["mount", "app/deps", path_str(&target)]);
     assert!(err.contains("velo fsck"), "{err}");
     assert!(!target.exists(), "the target dir it made is gone");
+}
+
+/// `velo ls` lists a mount while it is there, and not once it is gone — also when it went
+/// behind velo's back (`umount` of the target).
+#[test]
+fn ls_lists_only_mounts_that_are_there() {
+    if !can_mount("ls_lists_only_mounts_that_are_there") {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("tree");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("a"), "a".repeat(5000)).unwrap();
+    env.snapshot(&src, "app/deps");
+    let target = env.path("mnt");
+    let listed = || {
+        env.json(&["ls"])["mounts"]
+            .as_array()
+            .expect("mounts")
+            .iter()
+            .map(|m| m["target"].as_str().expect("target").to_owned())
+            .collect::<Vec<_>>()
+    };
+    let m = env.mount("app/deps", &target, &[]);
+    assert_eq!(listed(), vec![path_str(&target).to_owned()]);
+    let out = std::process::Command::new("umount")
+        .arg(&target)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::describe(&out));
+    assert_eq!(
+        listed(),
+        Vec::<String>::new(),
+        "a mount that is gone is not listed"
+    );
+    drop(m);
 }
