@@ -26,6 +26,8 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::{AtFlags, Mode, OFlags, StatxFlags};
 
+use crate::mountinfo::MountInfo;
+
 /// How many entries of the overlay are stat'ed to learn its device numbers.
 const DEV_PROBE_ENTRIES: usize = 256;
 
@@ -130,8 +132,7 @@ pub(crate) fn reachable(devs: &[u64], except: u32) -> bool {
         if pid == except {
             continue;
         }
-        // Field 3 of a mountinfo line is the filesystem's device number.
-        if namespaces.mountinfo_has(&dir, |l| l.split(' ').nth(2) == Some(&mount)) {
+        if namespaces.mountinfo_has(&dir, |m| m.device == mount) {
             return true;
         }
         for link in ["cwd", "root"] {
@@ -157,12 +158,10 @@ pub(crate) fn upper_mounted(upper: &Path) -> bool {
     let Some(procs) = processes() else {
         return true;
     };
-    let want = format!("upperdir={}", upper.display());
     let mut namespaces = Namespaces::default();
     procs.into_iter().any(|(_, dir)| {
-        namespaces.mountinfo_has(&dir, |l| {
-            l.split(',')
-                .any(|opt| opt.rsplit(' ').next() == Some(want.as_str()) || opt == want)
+        namespaces.mountinfo_has(&dir, |m| {
+            m.super_option("upperdir").as_deref() == Some(upper.as_os_str())
         })
     })
 }
@@ -176,26 +175,12 @@ pub fn mounted_images() -> Option<HashSet<velo_objects::Digest>> {
     let mut seen = Namespaces::default();
     for (_, dir) in processes()? {
         // Collect as a side effect of the per-namespace scan (each table read once).
-        seen.mountinfo_has(&dir, |line| {
-            if let Some(d) = velo_source(line) {
-                images.insert(d);
-            }
+        seen.mountinfo_has(&dir, |m| {
+            images.extend(m.velo_image());
             false
         });
     }
     Some(images)
-}
-
-/// The image of a mountinfo line's velo overlay: field 3 after the ` - ` separator is the
-/// source, `velo:<digest>`.
-fn velo_source(line: &str) -> Option<velo_objects::Digest> {
-    let (_, after) = line.split_once(" - ")?;
-    let mut f = after.split(' ');
-    let (fstype, source) = (f.next()?, f.next()?);
-    if fstype != "overlay" {
-        return None;
-    }
-    velo_objects::Digest::parse(source.strip_prefix(crate::SOURCE_PREFIX)?).ok()
 }
 
 /// Every process's pid and `/proc/PID` dir; `None` if `/proc` cannot be read.
@@ -217,13 +202,12 @@ fn processes() -> Option<Vec<(u32, PathBuf)>> {
 struct Namespaces(HashSet<u64>);
 
 impl Namespaces {
-    /// Whether the process at `dir` is the first met in its mount namespace and a line of its
-    /// mountinfo satisfies `pred`.
-    fn mountinfo_has(&mut self, dir: &Path, mut pred: impl FnMut(&str) -> bool) -> bool {
+    /// Whether the process at `dir` is the first met in its mount namespace and a mount in
+    /// its mountinfo satisfies `pred`.
+    fn mountinfo_has(&mut self, dir: &Path, mut pred: impl FnMut(&MountInfo) -> bool) -> bool {
         std::fs::metadata(dir.join("ns/mnt"))
             .is_ok_and(|ns| self.0.insert(std::os::unix::fs::MetadataExt::ino(&ns)))
-            && std::fs::read_to_string(dir.join("mountinfo"))
-                .is_ok_and(|text| text.lines().any(&mut pred))
+            && crate::mountinfo::read_at(dir).is_ok_and(|mounts| mounts.iter().any(&mut pred))
     }
 }
 
@@ -247,14 +231,18 @@ mod tests {
     #[test]
     fn velo_sources_are_read_from_mountinfo_lines() {
         let d = "aa".repeat(32);
+        let image = |line: &str| {
+            let m = crate::mountinfo::parse(line.as_bytes());
+            m.first().and_then(MountInfo::velo_image)
+        };
         let line = format!(
             "90 30 0:50 / /p/node_modules rw,nosuid,nodev - overlay velo:{d} ro,lowerdir+=x"
         );
-        assert_eq!(velo_source(&line).map(|x| x.to_hex()), Some(d.clone()));
+        assert_eq!(image(&line).map(|x| x.to_hex()), Some(d.clone()));
         let erofs = format!("91 30 0:51 / /x ro - erofs velo:{d} ro");
-        assert_eq!(velo_source(&erofs), None, "only overlays");
-        assert_eq!(velo_source("92 30 0:52 / /y rw - overlay overlay rw"), None);
-        assert_eq!(velo_source("garbage"), None);
+        assert_eq!(image(&erofs), None, "only overlays");
+        assert_eq!(image("92 30 0:52 / /y rw - overlay overlay rw"), None);
+        assert_eq!(image("garbage"), None);
     }
 
     #[test]
@@ -278,6 +266,64 @@ mod tests {
         assert_ne!(
             after, before,
             "a create and delete changes the root's ctime"
+        );
+        Ok(())
+    }
+
+    /// An overlay whose upper dir's path has a space, a comma, a tab and a non-UTF-8 byte (all
+    /// escaped in mountinfo, the comma by overlay itself) is found by that exact path, and not
+    /// by a prefix of it — orphan cleanup must never take a live upper dir for a free one.
+    #[test]
+    fn an_upper_dir_with_odd_bytes_in_its_path_is_seen_mounted() -> std::io::Result<()> {
+        use rustix::mount::{
+            FsMountFlags, FsOpenFlags, MountAttrFlags, fsconfig_create, fsconfig_set_string,
+            fsmount, fsopen,
+        };
+        use std::os::unix::ffi::OsStrExt;
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("SKIPPED an_upper_dir_with_odd_bytes…: mounting an overlay needs root");
+            return Ok(());
+        }
+        let dir = tempfile::tempdir()?;
+        let odd = dir
+            .path()
+            .join(std::ffi::OsStr::from_bytes(b"my store, v1\t\xff"));
+        for sub in ["lower", "upper", "work"] {
+            std::fs::create_dir_all(odd.join(sub))?;
+        }
+        let upper = odd.join("upper");
+        assert!(!upper_mounted(&upper));
+        let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)?;
+        for (key, sub) in [
+            ("lowerdir+", "lower"),
+            ("upperdir", "upper"),
+            ("workdir", "work"),
+        ] {
+            fsconfig_set_string(&fs, key, odd.join(sub).as_os_str())?;
+        }
+        fsconfig_create(&fs)?;
+        let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty())?;
+        let target = dir.path().join("mnt");
+        std::fs::create_dir(&target)?;
+        rustix::mount::move_mount(
+            &mnt,
+            "",
+            rustix::fs::CWD,
+            &target,
+            rustix::mount::MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+        )?;
+        let seen = upper_mounted(&upper);
+        let prefix = upper_mounted(&dir.path().join("my store"));
+        let by_point = crate::mountinfo::read()?.iter().any(|m| {
+            m.mount_point == target
+                && m.super_option("upperdir").as_deref() == Some(upper.as_os_str())
+        });
+        rustix::mount::unmount(&target, rustix::mount::UnmountFlags::DETACH)?;
+        assert!(seen, "the live upper dir is seen mounted");
+        assert!(!prefix, "a prefix of its path is not");
+        assert!(
+            by_point,
+            "its mount point and upper dir come back byte for byte"
         );
         Ok(())
     }

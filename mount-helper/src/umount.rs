@@ -126,13 +126,9 @@ pub fn umount(store: &Store, target: &Path, lazy: bool) -> Result<UmountReport> 
     Ok(report)
 }
 
-/// This namespace's mounts. Read as bytes: a mount point whose name is not UTF-8 (anywhere in
-/// the namespace, not only the target) must not make unmounting fail. Such names are only
-/// compared with each other here, so their lossy form is enough.
+/// This namespace's mounts.
 fn read_mountinfo() -> Result<Vec<mountinfo::MountInfo>> {
-    let bytes = std::fs::read("/proc/self/mountinfo")
-        .map_err(|e| MountError::io("read", "/proc/self/mountinfo", e))?;
-    Ok(mountinfo::parse(&String::from_utf8_lossy(&bytes)))
+    mountinfo::read().map_err(|e| MountError::io("read", "/proc/self/mountinfo", e))
 }
 
 /// Finds the velo mount whose root `fd` (resolved without following a symlink) is: (mount ID,

@@ -32,6 +32,7 @@ mod meta;
 mod mounts;
 mod quota;
 mod refs;
+mod serde_path;
 mod session;
 mod staging;
 mod store;

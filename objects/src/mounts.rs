@@ -20,12 +20,14 @@ pub struct MountRecord {
     /// The mounted image.
     pub image: Digest,
     /// Where it was mounted.
+    #[serde(with = "crate::serde_path")]
     pub target: PathBuf,
     /// The kernel's unique (64-bit, never reused) mount ID, if the kernel reports one.
     pub mnt_id_unique: Option<u64>,
     /// The mount ID as `/proc/self/mountinfo` shows it.
     pub mnt_id: u64,
     /// The overlay upper dir, for writable mounts.
+    #[serde(with = "crate::serde_path::option")]
     pub upper: Option<PathBuf>,
     /// True if velo created the upper dir (in this slot) and removes it at umount.
     pub managed_upper: bool,
