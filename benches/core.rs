@@ -18,6 +18,8 @@
 //! freed inodes, so delete-and-recreate benchmarks there slow down run after run); the page
 //! cache stays warm (no cache drops) and an untimed `sync -f` separates the runs.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 // Shared with the other benchmarks; not every helper is used here.
 #[allow(dead_code)]
 #[path = "support/stats.rs"]

@@ -15,6 +15,8 @@
 //! with objects/s and MB/s (of the tree's content) and the ratios to the baseline. It measures
 //! and prints; it never fails on timing.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 #[path = "../tests/common/registry.rs"]
 #[allow(dead_code)]
 mod registry;

@@ -6,6 +6,8 @@
 //! and the time `velo fsck` takes for the whole store. Warm page cache on both sides. It
 //! measures; it never fails on timing.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 // Shared with the other benchmarks; not every helper is used here.
 #[allow(dead_code)]
 #[path = "support/stats.rs"]

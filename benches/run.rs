@@ -35,6 +35,8 @@
 //! service and the user are behind guards that undo them on drop, and the end checks that no
 //! mount or loop device is left.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 #[path = "run/as_user.rs"]
 mod as_user;
 #[path = "run/import.rs"]

@@ -6,6 +6,8 @@
 //! of the page cache (`Cached:` in /proc/meminfo) and the pages of the object files that are
 //! resident (mincore), starting from dropped caches each time. It measures; it never fails.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 // Shared with the other benchmarks; only a few helpers are used here.
 #[allow(dead_code)]
 #[path = "support/sys.rs"]

@@ -6,6 +6,8 @@
 //! docker/login-action (writes ~/.docker/config.json). The "Install velo" step is skipped: the
 //! velo under test is on PATH. npm works offline, from a local tarball.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 mod common;
 
 use std::collections::BTreeMap;

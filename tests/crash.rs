@@ -2,6 +2,8 @@
 //! SIGKILL at random moments (seeded), concurrent snapshots beside a GC loop, and a full disk.
 //! Afterwards the store must pass fsck and every ref must mount and read byte-exact.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 mod common;
 
 use std::collections::BTreeMap;

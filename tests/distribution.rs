@@ -3,6 +3,8 @@
 //! corrupted and foreign artifacts, a registry that is down, interrupted transfers, credentials,
 //! and export/import. Needs root (trees with every kind of entry, mounts); skips loudly without.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 mod common;
 
 use std::fs;

@@ -3,6 +3,8 @@
 //! kernel's age, a bad tenant name is called one, and `tenant create`/`reset` leave a mount
 //! whose root matches the snapshot's.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 mod common;
 
 use std::fs;

@@ -8,6 +8,8 @@
 //! be refused are tried in a private mount namespace (`unshare`), so that even a velo that
 //! wrongly accepted them could not change the host's mount table.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 mod common;
 
 use std::ffi::OsStr;

@@ -1,5 +1,7 @@
 //! Integrity on a kernel without fs-verity: `mount --verify`, `fsck`, `fsck --repair`.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 mod common;
 
 use std::fs;

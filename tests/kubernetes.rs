@@ -3,6 +3,8 @@
 //! emulate-pod.sh runs deploy/velo-k8s-init and deploy/velo-k8s-cleaner as the manifests do),
 //! and the container image built with buildah (daemonless, from Debian's packages).
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 mod common;
 
 use std::fs;

@@ -1,6 +1,8 @@
 //! Races and leftovers (issue 12, item 7): a command that fails half-way leaves nothing that
 //! blocks the next one, and commands racing each other do not stack or lose anything.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 mod common;
 
 use std::fs;

@@ -2,6 +2,8 @@
 //! a space, and a store whose path has a space and a comma, are mounted, listed, kept alive
 //! and unmounted like any other (mountinfo is parsed once, as bytes, unescaped).
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 mod common;
 
 use std::ffi::OsStr;

@@ -5,6 +5,8 @@
 //! then the programs must print exactly what they printed before. Needs root (skips loudly
 //! without it; CI runs as root), and node, npm and python3 (fails without them).
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 mod common;
 
 use std::collections::BTreeMap;

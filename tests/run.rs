@@ -1,5 +1,7 @@
 //! `velo init` / `velo run` / `velo status` with real package managers.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 mod common;
 
 use std::fs;

@@ -4,6 +4,8 @@
 //! that speaks the raw protocol (`tests/support/raw_client.py`, run as B with no
 //! capabilities), whose JSON reports the tests assert on.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -1,6 +1,8 @@
 //! velo-mountd and GC: an image is kept while any velo overlay of it is mounted anywhere,
 //! pinned or not — a run whose velo was killed, a service stopped meanwhile.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 mod common;
 
 use std::fs;

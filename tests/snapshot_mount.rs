@@ -1,6 +1,8 @@
 //! The core slice end to end: snapshot real trees with the `velo` binary, mount them with real
 //! kernel mounts, and compare. Needs root (skips loudly without it; CI runs as root).
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 mod common;
 
 use std::fs;

@@ -1,6 +1,8 @@
 //! The systemd units in deploy/systemd/: their syntax (`systemd-analyze verify`), and
 //! velo-mountd started the way they start it — socket activation — serving a user.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 mod common;
 
 use std::path::Path;

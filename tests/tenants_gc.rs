@@ -1,5 +1,7 @@
 //! Tenants (copy-on-write layers kept in the store) and garbage collection.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 mod common;
 
 use std::fs;

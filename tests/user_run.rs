@@ -3,6 +3,8 @@
 //! tree they get is theirs, one user never gets another's tree or sees their refs, and where
 //! user namespaces are disabled velo says which setting to change.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 mod common;
 
 use std::fs;

@@ -3,6 +3,8 @@
 //! a user+mount namespace of its own; a missing tree is installed as the user in that
 //! namespace, snapshotted without a store and streamed to the service.
 
+#![allow(unsafe_code)] // system calls for the bench harness (processes, signals, caches)
+
 use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::os::unix::process::CommandExt;

@@ -4,6 +4,8 @@
 //! killed, its refs, its home and dirs and the access it was granted are removed, and the
 //! user is deleted.
 
+#![allow(unsafe_code)] // system calls for the bench harness (processes, signals, caches)
+
 use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -4,6 +4,8 @@
 //!
 //! Shared by the benchmarks (each loads it with `#[path = "support/sys.rs"]`).
 
+#![allow(unsafe_code)] // system calls for the bench harness (processes, signals, caches)
+
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};

@@ -2,6 +2,8 @@
 //! fsck): a clear error or a result, never a panic or a hang. A proptest harness with a fixed
 //! budget (`VELO_FUZZ_CASES`, default 300) and seed, so CI runs it.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::sync::mpsc;
 use std::time::Duration;
 

@@ -1,6 +1,8 @@
 //! `snapshot_unstored` gives the image `snapshot` stores, byte for byte, and says where each
 //! object's bytes are; and a user's own tree passes `map_to_user` unchanged.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;

@@ -2,6 +2,8 @@
 //! directly (tmpfs has no `read_folio`, so file-backed EROFS answers ENOTBLK). The device is
 //! configured with autoclear: it goes away by itself when the mount using it does.
 
+#![allow(unsafe_code)] // system calls rustix does not wrap; each block says why it is sound
+
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use rustix::fs::{Mode, OFlags};

@@ -1,6 +1,8 @@
 //! Mounting an image of the store: the EROFS image as a detached file-backed mount, stacked
 //! under overlayfs with the store's objects as a data-only lower layer, attached at the target.
 
+#![allow(unsafe_code)] // system calls rustix does not wrap; each block says why it is sound
+
 use std::ffi::OsStr;
 use std::num::NonZeroU64;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};

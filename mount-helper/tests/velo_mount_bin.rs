@@ -1,5 +1,7 @@
 //! The standalone privileged binary `velo-mount`: mounts and unmounts images of a store.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::path::Path;
 use std::process::Command;
 

@@ -3,6 +3,8 @@
 //! These are the only `unsafe` calls in the store: two fixed-layout ioctls that rustix has
 //! no wrapper for.
 
+#![allow(unsafe_code)] // system calls rustix does not wrap; each block says why it is sound
+
 use std::os::fd::BorrowedFd;
 
 use rustix::io::Errno;

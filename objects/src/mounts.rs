@@ -2,6 +2,8 @@
 //! upper and work dirs). Records let `umount` clean up what the mount owned, and are the
 //! persistent pins that keep an image alive while it is mounted.
 
+#![allow(unsafe_code)] // system calls rustix does not wrap; each block says why it is sound
+
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 

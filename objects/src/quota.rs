@@ -6,6 +6,8 @@
 //! copy-up rename from work to upper would cross projects and fail), and the project gets a
 //! block hard limit.
 
+#![allow(unsafe_code)] // system calls rustix does not wrap; each block says why it is sound
+
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use rustix::io::Errno;

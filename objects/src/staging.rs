@@ -5,6 +5,8 @@
 //! broken import leaves nothing in the store. A killed process leaves the directory, which
 //! `fsck --repair` and `velo gc` reclaim (it is locked while in use).
 
+#![allow(unsafe_code)] // system calls rustix does not wrap; each block says why it is sound
+
 use std::os::fd::{AsFd, OwnedFd};
 
 use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags};

@@ -3,6 +3,8 @@
 //! mounts every dir, starts the command, forwards signals to it, passes its exit status
 //! through, and removes the mounts and their copy-on-write layers.
 
+#![allow(unsafe_code)] // system calls rustix does not wrap; each block says why it is sound
+
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};

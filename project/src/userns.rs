@@ -7,6 +7,8 @@
 //! namespace can gain privilege over the host. The capabilities the namespace grants (over
 //! it alone) are gone once the command is executed, as it runs with a uid other than 0.
 
+#![allow(unsafe_code)] // system calls rustix does not wrap; each block says why it is sound
+
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 

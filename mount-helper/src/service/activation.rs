@@ -2,6 +2,8 @@
 //! or bound at a path, mode 0666 — every local user may connect, because the service decides
 //! everything by the caller's credentials.
 
+#![allow(unsafe_code)] // system calls rustix does not wrap; each block says why it is sound
+
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
