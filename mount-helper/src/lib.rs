@@ -21,6 +21,7 @@ pub mod mountinfo;
 pub mod privilege;
 pub mod protocol;
 pub mod service;
+mod sys;
 mod target;
 mod umount;
 pub mod units;

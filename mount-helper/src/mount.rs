@@ -10,13 +10,14 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::{Mode, OFlags, Timestamps};
 use rustix::io::Errno;
-use rustix::mount::{MountAttrFlags, MoveMountFlags};
+use rustix::mount::MountAttrFlags;
 use serde::Serialize;
 use velo_objects::{Area, Digest, MountRecord, MountSlot, Store, VerityMode};
 
 use crate::error::{MountError, Result};
-use crate::kernel::{self, FsContext, proc_fd_path};
+use crate::kernel::{FsContext, proc_fd_path};
 use crate::mountinfo;
+use crate::sys::{Kernel, MountSys};
 use crate::target::open_target;
 
 /// Every mount velo makes has the source `velo:<image digest>`.
@@ -98,6 +99,11 @@ pub struct MountReport {
 /// or managed upper dir is left in the store.
 pub fn mount_image(store: &Store, req: &MountRequest) -> Result<MountReport> {
     crate::privilege::require_root("velo mount")?;
+    mount_image_via(&Kernel, store, req)
+}
+
+/// [`mount_image`] through `sys` (the kernel, or a test's fake).
+fn mount_image_via(sys: &dyn MountSys, store: &Store, req: &MountRequest) -> Result<MountReport> {
     let _lock = store.lock_shared()?;
     // One mount of this store at a time resolves its target and attaches there: two at once
     // could each find the target free (each fd opened before the other's attach) and stack
@@ -106,7 +112,7 @@ pub fn mount_image(store: &Store, req: &MountRequest) -> Result<MountReport> {
     // Resolved by fd without following any symlink; used by fd from here on (its path, the
     // real one, only names it in the record and in messages).
     let resolved = open_target(store, &req.target, req.create_target)?;
-    let result = mount_at(store, req, resolved.fd.as_fd(), &resolved.path);
+    let result = mount_at(sys, store, req, resolved.fd.as_fd(), &resolved.path);
     if result.is_err() && resolved.created {
         // The target dir this mount created goes with it (it is empty: nothing was attached).
         if let Some(parent) = &resolved.parent {
@@ -128,15 +134,19 @@ fn lock_mounts(store: &Store) -> Result<OwnedFd> {
     Ok(dir)
 }
 
-/// [`mount_image`] at the resolved `target_fd` (real path `target`).
+/// [`mount_image`] at the resolved `target_fd` (real path `target`). The mount's record (the
+/// pin that keeps its image and objects from GC) is written before the mount is attached, so
+/// no moment exists when the mount is live and unpinned; a failure at any step removes the
+/// slot (record, managed upper dir) again, and a mount not yet attached goes with its fd.
 fn mount_at(
+    sys: &dyn MountSys,
     store: &Store,
     req: &MountRequest,
     target_fd: BorrowedFd<'_>,
     target: &Path,
 ) -> Result<MountReport> {
     let target = target.to_owned();
-    refuse_if_velo_mount(target_fd, &target)?;
+    refuse_if_velo_mount(sys, target_fd, &target)?;
 
     let image_fd = store.open_image(&req.image)?;
     let verity = store.verity();
@@ -153,7 +163,7 @@ fn mount_at(
         if req.prefetch {
             prefetch_fd(image_fd.as_fd());
         }
-        let (erofs, backing) = erofs_mount(image_fd.as_fd(), &req.image)?;
+        let (erofs, backing) = erofs_mount_via(sys, image_fd.as_fd(), &req.image)?;
         let upper = prepare_upper(store, &slot, &req.writes, &target, erofs.as_fd())?;
         let layers = Layers {
             meta: erofs.as_fd(),
@@ -163,26 +173,23 @@ fn mount_at(
                 .map(|u| (u.upper_fd.as_fd(), u.work_fd.as_fd())),
             discard_upper: upper.as_ref().is_some_and(|u| u.managed),
         };
-        let (ovl, passing) = overlay_mount(&req.image, &layers, verity, &slot.path.join("image"))?;
-        rustix::mount::move_mount(
-            ovl.as_fd(),
-            "",
-            target_fd,
-            "",
-            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
-        )
-        .map_err(|e| MountError::io("attach mount at", &target, e))?;
+        let (ovl, passing) =
+            overlay_mount(sys, &req.image, &layers, verity, &slot.path.join("image"))?;
         let upper = upper.as_ref().map(|u| (u.path.clone(), u.managed));
-        record_mount(
+        let report = record_mount(
+            sys,
             store,
             &slot,
             req,
             &target,
-            ovl,
+            ovl.as_fd(),
             upper,
             verity,
             (backing, passing),
-        )
+        )?;
+        sys.attach(ovl.as_fd(), target_fd)
+            .map_err(|e| MountError::io("attach mount at", &target, e))?;
+        Ok(report)
     })();
     if result.is_err() {
         let _ = store.remove_mount_slot(&slot.token);
@@ -190,20 +197,22 @@ fn mount_at(
     result
 }
 
-/// Writes the record of the mount `ovl`, just attached at `target`, into its slot (the pin
-/// that keeps its image from GC); detaches it again if that fails.
+/// Writes the record of the detached mount `ovl`, about to be attached at `target`, into its
+/// slot (the pin that keeps its image from GC).
 #[allow(clippy::too_many_arguments)]
 fn record_mount(
+    sys: &dyn MountSys,
     store: &Store,
     slot: &MountSlot,
     req: &MountRequest,
     target: &Path,
-    ovl: OwnedFd,
+    ovl: BorrowedFd<'_>,
     upper: Option<(PathBuf, bool)>,
     verity: VerityMode,
     (image_backing, layers): (ImageBacking, LayerPassing),
 ) -> Result<MountReport> {
-    let (mnt_id, mnt_id_unique, _) = kernel::mount_ids(ovl.as_fd())
+    let (mnt_id, mnt_id_unique, _) = sys
+        .mount_ids(ovl)
         .map_err(|e| MountError::io("read mount id of", target, e))?;
     let report = MountReport {
         image: req.image,
@@ -240,10 +249,7 @@ fn record_mount(
             .owner
             .and_then(|pid| velo_objects::process_start_time(pid).map(|start| (pid, start))),
     };
-    if let Err(e) = store.write_mount_record(slot, &record) {
-        let _ = detach(ovl.as_fd());
-        return Err(e.into());
-    }
+    store.write_mount_record(slot, &record)?;
     Ok(report)
 }
 
@@ -279,7 +285,7 @@ pub(crate) fn lease_overlay(
         upper: Some((upper.as_fd(), work.as_fd())),
         discard_upper: true,
     };
-    let ovl = overlay_with(image, &layers, store.verity(), LayerPassing::Fds)?;
+    let ovl = Kernel.overlay(image, &layers, store.verity(), LayerPassing::Fds)?;
     Ok((ovl, upper_path))
 }
 
@@ -290,16 +296,12 @@ fn verity_option(mode: VerityMode) -> &'static str {
     }
 }
 
-/// Unmounts the mount whose root `fd` is (used when a later step fails).
-fn detach(fd: BorrowedFd<'_>) -> rustix::io::Result<()> {
-    rustix::mount::unmount(
-        proc_fd_path(fd).as_str(),
-        rustix::mount::UnmountFlags::DETACH,
-    )
-}
-
-fn refuse_if_velo_mount(target_fd: BorrowedFd<'_>, target: &Path) -> Result<()> {
-    let Ok((id, _, true)) = kernel::mount_ids(target_fd) else {
+fn refuse_if_velo_mount(
+    sys: &dyn MountSys,
+    target_fd: BorrowedFd<'_>,
+    target: &Path,
+) -> Result<()> {
+    let Ok((id, _, true)) = sys.mount_ids(target_fd) else {
         return Ok(());
     };
     let mounts =
@@ -649,12 +651,21 @@ pub(crate) fn erofs_mount(
     image: BorrowedFd<'_>,
     digest: &Digest,
 ) -> Result<(OwnedFd, ImageBacking)> {
+    erofs_mount_via(&Kernel, image, digest)
+}
+
+/// [`erofs_mount`] through `sys`.
+fn erofs_mount_via(
+    sys: &dyn MountSys,
+    image: BorrowedFd<'_>,
+    digest: &Digest,
+) -> Result<(OwnedFd, ImageBacking)> {
     let source = proc_fd_path(image);
-    let direct_err = match erofs_mount_with(&source, digest, true) {
+    let direct_err = match sys.erofs(&source, digest, true) {
         Ok(fd) => return Ok((fd, ImageBacking::FileDirectIo)),
         Err(e) => e,
     };
-    let file_err = match erofs_mount_with(&source, digest, false) {
+    let file_err = match sys.erofs(&source, digest, false) {
         Ok(fd) => return Ok((fd, ImageBacking::File)),
         Err(e) => e,
     };
@@ -668,14 +679,14 @@ pub(crate) fn erofs_mount(
     ) {
         return Err(file_err);
     }
-    let (dev, path) = crate::loopdev::attach(image).map_err(|e| MountError::Kernel {
+    let (dev, path) = sys.loop_device(image).map_err(|e| MountError::Kernel {
         errno: Some(e),
         what: format!(
             "set up a loop device for image {digest} (its filesystem cannot back EROFS directly)"
         ),
         detail: e.to_string(),
     })?;
-    let fd = erofs_mount_with(&path, digest, false)?;
+    let fd = sys.erofs(&path, digest, false)?;
     drop(dev); // the mount holds the device now; autoclear frees it with the mount
     Ok((fd, ImageBacking::Loop))
 }
@@ -740,7 +751,8 @@ fn prefetch_fd(image: BorrowedFd<'_>) {
     }
 }
 
-fn erofs_mount_with(source: &str, digest: &Digest, directio: bool) -> Result<OwnedFd> {
+/// The EROFS mount [`Kernel`] makes for [`MountSys::erofs`].
+pub(crate) fn erofs_mount_with(source: &str, digest: &Digest, directio: bool) -> Result<OwnedFd> {
     let ctx = FsContext::open("erofs")?;
     ctx.set("source", source)?;
     let _ = ctx.try_flag("ro");
@@ -781,14 +793,18 @@ fn erofs_hint(errno: Option<rustix::io::Errno>) -> &'static str {
     }
 }
 
-struct Layers<'a> {
-    meta: BorrowedFd<'a>,
-    data: BorrowedFd<'a>,
-    upper: Option<(BorrowedFd<'a>, BorrowedFd<'a>)>,
+/// The layers of an overlay.
+pub(crate) struct Layers<'a> {
+    /// The image's EROFS mount (metadata).
+    pub meta: BorrowedFd<'a>,
+    /// The store's objects (data-only lower).
+    pub data: BorrowedFd<'a>,
+    /// Upper and work dirs, for a writable overlay.
+    pub upper: Option<(BorrowedFd<'a>, BorrowedFd<'a>)>,
     /// The upper is thrown away at umount: mount it `volatile`. Otherwise overlayfs syncs the
     /// whole upper filesystem (the store's) when the mount goes away — measured here at ~0.9 ms
     /// per `velo run`, and far more on a host with writes pending.
-    discard_upper: bool,
+    pub discard_upper: bool,
 }
 
 /// The overlay mount, detached. Layers go in as fds where the kernel takes them (6.13+), else
@@ -798,28 +814,29 @@ struct Layers<'a> {
 /// moment the overlay is created at `attach_dir`, a directory only root can reach (inside the
 /// 0700 store), and detached again right after.
 fn overlay_mount(
+    sys: &dyn MountSys,
     digest: &Digest,
     layers: &Layers<'_>,
     verity: VerityMode,
     attach_dir: &Path,
 ) -> Result<(OwnedFd, LayerPassing)> {
-    let fd_err = match overlay_with(digest, layers, verity, LayerPassing::Fds) {
+    let fd_err = match sys.overlay(digest, layers, verity, LayerPassing::Fds) {
         Ok(fd) => return Ok((fd, LayerPassing::Fds)),
         Err(e) => e,
     };
-    let path_err = match overlay_with(digest, layers, verity, LayerPassing::Paths) {
+    let path_err = match sys.overlay(digest, layers, verity, LayerPassing::Paths) {
         Ok(fd) => return Ok((fd, LayerPassing::Paths)),
         Err(e) => e,
     };
     tracing::debug!("overlay with fds failed: {fd_err}; with detached paths: {path_err}");
-    let attached = AttachedImage::attach(layers.meta, attach_dir)?;
+    let attached = AttachedImage::attach(sys, layers.meta, attach_dir)?;
     let attached_layers = Layers {
         meta: attached.fd.as_fd(),
         data: layers.data,
         upper: layers.upper,
         discard_upper: layers.discard_upper,
     };
-    let fd = overlay_with(
+    let fd = sys.overlay(
         digest,
         &attached_layers,
         verity,
@@ -830,13 +847,14 @@ fn overlay_mount(
 
 /// The image's EROFS mount attached at a private directory for the moment an old kernel needs
 /// it; detached (and the directory removed) on drop, on success and failure alike.
-struct AttachedImage {
+struct AttachedImage<'s> {
+    sys: &'s dyn MountSys,
     dir: PathBuf,
     fd: OwnedFd,
 }
 
-impl AttachedImage {
-    fn attach(mnt: BorrowedFd<'_>, dir: &Path) -> Result<Self> {
+impl<'s> AttachedImage<'s> {
+    fn attach(sys: &'s dyn MountSys, mnt: BorrowedFd<'_>, dir: &Path) -> Result<Self> {
         match std::fs::create_dir(dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -848,16 +866,11 @@ impl AttachedImage {
             Mode::empty(),
         )
         .map_err(|e| MountError::io("open", dir, e))?;
-        rustix::mount::move_mount(
-            mnt,
-            "",
-            dir_fd.as_fd(),
-            "",
-            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
-        )
-        .map_err(|e| MountError::io("attach the image for an older kernel at", dir, e))?;
+        sys.attach(mnt, dir_fd.as_fd())
+            .map_err(|e| MountError::io("attach the image for an older kernel at", dir, e))?;
         // From here on, drop detaches it. Reopen the path to get the mounted root.
         let mut guard = Self {
+            sys,
             dir: dir.to_owned(),
             fd: dir_fd,
         };
@@ -871,17 +884,15 @@ impl AttachedImage {
     }
 }
 
-impl Drop for AttachedImage {
+impl Drop for AttachedImage<'_> {
     fn drop(&mut self) {
-        let _ = rustix::mount::unmount(
-            &self.dir,
-            rustix::mount::UnmountFlags::DETACH | rustix::mount::UnmountFlags::NOFOLLOW,
-        );
+        self.sys.detach_at(&self.dir);
         let _ = std::fs::remove_dir(&self.dir);
     }
 }
 
-fn overlay_with(
+/// The overlay mount [`Kernel`] makes for [`MountSys::overlay`].
+pub(crate) fn overlay_with(
     digest: &Digest,
     layers: &Layers<'_>,
     verity: VerityMode,
@@ -1233,7 +1244,7 @@ pub(crate) fn read_only_overlay(
         upper: None,
         discard_upper: false,
     };
-    overlay_with(image, &layers, store.verity(), LayerPassing::Fds)
+    Kernel.overlay(image, &layers, store.verity(), LayerPassing::Fds)
 }
 
 /// A detached overlay of `image` over `erofs` whose writes go to the tenant's upper dir
@@ -1251,7 +1262,7 @@ pub(crate) fn tenant_overlay(
         upper: Some((tenant.upper.as_fd(), tenant.work.as_fd())),
         discard_upper: false,
     };
-    overlay_with(image, &layers, store.verity(), LayerPassing::Fds)
+    Kernel.overlay(image, &layers, store.verity(), LayerPassing::Fds)
 }
 
 /// A detached copy of the detached mount `mount` (`open_tree(OPEN_TREE_CLONE)`): it shares
@@ -1296,7 +1307,13 @@ pub fn probe(
         upper: None,
         discard_upper: false,
     };
-    let (_ovl, layers) = overlay_mount(digest, &layers, VerityMode::Unavailable, attach_dir)?;
+    let (_ovl, layers) = overlay_mount(
+        &Kernel,
+        digest,
+        &layers,
+        VerityMode::Unavailable,
+        attach_dir,
+    )?;
     Ok(ProbeReport {
         image_backing,
         layers,
@@ -1336,4 +1353,304 @@ mod tests {
 
     /// `TMPFS_MAGIC` from `<linux/magic.h>`.
     const TMPFS_MAGIC: rustix::fs::FsWord = 0x0102_1994;
+
+    /// The kernel, played by a fake that logs each call and fails the steps a test names. A
+    /// mount it "makes" is an fd of an empty directory (the test's own, so copying the image
+    /// root's owner onto an upper dir works without root).
+    struct Fake {
+        log: std::cell::RefCell<Vec<String>>,
+        store: PathBuf,
+        root: PathBuf,
+        fail: Vec<&'static str>,
+        erofs_errno: Errno,
+    }
+
+    impl Fake {
+        fn new(env: &Setup, fail: &[&'static str]) -> Self {
+            Self {
+                log: Default::default(),
+                store: env.store.root().to_owned(),
+                root: env.dir.path().join("fake-root"),
+                fail: fail.to_vec(),
+                erofs_errno: Errno::INVAL,
+            }
+        }
+
+        fn fd(&self) -> OwnedFd {
+            std::fs::create_dir_all(&self.root).unwrap();
+            rustix::fs::open(
+                &self.root,
+                OFlags::RDONLY | OFlags::DIRECTORY,
+                Mode::empty(),
+            )
+            .unwrap()
+        }
+
+        fn step(&self, name: &'static str) -> std::result::Result<(), Errno> {
+            self.log.borrow_mut().push(name.to_owned());
+            if self.fail.contains(&name) {
+                Err(Errno::INVAL)
+            } else {
+                Ok(())
+            }
+        }
+
+        fn log(&self) -> Vec<String> {
+            self.log.borrow().clone()
+        }
+
+        /// Records of mounts in the store right now.
+        fn pins(&self) -> usize {
+            Store::open(&self.store)
+                .unwrap()
+                .list_mount_records()
+                .unwrap()
+                .iter()
+                .filter(|(_, r)| r.is_ok())
+                .count()
+        }
+    }
+
+    fn kernel_err(errno: Errno) -> MountError {
+        MountError::Kernel {
+            errno: Some(errno),
+            what: "fake".into(),
+            detail: errno.to_string(),
+        }
+    }
+
+    impl MountSys for Fake {
+        fn erofs(&self, source: &str, _: &Digest, directio: bool) -> Result<OwnedFd> {
+            let name = match (source.starts_with("/dev/loop"), directio) {
+                (true, _) => "erofs loop",
+                (false, true) => "erofs directio",
+                (false, false) => "erofs file",
+            };
+            self.step(name).map_err(|_| kernel_err(self.erofs_errno))?;
+            Ok(self.fd())
+        }
+
+        fn loop_device(&self, _: BorrowedFd<'_>) -> std::result::Result<(OwnedFd, String), Errno> {
+            self.step("loop device")?;
+            Ok((self.fd(), "/dev/loop-fake".into()))
+        }
+
+        fn overlay(
+            &self,
+            _: &Digest,
+            _: &Layers<'_>,
+            _: VerityMode,
+            how: LayerPassing,
+        ) -> Result<OwnedFd> {
+            let name = match how {
+                LayerPassing::Fds => "overlay fds",
+                LayerPassing::Paths => "overlay paths",
+                LayerPassing::AttachedPaths => "overlay attached paths",
+            };
+            self.step(name).map_err(kernel_err)?;
+            Ok(self.fd())
+        }
+
+        fn attach(&self, _: BorrowedFd<'_>, _: BorrowedFd<'_>) -> rustix::io::Result<()> {
+            let pinned = self.pins() > 0;
+            self.step(if pinned {
+                "attach (pinned)"
+            } else {
+                "attach (not pinned)"
+            })
+        }
+
+        fn detach_at(&self, _: &Path) {
+            self.log.borrow_mut().push("detach".into());
+        }
+
+        fn mount_ids(
+            &self,
+            _: BorrowedFd<'_>,
+        ) -> std::result::Result<(u64, Option<u64>, bool), Errno> {
+            Ok((7, Some(1 << 40), false))
+        }
+    }
+
+    /// A store holding one real image (`image`), in a temporary directory.
+    struct Setup {
+        dir: tempfile::TempDir,
+        store: Store,
+        image: Digest,
+    }
+
+    fn setup() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(src.join("lib")).unwrap();
+        std::fs::write(src.join("lib/a.js"), "a".repeat(5000)).unwrap();
+        let store = Store::open_or_create(dir.path().join("store")).unwrap();
+        let image = velo_image::snapshot(
+            &store,
+            &src,
+            &velo_image::SnapshotOptions::default(),
+            &velo_image::NoProgress,
+        )
+        .unwrap()
+        .digest;
+        Setup { dir, store, image }
+    }
+
+    fn request(env: &Setup, writes: Writes) -> MountRequest {
+        MountRequest {
+            image: env.image,
+            target: env.dir.path().join("new/mnt"),
+            writes,
+            create_target: true,
+            owner: None,
+            prefetch: false,
+        }
+    }
+
+    /// What is in the store's `mounts/` (slots, records, managed upper dirs).
+    fn slots(env: &Setup) -> Vec<std::ffi::OsString> {
+        std::fs::read_dir(env.store.root().join("mounts"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| !n.as_encoded_bytes().starts_with(b"."))
+            .collect()
+    }
+
+    /// A mount is pinned (its record written) before it is attached, and the report says how
+    /// the kernel took it.
+    #[test]
+    fn a_mount_is_pinned_before_it_is_attached() {
+        let env = setup();
+        let fake = Fake::new(&env, &[]);
+        let r = mount_image_via(&fake, &env.store, &request(&env, Writes::CowManaged)).unwrap();
+        assert_eq!(
+            fake.log(),
+            ["erofs directio", "overlay fds", "attach (pinned)"]
+        );
+        assert_eq!(r.image_backing, ImageBacking::FileDirectIo);
+        assert_eq!(r.layers, LayerPassing::Fds);
+        assert!(r.managed_upper);
+        let records = env.store.list_mount_records().unwrap();
+        assert_eq!(records.len(), 1);
+        let record = records[0].1.as_ref().unwrap();
+        assert_eq!(
+            record.mnt_id_unique,
+            Some(1 << 40),
+            "the detached mount's ID"
+        );
+        assert_eq!(record.target, env.dir.path().join("new/mnt"));
+    }
+
+    /// A failure at any step leaves nothing: no slot, record or managed upper dir in the
+    /// store, and the target dir the mount created is gone.
+    #[test]
+    fn a_failure_at_any_step_leaves_nothing_behind() {
+        let cases: [(&[&'static str], Errno); 4] = [
+            (&["erofs directio", "erofs file"], Errno::INVAL),
+            (
+                &["erofs directio", "erofs file", "loop device"],
+                Errno::NOTBLK,
+            ),
+            (
+                &["overlay fds", "overlay paths", "overlay attached paths"],
+                Errno::INVAL,
+            ),
+            (&["attach (pinned)"], Errno::INVAL),
+        ];
+        for (fail, errno) in cases {
+            let env = setup();
+            let mut fake = Fake::new(&env, fail);
+            fake.erofs_errno = errno;
+            let err = mount_image_via(&fake, &env.store, &request(&env, Writes::CowManaged))
+                .expect_err("fails");
+            assert!(!err.to_string().is_empty());
+            let log = fake.log();
+            let failed = fail.last().copied().unwrap_or_default();
+            assert!(
+                log.iter().any(|l| l == failed),
+                "{failed} was tried: {log:?}"
+            );
+            assert_eq!(
+                slots(&env),
+                Vec::<std::ffi::OsString>::new(),
+                "{fail:?}: {log:?}"
+            );
+            assert!(
+                !env.dir.path().join("new/mnt").exists(),
+                "{fail:?}: the target dir it made is gone"
+            );
+        }
+    }
+
+    /// EROFS: with directio if the kernel takes it, else without, else (a filesystem that
+    /// cannot back EROFS: ENOTBLK) through a loop device; any other refusal is the error.
+    #[test]
+    fn erofs_falls_back_from_directio_to_file_to_a_loop_device() {
+        let env = setup();
+        let image = env.store.open_image(&env.image).unwrap();
+        let fake = Fake::new(&env, &["erofs directio"]);
+        let (_, how) = erofs_mount_via(&fake, image.as_fd(), &env.image).unwrap();
+        assert_eq!(how, ImageBacking::File);
+
+        let mut fake = Fake::new(&env, &["erofs directio", "erofs file"]);
+        fake.erofs_errno = Errno::NOTBLK;
+        let (_, how) = erofs_mount_via(&fake, image.as_fd(), &env.image).unwrap();
+        assert_eq!(how, ImageBacking::Loop);
+        assert_eq!(
+            fake.log(),
+            ["erofs directio", "erofs file", "loop device", "erofs loop"]
+        );
+
+        let mut fake = Fake::new(&env, &["erofs directio", "erofs file"]);
+        fake.erofs_errno = Errno::PERM;
+        assert!(erofs_mount_via(&fake, image.as_fd(), &env.image).is_err());
+        assert_eq!(
+            fake.log(),
+            ["erofs directio", "erofs file"],
+            "no loop device"
+        );
+    }
+
+    /// Overlay: layers as fds (6.13+), else as paths of detached mounts (6.15+ takes those),
+    /// else the image attached for the moment in a private dir, and detached again.
+    #[test]
+    fn overlay_falls_back_from_fds_to_paths_to_an_attached_image() {
+        let env = setup();
+        let dir = env.dir.path().join("attach");
+        let (meta, data) = (env.dir.path().join("m"), env.dir.path().join("d"));
+        for d in [&meta, &data] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let open = |p: &Path| {
+            rustix::fs::open(p, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap()
+        };
+        let (meta, data) = (open(&meta), open(&data));
+        let layers = Layers {
+            meta: meta.as_fd(),
+            data: data.as_fd(),
+            upper: None,
+            discard_upper: false,
+        };
+        let fake = Fake::new(&env, &["overlay fds"]);
+        let (_, how) =
+            overlay_mount(&fake, &env.image, &layers, VerityMode::Unavailable, &dir).unwrap();
+        assert_eq!(how, LayerPassing::Paths);
+
+        let fake = Fake::new(&env, &["overlay fds", "overlay paths"]);
+        let (_, how) =
+            overlay_mount(&fake, &env.image, &layers, VerityMode::Unavailable, &dir).unwrap();
+        assert_eq!(how, LayerPassing::AttachedPaths);
+        assert_eq!(
+            fake.log(),
+            [
+                "overlay fds",
+                "overlay paths",
+                "attach (not pinned)",
+                "overlay attached paths",
+                "detach"
+            ]
+        );
+        assert!(!dir.exists(), "the private dir is removed again");
+    }
 }
