@@ -114,12 +114,10 @@ pub enum Command {
         #[arg(long)]
         persist: bool,
         /// The command and its arguments.
-        #[arg(
-            trailing_var_arg = true,
-            allow_hyphen_values = true,
-            required = true,
-            value_name = "CMD"
-        )]
+        // No `allow_hyphen_values`: an option velo does not know (`--presist`) before the
+        // command is an error with a suggestion, not the command; everything from the command
+        // on (or after `--`) is the command's.
+        #[arg(trailing_var_arg = true, required = true, value_name = "CMD")]
         command: Vec<std::ffi::OsString>,
     },
     /// Show each managed dir: key, image, up to date or not, size, last use.
@@ -477,5 +475,25 @@ mod tests {
         for a in refused {
             assert!(parse_run_fast(&argv(a)).is_none(), "{a:?} taken");
         }
+    }
+
+    /// An option `velo run` does not know, before the command, is an error that suggests the
+    /// one meant — never the command itself; from the command on, hyphens are the command's.
+    #[test]
+    fn an_unknown_run_option_is_an_error_with_a_suggestion() {
+        let err = Cli::try_parse_from(argv(&["run", "--presist", "--", "true"]))
+            .expect_err("refused");
+        assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument);
+        assert!(err.to_string().contains("--persist"), "{err}");
+        let ok = Cli::try_parse_from(argv(&["run", "npm", "test", "--coverage"])).expect("ok");
+        let Command::Run { command, .. } = ok.command else {
+            panic!("not run")
+        };
+        assert_eq!(command, ["npm", "test", "--coverage"]);
+        let ok = Cli::try_parse_from(argv(&["run", "--", "-weird"])).expect("ok");
+        let Command::Run { command, .. } = ok.command else {
+            panic!("not run")
+        };
+        assert_eq!(command, ["-weird"]);
     }
 }
