@@ -481,8 +481,8 @@ mod tests {
     /// one meant — never the command itself; from the command on, hyphens are the command's.
     #[test]
     fn an_unknown_run_option_is_an_error_with_a_suggestion() {
-        let err = Cli::try_parse_from(argv(&["run", "--presist", "--", "true"]))
-            .expect_err("refused");
+        let err =
+            Cli::try_parse_from(argv(&["run", "--presist", "--", "true"])).expect_err("refused");
         assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument);
         assert!(err.to_string().contains("--persist"), "{err}");
         let ok = Cli::try_parse_from(argv(&["run", "npm", "test", "--coverage"])).expect("ok");

@@ -57,7 +57,8 @@ impl Config {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 bail!(
-                    "no {FILE} in {}: run `velo init` there first",
+                    "no {FILE} in {} or any dir above it: run `velo init` in the project's root \
+                     (where its lockfile is)",
                     project.display()
                 )
             }

@@ -66,9 +66,21 @@ pub fn resolve(
     Ok(out)
 }
 
-/// The project dir: `--project` or the current directory, made absolute and canonical (keys of
-/// path-sensitive ecosystems include it).
+/// The project dir: the nearest of `given` (or the current directory) and its parents that
+/// holds `velo.toml` — found upward, as npm, cargo, uv and git find theirs — made absolute
+/// and canonical (keys of path-sensitive ecosystems include it). If none holds one, the
+/// starting dir itself, whose error then names it.
 pub fn project_dir(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    Ok(find_project(&start_dir(given)?, false))
+}
+
+/// [`project_dir`] for `velo init`: the nearest dir that holds `velo.toml` or a lockfile velo
+/// detects.
+pub fn project_dir_for_init(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    Ok(find_project(&start_dir(given)?, true))
+}
+
+fn start_dir(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     match given {
         Some(p) => {
             std::fs::canonicalize(p).map_err(|e| anyhow::anyhow!("project {}: {e}", p.display()))
@@ -76,6 +88,16 @@ pub fn project_dir(given: Option<&Path>) -> anyhow::Result<PathBuf> {
         // getcwd(2) already answers with the canonical path (no symlinks, no `..`).
         None => std::env::current_dir().map_err(|e| anyhow::anyhow!("the current directory: {e}")),
     }
+}
+
+/// The nearest of `start` and its parents holding `velo.toml` (or, `for_init`, a lockfile
+/// [`detect::detect`] recognises); `start` if none does.
+pub fn find_project(start: &Path, for_init: bool) -> PathBuf {
+    start
+        .ancestors()
+        .find(|dir| dir.join(config::FILE).is_file() || (for_init && detect::detect(dir).is_ok()))
+        .unwrap_or(start)
+        .to_owned()
 }
 
 /// `env` of a unit with `{project}` expanded.

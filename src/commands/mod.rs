@@ -17,7 +17,7 @@ use crate::cli::{Cli, Command};
 
 /// Runs the command the user asked for.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let ctx = Ctx {
+    let mut ctx = Ctx {
         store_named: cli.store.is_some(),
         store: cli
             .store
@@ -26,6 +26,21 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         json: cli.json,
         quiet: cli.quiet,
     };
+    // `-C DIR` works as git's and make's: velo starts in DIR (the project is found upward from
+    // there, and `run`'s command runs there). Paths given on the command line keep meaning
+    // what they meant where velo was started.
+    if let Command::Init {
+        project: Some(dir), ..
+    }
+    | Command::Run {
+        project: Some(dir), ..
+    }
+    | Command::Status { project: Some(dir) } = &cli.command
+    {
+        ctx.store = std::path::absolute(&ctx.store)?;
+        ctx.socket = ctx.socket.map(std::path::absolute).transpose()?;
+        std::env::set_current_dir(dir).map_err(|e| anyhow::anyhow!("-C {}: {e}", dir.display()))?;
+    }
     match cli.command {
         Command::Snapshot {
             dir,
@@ -48,14 +63,15 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Fsck { repair, jobs } => fsck::fsck(&ctx, repair, jobs),
         Command::Tenant { command } => tenant::tenant(&ctx, command),
         Command::Service { command } => service::service(&ctx, command),
-        Command::Init { project, force } => project::init(&ctx, project.as_deref(), force),
+        // (-C was entered above.)
+        Command::Init { force, .. } => project::init(&ctx, force),
         Command::Run {
-            project,
             user,
             persist,
             command,
-        } => project::run(&ctx, project, user, persist, command),
-        Command::Status { project } => project::status(&ctx, project.as_deref()),
+            ..
+        } => project::run(&ctx, user, persist, command),
+        Command::Status { .. } => project::status(&ctx),
         Command::Gc {
             dry_run,
             unused_for,

@@ -1,7 +1,7 @@
 //! `velo init`, `velo run`, `velo status`.
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
 use serde::Serialize;
@@ -13,10 +13,10 @@ use velo_project::config::{Config, FILE};
 use velo_project::key::CacheAt;
 use velo_project::run::{RunOptions, persist_tenant};
 use velo_project::user::User;
-use velo_project::{detect, project_dir, resolve};
+use velo_project::{detect, project_dir, project_dir_for_init, resolve};
 
-pub fn init(ctx: &Ctx, project: Option<&Path>, force: bool) -> anyhow::Result<ExitCode> {
-    let project = project_dir(project)?;
+pub fn init(ctx: &Ctx, force: bool) -> anyhow::Result<ExitCode> {
+    let project = project_dir_for_init(None)?;
     if project.join(FILE).exists() && !force {
         anyhow::bail!(
             "{} already exists (use --force to replace it)",
@@ -47,7 +47,6 @@ pub fn init(ctx: &Ctx, project: Option<&Path>, force: bool) -> anyhow::Result<Ex
 
 pub fn run(
     ctx: &Ctx,
-    project: Option<PathBuf>,
     user: Option<String>,
     persist: bool,
     command: Vec<OsString>,
@@ -55,7 +54,7 @@ pub fn run(
     let opts = RunOptions {
         user,
         persist,
-        project,
+        project: None,
         quiet: ctx.quiet,
         socket: ctx.socket.clone(),
     };
@@ -77,8 +76,8 @@ struct StatusRow {
     persisted_bytes: Option<u64>,
 }
 
-pub fn status(ctx: &Ctx, project: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let project = project_dir(project)?;
+pub fn status(ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    let project = project_dir(None)?;
     let config = Config::load(&project)?;
     let user = User::invoking(None)?;
     let rows = if ctx.through_service() {

@@ -1,0 +1,108 @@
+//! `velo` behaves like the tools it wraps (issue 13): the project is found upward from a
+//! subdirectory, as npm, cargo, uv and git find theirs; `-C DIR` works as `git -C`/`make -C`
+//! (velo starts in DIR; the command runs there); an option `velo run` does not know is an
+//! error with a suggestion, never the command.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use common::{Env, can_mount, describe, fixtures, path_str};
+
+fn velo_in(env: &Env, dir: &Path, args: &[&str]) -> Command {
+    let mut c = env.velo(args);
+    c.current_dir(dir)
+        .env_remove("SUDO_UID")
+        .env_remove("SUDO_GID");
+    c
+}
+
+fn ok(env: &Env, dir: &Path, args: &[&str]) -> String {
+    let out = velo_in(env, dir, args).output().unwrap();
+    assert!(out.status.success(), "velo {args:?}:\n{}", describe(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// From a subdirectory, `run` and `status` find the project's velo.toml above, and the
+/// command runs in the subdirectory; `-C sub` from elsewhere does the same.
+#[test]
+fn a_project_is_found_upward_and_minus_c_is_where_velo_starts() {
+    if !can_mount("a_project_is_found_upward_and_minus_c_is_where_velo_starts") {
+        return;
+    }
+    let env = Env::new();
+    let project = fixtures::custom_project(env.dir.path(), &env.path("proj"));
+    let sub = project.join("src/deep");
+    fs::create_dir_all(&sub).unwrap();
+
+    let out = ok(
+        &env,
+        &sub,
+        &["run", "sh", "-c", "pwd; cat ../../deps/lib/deps.lock"],
+    );
+    assert_eq!(out, format!("{}\nv1\n", path_str(&sub)));
+    let status = ok(&env, &sub, &["--json", "status"]);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status[0]["up_to_date"], true, "{status}");
+
+    let out = ok(
+        &env,
+        env.dir.path(),
+        &["run", "-C", "proj/src/deep", "--", "pwd"],
+    );
+    assert_eq!(out.trim(), path_str(&sub), "the command runs in -C's dir");
+
+    // No velo.toml anywhere up: the error names where velo looked and what to do.
+    let elsewhere = env.path("elsewhere/sub");
+    fs::create_dir_all(&elsewhere).unwrap();
+    let out = velo_in(&env, &elsewhere, &["run", "true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("or any dir above it") && err.contains("velo init"),
+        "{err}"
+    );
+}
+
+/// `velo init` in a subdirectory of a project writes velo.toml at the project's root (the
+/// nearest dir above with a lockfile).
+#[test]
+fn init_from_a_subdirectory_writes_velo_toml_at_the_root() {
+    let env = Env::new();
+    let project = env.path("app");
+    fs::create_dir_all(project.join("lib/util")).unwrap();
+    fs::write(project.join("requirements.txt"), "").unwrap();
+    let out = velo_in(&env, &project.join("lib/util"), &["init"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(project.join("velo.toml").is_file());
+    assert!(!project.join("lib/util/velo.toml").exists());
+}
+
+/// `velo run --presist -- x`: refused with the option meant, and nothing is run.
+#[test]
+fn an_unknown_run_option_is_refused_with_a_suggestion() {
+    let env = Env::new();
+    let marker = env.path("ran");
+    let out = velo_in(
+        &env,
+        env.dir.path(),
+        &["run", "--presist", "--", "touch", path_str(&marker)],
+    )
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("'--presist'") && err.contains("'--persist'"),
+        "{err}"
+    );
+    assert!(!marker.exists(), "nothing ran");
+}
