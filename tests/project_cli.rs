@@ -106,3 +106,33 @@ fn an_unknown_run_option_is_refused_with_a_suggestion() {
     );
     assert!(!marker.exists(), "nothing ran");
 }
+
+/// A first build as root writes its tree to a tmpfs in its own namespace and leaves exactly
+/// the image its ref names: no unreferenced image (an empty one was stored for every build
+/// before), nothing in the store's tmp/.
+#[test]
+fn a_first_build_leaves_only_the_image_its_ref_names() {
+    if !can_mount("a_first_build_leaves_only_the_image_its_ref_names") {
+        return;
+    }
+    let env = Env::new();
+    let project = fixtures::custom_project(env.dir.path(), &env.path("proj"));
+    fs::write(
+        project.join("velo.toml"),
+        "[[deps]]\necosystem = \"custom\"\ndirs = [\"deps\"]\ninputs = [\"deps.lock\"]\n\
+         install = \"mkdir -p deps/lib && stat -f -c %T deps > deps/lib/fs\"\n",
+    )
+    .unwrap();
+    let out = ok(&env, &project, &["run", "cat", "deps/lib/fs"]);
+    assert_eq!(out.trim(), "tmpfs");
+    let ls: serde_json::Value =
+        serde_json::from_str(&ok(&env, &project, &["--json", "ls"])).unwrap();
+    let images = ls["images"].as_array().unwrap();
+    assert_eq!(images.len(), 1, "{ls}");
+    assert_eq!(images[0]["refs"].as_array().map(Vec::len), Some(1), "{ls}");
+    let tmp: Vec<_> = fs::read_dir(env.store.join("tmp"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(tmp.is_empty(), "{tmp:?}");
+}

@@ -37,15 +37,18 @@ pub struct PlannedMount {
     pub target: PathBuf,
     /// A tenant whose upper persists (`--persist`); otherwise a fresh upper, dropped at exit.
     pub tenant: Option<String>,
-    /// The ref to snapshot the view into (builds only).
-    pub snapshot_ref: Option<String>,
 }
 
-/// A build: run this install, then snapshot each mount's view into its ref.
+/// A build: run this install over an empty dir at each target, then snapshot each into its
+/// ref.
 #[derive(Debug, Clone)]
 pub struct Build {
     /// The install command (`sh -c`).
     pub install: String,
+    /// Each dir the install fills, and the ref its snapshot is written to.
+    pub dirs: Vec<(PathBuf, String)>,
+    /// Where the install writes: a tmpfs, or an empty dir on disk.
+    pub place: crate::build::BuildIn,
 }
 
 /// Creates a missing mount target as the invoking user's (so the project is not left with
@@ -120,9 +123,10 @@ pub fn remove_slots_of(store: &Store, pid: u32) {
     }
 }
 
-/// The build child's work (forked; single-threaded): mounts an empty image over each dir,
-/// runs the install there at the real path as the invoking user, and snapshots the result
-/// into each dir's ref. Its result is the process's exit status; its mounts vanish with it.
+/// The build child's work (forked; single-threaded): in a private mount namespace, mounts an
+/// empty dir over each dir (a tmpfs, or one on disk: [`crate::build::BuildIn`]), runs the
+/// install there at the real path as the invoking user, and snapshots the result into each
+/// dir's ref. Its result is the process's exit status; its mounts vanish with it.
 pub fn build(plan: &Plan, build: &Build) -> i32 {
     match build_inner(plan, build) {
         Ok(code) => code,
@@ -134,15 +138,45 @@ pub fn build(plan: &Plan, build: &Build) -> i32 {
 }
 
 fn build_inner(plan: &Plan, build: &Build) -> anyhow::Result<i32> {
-    let store = enter_and_mount(plan)?;
-    for m in &plan.mounts {
-        // The install writes into the (empty) mount as the invoking user.
+    use std::os::unix::fs::PermissionsExt;
+    velo_mount::enter_private_namespace()?;
+    let store = Store::open(&plan.store)?;
+    // Disk builds write under the store's tmp/ (root's, on the store's filesystem); the dirs
+    // go with this process.
+    let mut on_disk = Vec::new();
+    for (target, _) in &build.dirs {
+        ensure_target(target, (plan.user.uid, plan.user.gid))?;
+        let mounted = match build.place {
+            crate::build::BuildIn::Memory(size) => {
+                let mode = std::fs::metadata(target)
+                    .with_context(|| format!("stat {}", target.display()))?
+                    .permissions()
+                    .mode();
+                crate::userns::tmpfs(target, size, mode)
+            }
+            crate::build::BuildIn::Disk => {
+                let dir = tempfile::Builder::new()
+                    .prefix("build-")
+                    .tempdir_in(store.area_path(velo_objects::Area::Tmp))
+                    .context("create a build dir in the store")?;
+                let mounted = crate::userns::bind(dir.path(), target);
+                on_disk.push(dir);
+                mounted
+            }
+        };
+        mounted.with_context(|| {
+            format!(
+                "mount an empty dir over {} for the install",
+                target.display()
+            )
+        })?;
+        // The install writes into it as the invoking user.
         rustix::fs::chown(
-            &m.target,
+            target,
             Some(rustix::fs::Uid::from_raw(plan.user.uid)),
             Some(rustix::fs::Gid::from_raw(plan.user.gid)),
         )
-        .with_context(|| format!("chown {}", m.target.display()))?;
+        .with_context(|| format!("chown {}", target.display()))?;
     }
     let mut cmd = std::process::Command::new("sh");
     cmd.arg("-c").arg(&build.install).current_dir(&plan.project);
@@ -162,19 +196,16 @@ fn build_inner(plan: &Plan, build: &Build) -> anyhow::Result<i32> {
         );
         return Ok(status.code().map_or(1, |c| c.clamp(1, 255)));
     }
-    for m in &plan.mounts {
-        let Some(ref_name) = &m.snapshot_ref else {
-            continue;
-        };
+    for (target, ref_name) in &build.dirs {
         let opts = velo_image::SnapshotOptions {
             ref_name: Some(ref_name.clone()),
             ..Default::default()
         };
-        let r = velo_image::snapshot(&store, &m.target, &opts, &velo_image::NoProgress)
-            .with_context(|| format!("snapshot {} after the install", m.target.display()))?;
+        let r = velo_image::snapshot(&store, target, &opts, &velo_image::NoProgress)
+            .with_context(|| format!("snapshot {} after the install", target.display()))?;
         tracing::info!(
             "{}: {} files, {} new objects -> {ref_name}",
-            m.target.display(),
+            target.display(),
             r.files,
             r.new_objects
         );

@@ -14,7 +14,7 @@ use std::os::fd::AsFd;
 
 use anyhow::{Context, bail};
 use velo_mount::protocol::Writes;
-use velo_objects::{Digest, Store};
+use velo_objects::Store;
 
 use super::build;
 use super::child::{Build, Plan, PlannedMount};
@@ -47,11 +47,6 @@ pub fn persist_tenant(project: &Path, d: &ManagedDir) -> String {
     h.update(b"\0");
     h.update(d.dir.as_bytes());
     format!("run-{}-{}", &h.finalize().to_hex()[..12], &d.key[..12])
-}
-
-fn empty_image(store: &Store) -> anyhow::Result<Digest> {
-    let bytes = velo_image::empty_image()?;
-    Ok(store.store_bytes(velo_objects::Kind::Image, &bytes)?.digest)
 }
 
 /// Runs `argv` with the project's dependency dirs mounted. Root works on the store itself
@@ -120,24 +115,20 @@ fn run_as_root(
                 names, unit.install
             );
         }
-        let empty = empty_image(&store)?;
         let plan = Plan {
             store: store.root().to_owned(),
             project: project.to_owned(),
             user: user.clone(),
-            mounts: unit_dirs
-                .iter()
-                .map(|d| PlannedMount {
-                    image: empty,
-                    target: d.path.clone(),
-                    tenant: None,
-                    snapshot_ref: Some(d.ref_name.clone()),
-                })
-                .collect(),
+            mounts: Vec::new(),
             env: unit_env(unit, project).into_iter().collect(),
         };
         let build = Build {
             install: unit.install.clone(),
+            dirs: unit_dirs
+                .iter()
+                .map(|d| (d.path.clone(), d.ref_name.clone()))
+                .collect(),
+            place: crate::build::BuildIn::choose()?,
         };
         let (status, child) = in_child(|| super::child::build(&plan, &build))?;
         super::child::remove_slots_of(&store, child);
@@ -202,7 +193,6 @@ fn run_as_root(
             image,
             target: d.path.clone(),
             tenant,
-            snapshot_ref: None,
         });
     }
     let plan = Plan {
