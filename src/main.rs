@@ -30,6 +30,12 @@ fn main() -> ExitCode {
     match commands::run(cli) {
         Ok(code) => code,
         Err(e) => {
+            if let Some(i) = e.downcast_ref::<velo_project::Interrupted>() {
+                eprintln!("velo: {e}");
+                // Exit the way the build did: killed by the same signal (a shell shows 130
+                // for Ctrl-C), so scripts and CI see an interruption, not a failure.
+                return velo_project::run::exit_like(-i.signal).unwrap_or(ExitCode::FAILURE);
+            }
             let msg = format!("{e:#}");
             if json {
                 outln!("{}", serde_json::json!({ "error": msg }));

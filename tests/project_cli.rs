@@ -136,3 +136,98 @@ fn a_first_build_leaves_only_the_image_its_ref_names() {
         .collect();
     assert!(tmp.is_empty(), "{tmp:?}");
 }
+
+/// Waits (up to a generous deadline, for a loaded machine) until `path` exists.
+fn wait_for(path: &Path, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !path.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} never happened"
+        );
+        std::thread::yield_now();
+    }
+}
+
+fn signal_group(pgid: u32, sig: rustix::process::Signal) {
+    rustix::process::kill_process_group(rustix::process::Pid::from_raw(pgid as i32).unwrap(), sig)
+        .unwrap();
+}
+
+/// Not in a terminal's foreground (CI, `timeout`, a process manager), `velo run`'s command
+/// leads a process group of its own: a signal sent to velo's group (as `timeout` sends it)
+/// reaches the command through velo — once, as without velo — not also directly.
+#[test]
+fn outside_a_terminal_the_command_has_a_group_of_its_own_and_gets_signals_once() {
+    if !can_mount("outside_a_terminal_the_command_has_a_group_of_its_own_and_gets_signals_once") {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let env = Env::new();
+    let project = fixtures::custom_project(env.dir.path(), &env.path("proj"));
+    let ready = env.path("ready");
+    let script = format!(
+        "trap 'echo got TERM; exit 3' TERM; cut -d' ' -f5 /proc/self/stat > {r}.pgrp; \
+         mv {r}.pgrp {r}; while :; do sleep 0.01; done",
+        r = path_str(&ready)
+    );
+    let velo = velo_in(&env, &project, &["run", "sh", "-c", &script])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .process_group(0) // velo leads its group, as `timeout` makes itself do
+        .spawn()
+        .unwrap();
+    let _guard = common::KillOnDrop(velo.id() as i32);
+    wait_for(&ready, "the command's start");
+    let command_group: u32 = fs::read_to_string(&ready).unwrap().trim().parse().unwrap();
+    assert_ne!(
+        command_group,
+        velo.id(),
+        "the command is not in velo's group"
+    );
+    signal_group(velo.id(), rustix::process::Signal::TERM);
+    let out = velo.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "got TERM\n");
+}
+
+/// A build interrupted like Ctrl-C does (SIGINT to velo's process group) ends velo the same
+/// way — killed by SIGINT (130 in a shell), not "failed" with status 1 — and writes no ref.
+#[test]
+fn an_interrupted_build_ends_velo_by_the_same_signal() {
+    if !can_mount("an_interrupted_build_ends_velo_by_the_same_signal") {
+        return;
+    }
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    let env = Env::new();
+    let project = fixtures::custom_project(env.dir.path(), &env.path("proj"));
+    let ready = env.path("ready");
+    fs::write(
+        project.join("velo.toml"),
+        format!(
+            "[[deps]]\necosystem = \"custom\"\ndirs = [\"deps\"]\ninputs = [\"deps.lock\"]\n\
+             install = \"touch {}; sleep 60\"\n",
+            path_str(&ready)
+        ),
+    )
+    .unwrap();
+    let velo = velo_in(&env, &project, &["run", "true"])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let _guard = common::KillOnDrop(velo.id() as i32);
+    wait_for(&ready, "the install's start");
+    signal_group(velo.id(), rustix::process::Signal::INT);
+    let out = velo.wait_with_output().unwrap();
+    assert_eq!(out.status.signal(), Some(2), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("interrupted") && err.contains("no ref was written"),
+        "{err}"
+    );
+    let ls: serde_json::Value =
+        serde_json::from_str(&ok(&env, &project, &["--json", "ls"])).unwrap();
+    assert_eq!(ls["refs"].as_array().map(Vec::len), Some(0), "{ls}");
+}

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
 use crate::ManagedDir;
 use crate::client::Client;
@@ -110,12 +110,7 @@ enum Place<'a> {
 
 fn check_status(b: &UserBuild<'_>, status: i32) -> anyhow::Result<()> {
     if status != 0 {
-        bail!(
-            "building {} failed: `{}` exited with {}; no ref was written (its output is above)",
-            names(&b.dirs),
-            b.install,
-            crate::run::describe_status(status)
-        );
+        return Err(crate::run::build_failed(&names(&b.dirs), b.install, status));
     }
     Ok(())
 }
@@ -219,7 +214,7 @@ fn build_child_inner(b: &UserBuild<'_>, place: &Place<'_>) -> anyhow::Result<i32
                 );
             }
         }
-        return Ok(status.code().map_or(1, |c| c.clamp(1, 255)));
+        return Ok(crate::run::exit_code_of(status));
     }
     let mut client = Client::connect(b.socket)?;
     for (dir, root) in b.dirs.iter().zip(roots) {

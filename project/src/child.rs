@@ -194,7 +194,7 @@ fn build_inner(plan: &Plan, build: &Build) -> anyhow::Result<i32> {
             "velo: the install `{}` failed ({status}); no image was made",
             build.install
         );
-        return Ok(status.code().map_or(1, |c| c.clamp(1, 255)));
+        return Ok(crate::run::exit_code_of(status));
     }
     for (target, ref_name) in &build.dirs {
         let opts = velo_image::SnapshotOptions {

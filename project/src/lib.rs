@@ -66,6 +66,15 @@ pub fn resolve(
     Ok(out)
 }
 
+/// A build stopped by a signal (Ctrl-C, `kill`): velo exits the way it did (130 for
+/// Ctrl-C), as the install alone would have.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted by signal {signal}")]
+pub struct Interrupted {
+    /// The signal.
+    pub signal: i32,
+}
+
 /// The project dir: the nearest of `given` (or the current directory) and its parents that
 /// holds `velo.toml` — found upward, as npm, cargo, uv and git find theirs — made absolute
 /// and canonical (keys of path-sensitive ecosystems include it). If none holds one, the

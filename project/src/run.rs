@@ -133,12 +133,7 @@ fn run_as_root(
         let (status, child) = in_child(|| super::child::build(&plan, &build))?;
         super::child::remove_slots_of(&store, child);
         if status != 0 {
-            bail!(
-                "building {} failed: `{}` exited with {}; no ref was written (its output is above)",
-                names,
-                unit.install,
-                describe_status(status)
-            );
+            return Err(build_failed(&names, &unit.install, status));
         }
         if missing(&store) {
             bail!("the build of {} finished but left no image", unit.ecosystem);
@@ -423,6 +418,41 @@ fn attach_and_run(
 }
 
 /// A wait status as words.
+/// The exit code a process reports for `status` the way a shell does: its code, or 128 plus
+/// the signal that killed it.
+pub(crate) fn exit_code_of(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => c.clamp(1, 255),
+        (None, Some(sig)) => 128 + sig,
+        _ => 1,
+    }
+}
+
+/// The signal a build's `status` (its exit code, or minus the signal that killed it) says it
+/// was stopped by — Ctrl-C, `kill`, a closed terminal — if it was.
+pub(crate) fn interrupted_by(status: i32) -> Option<i32> {
+    let sig = if status < 0 { -status } else { status - 128 };
+    [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT]
+        .contains(&sig)
+        .then_some(sig)
+}
+
+/// The error of a failed build: an [`crate::Interrupted`] (velo then exits the way the build
+/// did: 130 for Ctrl-C) if a signal stopped it.
+pub(crate) fn build_failed(names: &str, install: &str, status: i32) -> anyhow::Error {
+    if let Some(signal) = interrupted_by(status) {
+        return anyhow::Error::new(crate::Interrupted { signal }).context(format!(
+            "building {names} was interrupted (signal {signal}); no ref was written"
+        ));
+    }
+    anyhow::anyhow!(
+        "building {names} failed: `{install}` exited with {}; no ref was written (its output is \
+         above)",
+        describe_status(status)
+    )
+}
+
 pub(crate) fn describe_status(status: i32) -> String {
     if status >= 0 {
         format!("status {status}")
@@ -449,7 +479,7 @@ pub(crate) fn in_child(work: impl FnOnce() -> i32) -> anyhow::Result<(i32, u32)>
     if pid == 0 {
         std::process::exit(work());
     }
-    Ok((wait_forwarding(pid, || {})?, pid as u32))
+    Ok((wait_forwarding(pid, Group::Same, || {})?, pid as u32))
 }
 
 /// The direct path (root, no service): this process (single-threaded) enters a private mount
@@ -497,8 +527,13 @@ fn start_command(
         cmd.current_dir(cwd);
     }
     user.apply(&mut cmd);
+    let group = Group::for_command();
+    if group == Group::Own {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+    }
     match cmd.spawn() {
-        Ok(child) => wait_forwarding(child.id() as i32, meanwhile),
+        Ok(child) => wait_forwarding(child.id() as i32, group, meanwhile),
         Err(e) => {
             eprintln!("velo: cannot run {}: {e}", program.to_string_lossy());
             Ok(if e.kind() == std::io::ErrorKind::NotFound {
@@ -510,11 +545,32 @@ fn start_command(
     }
 }
 
-/// Waits for `pid`, passing signals sent to velo on to it (`meanwhile` runs first, with
-/// signals already forwarded). Returns its exit code, or minus the signal number that killed
-/// it.
-fn wait_forwarding(pid: i32, meanwhile: impl FnOnce()) -> anyhow::Result<i32> {
-    let forwarding = forward_signals(pid)?;
+/// Which process group the command runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Group {
+    /// velo's own, when velo is the terminal's foreground group: the command reads the
+    /// terminal, and Ctrl-C reaches it from the kernel (velo does not send it again).
+    Same,
+    /// A group of its own, led by the command, when velo is not in the foreground of a
+    /// terminal (CI, `timeout`, a process manager): a signal sent to velo's group then reaches
+    /// the command once, through velo, as it would reach the command run without velo —
+    /// never once directly and once forwarded.
+    Own,
+}
+
+impl Group {
+    fn for_command() -> Self {
+        // SAFETY: getpgrp(2) and tcgetpgrp(3) on fd 0 touch no memory of ours.
+        let foreground = unsafe { libc::tcgetpgrp(0) == libc::getpgrp() };
+        if foreground { Self::Same } else { Self::Own }
+    }
+}
+
+/// Waits for `pid`, passing signals sent to velo on to it (to its whole group, if it leads
+/// one: `group`); `meanwhile` runs first, with signals already forwarded. Returns its exit
+/// code, or minus the signal number that killed it.
+fn wait_forwarding(pid: i32, group: Group, meanwhile: impl FnOnce()) -> anyhow::Result<i32> {
+    let forwarding = forward_signals(pid, group)?;
     meanwhile();
     let status = loop {
         match rustix::process::waitpid(
@@ -548,19 +604,24 @@ const FORWARDED: [i32; 6] = [
 ];
 
 /// Installs handlers that pass signals sent to velo (by a process manager: `kill`) on to the
-/// child. Signals from the terminal (Ctrl-C) already reach the whole foreground process group,
-/// the command included, so those are not sent twice. No thread: the handler itself calls
-/// kill(2), which is async-signal-safe.
-fn forward_signals(child: i32) -> anyhow::Result<Vec<signal_hook_registry::SigId>> {
+/// child — to its process group where it leads one ([`Group::Own`]). In velo's own group,
+/// signals from the terminal (Ctrl-C) already reach the whole foreground group, the command
+/// included, so those are not sent twice. No thread: the handler itself calls kill(2), which
+/// is async-signal-safe.
+fn forward_signals(child: i32, group: Group) -> anyhow::Result<Vec<signal_hook_registry::SigId>> {
     let mut ids = Vec::new();
+    let to = if group == Group::Own { -child } else { child };
     for sig in FORWARDED {
         let handler = move |info: &libc::siginfo_t| {
             let from_terminal = info.si_code == libc::SI_KERNEL;
-            if from_terminal && (sig == libc::SIGINT || sig == libc::SIGQUIT) {
+            if group == Group::Same
+                && from_terminal
+                && (sig == libc::SIGINT || sig == libc::SIGQUIT)
+            {
                 return;
             }
-            // SAFETY: kill(2) is async-signal-safe; `child` is a plain integer.
-            unsafe { libc::kill(child, sig) };
+            // SAFETY: kill(2) is async-signal-safe; `to` is a plain integer.
+            unsafe { libc::kill(to, sig) };
         };
         // SAFETY: the handler only reads its siginfo and calls kill(2).
         let id = unsafe { signal_hook_registry::register_sigaction(sig, handler) }
@@ -582,4 +643,26 @@ pub fn exit_like(status: i32) -> anyhow::Result<ExitCode> {
         libc::raise(sig);
     }
     Ok(ExitCode::from((128 + sig).clamp(0, 255) as u8))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_build_stopped_by_ctrl_c_or_kill_is_an_interruption_and_a_failure_is_not() {
+        assert_eq!(interrupted_by(-libc::SIGINT), Some(libc::SIGINT));
+        assert_eq!(interrupted_by(128 + libc::SIGTERM), Some(libc::SIGTERM));
+        assert_eq!(interrupted_by(1), None);
+        assert_eq!(interrupted_by(-libc::SIGSEGV), None);
+        assert_eq!(interrupted_by(128 + libc::SIGKILL), None);
+        let e = build_failed("node_modules", "npm ci", 130);
+        assert_eq!(
+            e.downcast_ref::<crate::Interrupted>().map(|i| i.signal),
+            Some(libc::SIGINT)
+        );
+        let e = build_failed("node_modules", "npm ci", 1);
+        assert!(e.downcast_ref::<crate::Interrupted>().is_none());
+        assert!(e.to_string().contains("exited with status 1"), "{e}");
+    }
 }
