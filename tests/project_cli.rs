@@ -177,7 +177,7 @@ fn outside_a_terminal_the_command_has_a_group_of_its_own_and_gets_signals_once()
         .process_group(0) // velo leads its group, as `timeout` makes itself do
         .spawn()
         .unwrap();
-    let _guard = common::KillOnDrop(velo.id() as i32);
+    let guard = common::KillOnDrop(velo.id() as i32);
     wait_for(&ready, "the command's start");
     let command_group: u32 = fs::read_to_string(&ready).unwrap().trim().parse().unwrap();
     assert_ne!(
@@ -187,6 +187,7 @@ fn outside_a_terminal_the_command_has_a_group_of_its_own_and_gets_signals_once()
     );
     signal_group(velo.id(), rustix::process::Signal::TERM);
     let out = velo.wait_with_output().unwrap();
+    std::mem::forget(guard); // reaped: its pid may be another process's now
     assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "got TERM\n");
 }
@@ -217,10 +218,11 @@ fn an_interrupted_build_ends_velo_by_the_same_signal() {
         .process_group(0)
         .spawn()
         .unwrap();
-    let _guard = common::KillOnDrop(velo.id() as i32);
+    let guard = common::KillOnDrop(velo.id() as i32);
     wait_for(&ready, "the install's start");
     signal_group(velo.id(), rustix::process::Signal::INT);
     let out = velo.wait_with_output().unwrap();
+    std::mem::forget(guard); // reaped: its pid may be another process's now
     assert_eq!(out.status.signal(), Some(2), "{}", describe(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -230,4 +232,66 @@ fn an_interrupted_build_ends_velo_by_the_same_signal() {
     let ls: serde_json::Value =
         serde_json::from_str(&ok(&env, &project, &["--json", "ls"])).unwrap();
     assert_eq!(ls["refs"].as_array().map(Vec::len), Some(0), "{ls}");
+}
+
+/// A run that needs a key another run is building says it waits for it, then for how long,
+/// and does not build it again.
+#[test]
+fn a_run_waiting_for_another_runs_build_says_so() {
+    if !can_mount("a_run_waiting_for_another_runs_build_says_so") {
+        return;
+    }
+    use std::io::BufRead;
+    let env = Env::new();
+    let project = fixtures::custom_project(env.dir.path(), &env.path("proj"));
+    let (ready, go) = (env.path("ready"), env.path("go"));
+    fs::write(
+        project.join("velo.toml"),
+        format!(
+            "[[deps]]\necosystem = \"custom\"\ndirs = [\"deps\"]\ninputs = [\"deps.lock\"]\n\
+             install = \"echo built >> {log}; touch {ready}; while [ ! -e {go} ]; do sleep 0.01; \
+             done; mkdir -p deps/lib\"\n",
+            log = path_str(&env.path("installs")),
+            ready = path_str(&ready),
+            go = path_str(&go),
+        ),
+    )
+    .unwrap();
+    let first = velo_in(&env, &project, &["run", "true"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let first_guard = common::KillOnDrop(first.id() as i32);
+    wait_for(&ready, "the first run's install");
+    let mut second = velo_in(&env, &project, &["run", "true"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let second_guard = common::KillOnDrop(second.id() as i32);
+    // The second run holds no lock while the first builds: it must say it waits.
+    let mut stderr = std::io::BufReader::new(second.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(
+        line.contains("another velo run is building deps; waiting for it"),
+        "{line}"
+    );
+    fs::write(&go, "").unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    let second_status = second.wait().unwrap();
+    std::mem::forget(second_guard); // reaped: its pid may be another process's now
+    let first_status = first.wait_with_output().unwrap().status;
+    std::mem::forget(first_guard);
+    assert!(second_status.success(), "{rest}");
+    assert!(first_status.success());
+    assert!(
+        rest.contains("waited") && rest.contains("for the other build of deps"),
+        "{rest}"
+    );
+    assert_eq!(
+        fs::read_to_string(env.path("installs")).unwrap(),
+        "built\n",
+        "built once"
+    );
 }

@@ -100,7 +100,13 @@ fn run_as_root(
         if !missing(&store) {
             continue;
         }
-        let _lock = store.lock_named(&format!("build-{}", unit_dirs[0].key))?;
+        let lock_name = format!("build-{}", unit_dirs[0].key);
+        let _lock = take_build_lock(
+            &unit.dirs.join(", "),
+            opts.quiet,
+            || Ok(store.try_lock_named(&lock_name)?),
+            || Ok(store.lock_named(&lock_name)?),
+        )?;
         if !missing(&store) {
             continue; // another velo run built it while we waited
         }
@@ -307,7 +313,13 @@ fn build_missing_as_user(
         if let Some(why) = super::userns::Sysctls::read().blocker() {
             bail!("velo cannot make a user namespace: {why}");
         }
-        let _lock = lock_file(&cache.join("locks"), &format!("build-{}", unit_dirs[0].key))?;
+        let (locks, lock_name) = (cache.join("locks"), format!("build-{}", unit_dirs[0].key));
+        let _lock = take_build_lock(
+            &unit.dirs.join(", "),
+            opts.quiet,
+            || lock_file(&locks, &lock_name, false),
+            || lock_file(&locks, &lock_name, true)?.ok_or_else(unreachable_lock),
+        )?;
         if !missing(&mut client)? {
             continue; // another run of this user built it while we waited
         }
@@ -335,7 +347,38 @@ fn build_missing_as_user(
 }
 
 /// An flock on `dir/name`, held until the file is dropped.
-fn lock_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
+/// Takes the lock of a build of `names` — at once if nobody holds it; else, saying so, after
+/// waiting for the run that holds it (which is building the same key), and for how long.
+fn take_build_lock<L>(
+    names: &str,
+    quiet: bool,
+    try_take: impl FnOnce() -> anyhow::Result<Option<L>>,
+    take: impl FnOnce() -> anyhow::Result<L>,
+) -> anyhow::Result<L> {
+    if let Some(lock) = try_take()? {
+        return Ok(lock);
+    }
+    if !quiet {
+        eprintln!("velo: another velo run is building {names}; waiting for it");
+    }
+    let started = std::time::Instant::now();
+    let lock = take()?;
+    if !quiet {
+        eprintln!(
+            "velo: waited {:.1} s for the other build of {names}",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(lock)
+}
+
+fn unreachable_lock() -> anyhow::Error {
+    anyhow::anyhow!("a blocking lock was not taken")
+}
+
+/// The lock file `dir/name`, taken exclusively: waiting for its holder (`wait`), or `None` if
+/// someone holds it.
+fn lock_file(dir: &Path, name: &str, wait: bool) -> anyhow::Result<Option<std::fs::File>> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let path = dir.join(name);
     let file = std::fs::OpenOptions::new()
@@ -344,9 +387,16 @@ fn lock_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
         .write(true)
         .open(&path)
         .with_context(|| format!("open {}", path.display()))?;
-    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
-        .with_context(|| format!("lock {}", path.display()))?;
-    Ok(file)
+    let op = if wait {
+        rustix::fs::FlockOperation::LockExclusive
+    } else {
+        rustix::fs::FlockOperation::NonBlockingLockExclusive
+    };
+    match rustix::fs::flock(&file, op) {
+        Ok(()) => Ok(Some(file)),
+        Err(rustix::io::Errno::WOULDBLOCK) if !wait => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("lock {}", path.display())),
+    }
 }
 
 /// Asks velo-mountd for each dir's mount; `None` if one of them has no image yet (the
