@@ -295,3 +295,32 @@ fn a_run_waiting_for_another_runs_build_says_so() {
         "built once"
     );
 }
+
+/// `velo -v run` says what velo does: the project, each dir's key and what it is made of,
+/// the ref, the image mounted and how long mounting took (plain text, no colour codes when
+/// stderr is not a terminal).
+#[test]
+fn verbose_run_shows_the_key_the_image_and_the_mount_time() {
+    if !can_mount("verbose_run_shows_the_key_the_image_and_the_mount_time") {
+        return;
+    }
+    let env = Env::new();
+    let project = fixtures::custom_project(env.dir.path(), &env.path("proj"));
+    ok(&env, &project, &["run", "true"]);
+    let out = velo_in(&env, &project, &["-v", "run", "true"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        &format!("project {}", path_str(&project)),
+        "deps (custom): key ",
+        "from the files [\"deps.lock\"]",
+        "ref deps/custom/",
+        "deps: image ",
+        "mounted 1 dirs in ",
+    ] {
+        assert!(err.contains(want), "{want:?} in:\n{err}");
+    }
+    assert!(!err.contains('\u{1b}'), "no colour codes: {err:?}");
+}

@@ -66,6 +66,27 @@ pub fn run(store_path: &Path, argv: Vec<OsString>, opts: &RunOptions) -> anyhow:
     exit_like(status)
 }
 
+/// Says (at `-v`) what decides each dir's tree: the project, the key and what it is made of,
+/// and the ref the tree has.
+fn log_dirs(project: &Path, config: &Config, dirs: &[ManagedDir]) {
+    tracing::info!("project {}", project.display());
+    for d in dirs {
+        let Some(unit) = config.units.get(d.unit) else {
+            continue;
+        };
+        tracing::info!(
+            "{} ({}): key {} from the files {:?}, the versions of {:?}, the variables {:?}*; ref {}",
+            d.dir,
+            d.ecosystem,
+            d.key,
+            unit.inputs,
+            unit.versions,
+            unit.env_prefixes,
+            d.ref_name
+        );
+    }
+}
+
 /// The environment every unit of velo.toml sets, `{project}` expanded.
 fn units_env(config: &Config, project: &Path) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
@@ -88,6 +109,7 @@ fn run_as_root(
     let user = User::invoking(opts.user.as_deref())?;
     let store = Store::open_or_create(store_path)?;
     let dirs = resolve(&CacheAt::Store(&store), project, config, &user)?;
+    log_dirs(project, config, &dirs);
 
     // Build what is missing, one entry of velo.toml at a time, each key once across processes.
     for (i, unit) in config.units.iter().enumerate() {
@@ -253,6 +275,7 @@ fn run_as_user(
     let user = User::invoking(None)?;
     let cache = crate::user_cache_dir()?;
     let dirs = resolve(&CacheAt::Dir(cache.clone()), project, config, &user)?;
+    log_dirs(project, config, &dirs);
     for d in &dirs {
         std::fs::create_dir_all(&d.path).with_context(|| format!("create {}", d.path.display()))?;
     }
@@ -414,6 +437,7 @@ fn mount_all(
         } else {
             Writes::Discard
         };
+        let asked = std::time::Instant::now();
         let m = match client.mount(&d.ref_name, writes) {
             Ok(m) => m,
             Err(client::ClientError::Refused {
@@ -422,11 +446,16 @@ fn mount_all(
             }) => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("mount {}", d.path.display())),
         };
-        tracing::debug!(
-            "{}: image {}{}",
-            d.path.display(),
+        tracing::info!(
+            "{}: image {}, {} from velo-mountd in {:.2} ms",
+            d.dir,
             m.image,
-            if m.reused { " (a warm overlay)" } else { "" }
+            if m.reused {
+                "an overlay lent before"
+            } else {
+                "a new overlay"
+            },
+            asked.elapsed().as_secs_f64() * 1e3
         );
         mounts.push(m);
     }
@@ -536,7 +565,16 @@ pub(crate) fn in_child(work: impl FnOnce() -> i32) -> anyhow::Result<(i32, u32)>
 /// namespace, mounts every dir there, runs the command; then the mounts go and their
 /// discarded uppers with them.
 fn run_mounted(plan: &Plan, argv: &[OsString]) -> anyhow::Result<i32> {
+    let started = std::time::Instant::now();
     let store = super::child::enter_and_mount(plan)?;
+    for m in &plan.mounts {
+        tracing::info!("{}: image {}", m.target.display(), m.image);
+    }
+    tracing::info!(
+        "mounted {} dirs in {:.2} ms",
+        plan.mounts.len(),
+        started.elapsed().as_secs_f64() * 1e3
+    );
     let targets: Vec<PathBuf> = plan.mounts.iter().map(|m| m.target.clone()).collect();
     let status = start_command(argv, &plan.env, &plan.user, &targets, || {
         // The command is starting (exec and its runtime's start-up take a while): read the
