@@ -21,12 +21,14 @@ pub mod pack;
 mod pull;
 mod push;
 pub mod registry;
+pub mod retry;
 mod stream;
 
 pub use address::OciAddress;
 pub use error::{DistError, Result};
 pub use pull::{PullOptions, PullReport, pull};
 pub use push::{PushOptions, PushReport, push};
+pub use retry::RetryPolicy;
 pub use stream::{ExportReport, ImportReport, export, import};
 
 /// Progress of a transfer. All methods have empty defaults.
