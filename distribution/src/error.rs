@@ -37,7 +37,7 @@ pub enum DistError {
     Registry {
         /// The URL of the request (or the repository's).
         url: String,
-        /// What velo was doing (for a blob: its digest, what it holds, and the address).
+        /// What velo was doing (for a blob: what it holds, and the address; `url` has its digest).
         op: String,
         /// The registry's or client's answer (the last one, after several attempts).
         reason: String,

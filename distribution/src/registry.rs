@@ -415,10 +415,7 @@ impl Registry {
     /// Whether the repository has the blob; `what` says what it holds, for messages.
     pub async fn blob_exists(&self, digest: &str, what: &str) -> Result<bool> {
         let url = self.blob_url(digest)?;
-        let mut tries = self.tries(
-            format!("check blob {digest} ({what}) of {}", self.addr),
-            &url,
-        );
+        let mut tries = self.tries(format!("check blob ({what}) of {}", self.addr), &url);
         loop {
             match self.head(&url).await {
                 Ok(found) => return Ok(found),
@@ -460,10 +457,7 @@ impl Registry {
     async fn push(&self, data: Upload, size: u64, digest: &str, what: &str) -> Result<()> {
         let url = self.blob_url(digest)?;
         let start = self.url("blobs/uploads/")?;
-        let mut tries = self.tries(
-            format!("upload blob {digest} ({what}) to {}", self.addr),
-            &url,
-        );
+        let mut tries = self.tries(format!("upload blob ({what}) to {}", self.addr), &url);
         loop {
             // After a failed attempt the blob may have landed all the same (only the answer was
             // lost): check before sending it again.
@@ -534,10 +528,7 @@ impl Registry {
         what: &str,
     ) -> Result<Downloaded> {
         let url = self.blob_url(digest)?;
-        let mut tries = self.tries(
-            format!("download blob {digest} ({what}) of {}", self.addr),
-            &url,
-        );
+        let mut tries = self.tries(format!("download blob ({what}) of {}", self.addr), &url);
         let mut partial = Partial {
             out,
             hasher: sha2::Sha256::new(),
