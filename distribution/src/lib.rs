@@ -4,7 +4,8 @@
 //!   an OCI artifact ([`artifact`] describes the layout and media types); objects are packed
 //!   into blobs content-defined in path order ([`pack`]) so that images sharing most objects
 //!   share most blobs; only missing blobs move, in parallel, and an interrupted transfer
-//!   resumes where it stopped.
+//!   resumes where it stopped. Each request is retried on its own when it fails transiently
+//!   ([`retry`]), so a flaky registry costs retries of single requests, not whole transfers.
 //! * [`export`] / [`import`]: the same as one stream in a file, for CI caches.
 //!
 //! Nothing from elsewhere is trusted: every object's fs-verity digest is checked as it arrives
