@@ -32,16 +32,21 @@ pub enum DistError {
         /// A hint for the usual causes, starting with "; ".
         hint: String,
     },
-    /// The registry answered with an error.
-    #[error("{url}: {op} failed: {reason}")]
+    /// The registry answered with an error (after `attempts` tries, for a transient one).
+    #[error("{url}: {op} failed{}: {reason}", after(*attempts))]
     Registry {
         /// The URL of the request (or the repository's).
         url: String,
-        /// What velo was doing.
+        /// What velo was doing (for a blob: what it holds, and the address; `url` has its digest).
         op: String,
-        /// The registry's or client's answer.
+        /// The registry's or client's answer (the last one, after several attempts).
         reason: String,
+        /// How many times the request was made.
+        attempts: u32,
     },
+    /// A setting (an environment variable) has a value velo cannot use.
+    #[error("{0}")]
+    BadSetting(String),
     /// What the registry (or a file) holds is not a velo snapshot velo can use.
     #[error("{url}: {reason}")]
     BadArtifact {
@@ -82,6 +87,15 @@ pub enum DistError {
         /// The system's answer.
         cause: std::io::Error,
     },
+}
+
+/// " after N attempts" when a request was made more than once.
+fn after(attempts: u32) -> String {
+    if attempts > 1 {
+        format!(" after {attempts} attempts")
+    } else {
+        String::new()
+    }
 }
 
 impl DistError {

@@ -4,7 +4,8 @@
 //!   an OCI artifact ([`artifact`] describes the layout and media types); objects are packed
 //!   into blobs content-defined in path order ([`pack`]) so that images sharing most objects
 //!   share most blobs; only missing blobs move, in parallel, and an interrupted transfer
-//!   resumes where it stopped.
+//!   resumes where it stopped. Each request is retried on its own when it fails transiently
+//!   ([`retry`]), so a flaky registry costs retries of single requests, not whole transfers.
 //! * [`export`] / [`import`]: the same as one stream in a file, for CI caches.
 //!
 //! Nothing from elsewhere is trusted: every object's fs-verity digest is checked as it arrives
@@ -21,12 +22,14 @@ pub mod pack;
 mod pull;
 mod push;
 pub mod registry;
+pub mod retry;
 mod stream;
 
 pub use address::OciAddress;
 pub use error::{DistError, Result};
 pub use pull::{PullOptions, PullReport, pull};
 pub use push::{PushOptions, PushReport, push};
+pub use retry::RetryPolicy;
 pub use stream::{ExportReport, ImportReport, export, import};
 
 /// Progress of a transfer. All methods have empty defaults.

@@ -70,6 +70,8 @@ pub struct PullReport {
     pub bytes_received: u64,
     /// True if the image itself was new to the store.
     pub new_image: bool,
+    /// Requests made again after a transient failure (a 5xx, a 429, a broken connection).
+    pub retries: u64,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
@@ -182,6 +184,7 @@ async fn pull_async(
         blobs_skipped: 0,
         bytes_received: (manifest_bytes.len() + index_bytes.len()) as u64,
         new_image: false,
+        retries: 0,
         seconds: 0.0,
     };
 
@@ -254,8 +257,12 @@ async fn pull_async(
         missing.len() as u64,
     );
     let missing = Arc::new(missing);
+    let packs = index.blobs.len();
     let fetched: Vec<(u64, u64)> = futures_util::stream::iter(wanted_blobs)
-        .map(|bi| fetch_blob(&store, &registry, &index.blobs[bi], bi, &missing, progress))
+        .map(|bi| {
+            let blob = &index.blobs[bi];
+            fetch_blob(&store, &registry, blob, (bi, packs), &missing, progress)
+        })
         .buffer_unordered(opts.jobs.max(1))
         .try_collect()
         .await?;
@@ -277,6 +284,7 @@ async fn pull_async(
     }
     let refs: Vec<(&str, Digest)> = opts.ref_name.iter().map(|n| (n.as_str(), digest)).collect();
     session.commit(&refs)?;
+    report.retries = registry.retries();
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }
@@ -315,22 +323,28 @@ fn check_layers(manifest: &Manifest, index: &Index) -> Result<(), String> {
 
 /// Downloads one blob into a staging file, then stores the objects of it that are missing.
 /// If the blob's bytes are not what the manifest says, nothing of it is stored: its objects
-/// are checked one by one to name the damaged one. Returns (bytes downloaded, objects stored).
+/// are checked one by one to name the damaged one. `position` is the blob's place among the
+/// artifact's packs (and their number). Returns (bytes downloaded, objects stored).
 async fn fetch_blob(
     store: &Arc<Store>,
     registry: &Registry,
     blob: &BlobEntry,
-    position: usize,
+    (position, packs): (usize, usize),
     missing: &Arc<HashSet<Digest>>,
     progress: &dyn Progress,
 ) -> Result<(u64, u64)> {
     let tmp = store.area_path(Area::Tmp);
     let mut file = tempfile::tempfile_in(&tmp)
         .map_err(|e| DistError::io("create a staging file in", &tmp, e))?;
+    let what = format!("pack {} of {packs}", position + 1);
     let outcome = registry
-        .pull_to_file(&blob.digest, blob.size, &mut file, &|n| {
-            progress.advance(n, 0)
-        })
+        .pull_to_file(
+            &blob.digest,
+            blob.size,
+            &mut file,
+            &|n| progress.advance(n, 0),
+            &what,
+        )
         .await?;
     let size = blob.size;
     let store = store.clone();

@@ -57,6 +57,8 @@ pub struct PushReport {
     pub bytes_sent: u64,
     /// Bytes of the blobs the registry already had.
     pub bytes_skipped: u64,
+    /// Requests made again after a transient failure (a 5xx, a 429, a broken connection).
+    pub retries: u64,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
@@ -120,8 +122,12 @@ async fn push_async(
 
     let registry = Registry::connect(dest).await?;
     let cache = Mutex::new(BlobCache::load(&store));
-    let results: Vec<(BlobEntry, Sent)> = futures_util::stream::iter(plan)
-        .map(|blob| push_blob(&store, &registry, &cache, blob, progress))
+    let packs = plan.len();
+    let results: Vec<(BlobEntry, Sent)> = futures_util::stream::iter(plan.into_iter().enumerate())
+        .map(|(i, blob)| {
+            let what = format!("pack {} of {packs}", i + 1);
+            push_blob(&store, &registry, &cache, blob, what, progress)
+        })
         .buffered(opts.jobs.max(1))
         .try_collect()
         .await?;
@@ -137,6 +143,7 @@ async fn push_async(
         blobs_skipped: 0,
         bytes_sent: 0,
         bytes_skipped: 0,
+        retries: 0,
         seconds: 0.0,
     };
     let mut count = |s: &Sent| match s {
@@ -155,7 +162,7 @@ async fn push_async(
 
     let image_blob = artifact::sha256_digest(&image_bytes);
     let image_size = image_bytes.len() as u64;
-    let sent = push_small(&registry, image_bytes, &image_blob).await?;
+    let sent = push_small(&registry, image_bytes, &image_blob, "the image").await?;
     count(&sent);
     progress.advance(image_size, 0);
 
@@ -177,7 +184,7 @@ async fn push_async(
     })?;
     let index_blob = artifact::sha256_digest(&index_bytes);
     let index_size = index_bytes.len() as u64;
-    let sent = push_small(&registry, index_bytes, &index_blob).await?;
+    let sent = push_small(&registry, index_bytes, &index_blob, "the index").await?;
     count(&sent);
 
     let manifest = manifest_json(&index, &index_blob, index_size, ref_name.as_deref());
@@ -193,6 +200,7 @@ async fn push_async(
     }
     report.bytes_sent += manifest.len() as u64;
     report.manifest = registry.push_manifest(manifest).await?;
+    report.retries = registry.retries();
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }
@@ -240,12 +248,12 @@ fn manifest_json(
     serde_json::to_vec(&manifest).unwrap_or_default()
 }
 
-async fn push_small(registry: &Registry, data: Vec<u8>, digest: &str) -> Result<Sent> {
+async fn push_small(registry: &Registry, data: Vec<u8>, digest: &str, what: &str) -> Result<Sent> {
     let n = data.len() as u64;
-    if registry.blob_exists(digest).await? {
+    if registry.blob_exists(digest, what).await? {
         return Ok(Sent::Skipped(n));
     }
-    registry.push_bytes(data, digest).await?;
+    registry.push_bytes(data, digest, what).await?;
     Ok(Sent::Sent(n))
 }
 
@@ -254,6 +262,7 @@ async fn push_blob(
     registry: &Registry,
     cache: &Mutex<BlobCache>,
     blob: PlannedBlob,
+    what: String,
     progress: &dyn Progress,
 ) -> Result<(BlobEntry, Sent)> {
     let key = blob.cache_key();
@@ -270,7 +279,7 @@ async fn push_blob(
     };
     let cached = cache.lock().map(|c| c.get(&key)).unwrap_or(None);
     if let Some((digest, size)) = cached
-        && registry.blob_exists(&digest).await?
+        && registry.blob_exists(&digest, &what).await?
     {
         return done(digest, size, Sent::Skipped(size));
     }
@@ -291,9 +300,9 @@ async fn push_blob(
     if let Ok(mut c) = cache.lock() {
         c.record(&key, &digest, size);
     }
-    if registry.blob_exists(&digest).await? {
+    if registry.blob_exists(&digest, &what).await? {
         return done(digest, size, Sent::Skipped(size));
     }
-    registry.push_file(file, size, &digest).await?;
+    registry.push_file(file, size, &digest, &what).await?;
     done(digest, size, Sent::Sent(size))
 }

@@ -123,7 +123,7 @@ pub fn push(
     } else {
         ctx.say(format!("{} → {}", r.image, r.destination));
         ctx.say(format!(
-            "  {} objects ({}) in {} blobs: {} sent ({}), {} already there; {:.2} s; manifest {}",
+            "  {} objects ({}) in {} blobs: {} sent ({}), {} already there; {:.2} s{}; manifest {}",
             r.objects,
             output::bytes(r.object_bytes),
             r.blobs,
@@ -131,6 +131,7 @@ pub fn push(
             output::bytes(r.bytes_sent),
             r.blobs_skipped,
             r.seconds,
+            retries(r.retries),
             r.manifest
         ));
     }
@@ -190,7 +191,7 @@ pub fn pull(
     } else {
         ctx.say(format!("{}", r.image));
         ctx.say(format!(
-            "  {} objects ({}): {} fetched, {} already here; {} of {} blobs downloaded ({}); {:.2} s{}",
+            "  {} objects ({}): {} fetched, {} already here; {} of {} blobs downloaded ({}); {:.2} s{}{}",
             r.objects,
             output::bytes(r.object_bytes),
             r.objects_fetched,
@@ -199,6 +200,7 @@ pub fn pull(
             r.blobs,
             output::bytes(r.bytes_received),
             r.seconds,
+            retries(r.retries),
             match &r.ref_name {
                 Some(n) => format!("; ref {n}"),
                 None => "; no ref written (use --ref NAME)".into(),
@@ -206,6 +208,15 @@ pub fn pull(
         ));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// " (N retries)" when requests had to be made again.
+fn retries(n: u64) -> String {
+    match n {
+        0 => String::new(),
+        1 => " (1 retry)".into(),
+        n => format!(" ({n} retries)"),
+    }
 }
 
 pub fn export(ctx: &Ctx, image: &str, file: &Path) -> anyhow::Result<ExitCode> {

@@ -6,6 +6,8 @@ pub mod fixtures;
 
 pub mod registry;
 
+pub mod flaky_proxy;
+
 pub mod mountd;
 
 use std::collections::BTreeMap;

@@ -100,6 +100,11 @@ impl Registry {
         self.kill();
     }
 
+    /// The registry's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// The registry's host:port.
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
