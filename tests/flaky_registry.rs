@@ -5,6 +5,8 @@
 //! download resumes); permanent ones are not, and every final error names the blob, the
 //! address, the attempts and the last cause. Needs root (mounts); skips loudly without.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 mod common;
 
 use std::path::Path;
@@ -338,6 +340,19 @@ fn permanent_errors_are_not_retried_and_name_the_blob() {
     let err = pull("1");
     assert_eq!(gets_of(&proxy.take_log(), &pack).len(), 1, "not retried");
     assert!(err.contains("is corrupt") && err.contains(&pack), "{err}");
+    no_ref(&b);
+
+    // A manifest whose bytes do not match its digest: a damaged or hostile registry, not a
+    // missing login — no advice to `docker login` (issue 12, item 10).
+    proxy.clear_rules();
+    proxy.add_rule(Rule {
+        method: "GET",
+        path_contains: "/manifests/".into(),
+        fault: Fault::Flip,
+        times: None,
+    });
+    let err = pull("1");
+    assert!(!err.contains("docker login"), "{err}");
     no_ref(&b);
 
     // A 503 for ever: 5 attempts (the default), then the error says so, and the last cause.
