@@ -30,6 +30,8 @@ pub struct UserBuild<'a> {
     pub dirs: Vec<&'a ManagedDir>,
     /// Environment the unit sets for the install.
     pub env: &'a BTreeMap<String, String>,
+    /// Variables the install does not see (see [`crate::inputs::install_env_removals`]).
+    pub env_remove: &'a [String],
 }
 
 /// Where an install writes the trees it builds.
@@ -197,6 +199,9 @@ fn build_child_inner(b: &UserBuild<'_>, place: &Place<'_>) -> anyhow::Result<i32
         .arg(b.install)
         .current_dir(b.project)
         .envs(b.env);
+    for k in b.env_remove {
+        cmd.env_remove(k);
+    }
     // The install's output goes to stderr: stdout belongs to the command velo runs next.
     if let Ok(err) = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
         cmd.stdout(err);

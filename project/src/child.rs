@@ -26,6 +26,8 @@ pub struct Plan {
     pub mounts: Vec<PlannedMount>,
     /// Environment to set for the command (or the install).
     pub env: BTreeMap<String, String>,
+    /// Variables the install does not see (see [`crate::inputs::install_env_removals`]).
+    pub env_remove: Vec<String>,
 }
 
 /// One mount of the plan.
@@ -147,6 +149,9 @@ fn build_inner(plan: &Plan, build: &Build) -> anyhow::Result<i32> {
     let mut cmd = std::process::Command::new("sh");
     cmd.arg("-c").arg(&build.install).current_dir(&plan.project);
     cmd.envs(&plan.env);
+    for k in &plan.env_remove {
+        cmd.env_remove(k);
+    }
     // The install's output goes to stderr: stdout belongs to the command velo runs next.
     if let Ok(err) = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
         cmd.stdout(err);

@@ -133,6 +133,7 @@ fn run_as_root(
                 })
                 .collect(),
             env: unit_env(unit, project).into_iter().collect(),
+            env_remove: super::key::install_env(project, unit, &user).1,
         };
         let build = Build {
             install: unit.install.clone(),
@@ -209,6 +210,7 @@ fn run_as_root(
         user,
         mounts,
         env,
+        env_remove: Vec::new(),
     };
     drop(store); // reopened inside the namespace
     run_mounted(&plan, argv)
@@ -332,12 +334,14 @@ fn build_missing_as_user(
             );
         }
         let env: BTreeMap<String, String> = unit_env(unit, project).into_iter().collect();
+        let user = super::user::User::invoking(None)?;
         build::build_as_user(&build::UserBuild {
             socket,
             project,
             install: &unit.install,
             dirs: unit_dirs.clone(),
             env: &env,
+            env_remove: &super::key::install_env(project, unit, &user).1,
         })?;
         if missing(&mut client)? {
             bail!("the build of {} finished but left no image", unit.ecosystem);
