@@ -774,3 +774,259 @@ fn the_python_behind_a_pyenv_shim_keys_the_venv() {
     case.reuses(&vars, "PYENV_VERSION naming the second Python");
     assert_eq!(minor(&case, &vars), format!("{}\n", b.1));
 }
+
+/// A sparse cargo registry served over HTTP on 127.0.0.1 by a small Python server that logs
+/// each path it serves; stopped (by its pid) on drop.
+struct SparseRegistry {
+    child: std::process::Child,
+    dir: PathBuf,
+    port: u16,
+}
+
+const SERVE: &str = r#"
+import http.server, sys
+root, portfile, log = sys.argv[1], sys.argv[2], sys.argv[3]
+class H(http.server.SimpleHTTPRequestHandler):
+    def __init__(self, *a, **k):
+        super().__init__(*a, directory=root, **k)
+    def log_message(self, fmt, *args):
+        with open(log, "a") as f:
+            f.write(self.path + "\n")
+s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+open(portfile + ".tmp", "w").write(str(s.server_address[1]))
+import os; os.rename(portfile + ".tmp", portfile)
+s.serve_forever()
+"#;
+
+impl SparseRegistry {
+    fn start(dir: &Path) -> Self {
+        fs::create_dir_all(dir.join("index")).unwrap();
+        let portfile = dir.join("port");
+        let child = Command::new("python3")
+            .args(["-c", SERVE])
+            .arg(dir)
+            .arg(&portfile)
+            .arg(dir.join("log"))
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let port = loop {
+            if let Ok(p) = fs::read_to_string(&portfile) {
+                break p.trim().parse().unwrap();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the registry did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        fs::write(
+            dir.join("index/config.json"),
+            format!("{{\"dl\":\"http://127.0.0.1:{port}/dl/{{crate}}-{{version}}.crate\"}}"),
+        )
+        .unwrap();
+        SparseRegistry {
+            child,
+            dir: dir.to_owned(),
+            port,
+        }
+    }
+
+    /// Packages a crate `name` 0.1.0 (4+ letters) into the registry.
+    fn publish(&self, name: &str, cargo_home: &Path) {
+        let src = self.dir.join("src").join(name);
+        fs::create_dir_all(src.join("src")).unwrap();
+        fs::write(
+            src.join("Cargo.toml"),
+            format!(
+                "[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\
+                 description = \"test\"\nlicense = \"MIT\"\n"
+            ),
+        )
+        .unwrap();
+        fs::write(src.join("src/lib.rs"), "pub fn one() -> u32 { 1 }\n").unwrap();
+        let out = Command::new("cargo")
+            .args([
+                "package",
+                "--no-verify",
+                "--allow-dirty",
+                "--offline",
+                "--quiet",
+            ])
+            .current_dir(&src)
+            .env("CARGO_HOME", cargo_home)
+            .env("CARGO_TARGET_DIR", src.join("target"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+        let file = format!("{name}-0.1.0.crate");
+        fs::create_dir_all(self.dir.join("dl")).unwrap();
+        fs::copy(
+            src.join("target/package").join(&file),
+            self.dir.join("dl").join(&file),
+        )
+        .unwrap();
+        let out = Command::new("sha256sum")
+            .arg(self.dir.join("dl").join(&file))
+            .output()
+            .unwrap();
+        let sum = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned();
+        let entry = self
+            .dir
+            .join("index")
+            .join(&name[..2])
+            .join(&name[2..4])
+            .join(name);
+        fs::create_dir_all(entry.parent().unwrap()).unwrap();
+        fs::write(
+            entry,
+            format!(
+                "{{\"name\":\"{name}\",\"vers\":\"0.1.0\",\"deps\":[],\"cksum\":\"{sum}\",\
+                 \"features\":{{}},\"yanked\":false}}\n"
+            ),
+        )
+        .unwrap();
+    }
+
+    /// The crates downloaded so far (their file names, in order).
+    fn downloads(&self) -> Vec<String> {
+        fs::read_to_string(self.dir.join("log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix("/dl/"))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for SparseRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// cargo: a changed Cargo.lock builds a new Cargo home starting from the project's previous
+/// one, so only the crate added downloads; a crate dropped from the lockfile is pruned from
+/// the new tree.
+#[test]
+fn a_changed_cargo_lock_downloads_only_the_new_crates() {
+    let test = "a_changed_cargo_lock_downloads_only_the_new_crates";
+    if !can_mount(test) {
+        return;
+    }
+    let Some(_) = tool_dir(test, "cargo") else {
+        return;
+    };
+    let mut case = Case::new();
+    let rustup = std::env::var_os("RUSTUP_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".rustup")))
+        .unwrap();
+    case.set("RUSTUP_HOME", &rustup);
+    let reg = SparseRegistry::start(&case.env.path("registry"));
+    let packaging = case.env.path("cargo-home-for-packaging");
+    reg.publish("vrone", &packaging);
+    reg.publish("vrtwo", &packaging);
+    case.write(
+        ".cargo/config.toml",
+        &format!(
+            "[source.crates-io]\nreplace-with = \"vr\"\n[source.vr]\n\
+             registry = \"sparse+http://127.0.0.1:{}/index/\"\n",
+            reg.port
+        ),
+    );
+    case.write("src/main.rs", "fn main() {}\n");
+    let lock_home = case.env.path("lock-cargo-home");
+    let deps = |case: &Case, deps: &str| {
+        case.write(
+            "Cargo.toml",
+            &format!(
+                "[package]\nname = \"proj\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\
+                 [dependencies]\n{deps}"
+            ),
+        );
+        let out = Command::new("cargo")
+            .args(["generate-lockfile"])
+            .current_dir(&case.project)
+            .env("CARGO_HOME", &lock_home)
+            .env("RUSTUP_HOME", &rustup)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+    };
+    deps(&case, "vrone = \"0.1\"\n");
+    case.init(&[], "built");
+    let crates = |case: &Case| case.sh(&[], "ls .cargo-home/registry/cache/*/");
+    assert_eq!(crates(&case), "vrone-0.1.0.crate\n");
+    assert_eq!(reg.downloads(), ["vrone-0.1.0.crate"]);
+
+    deps(&case, "vrone = \"0.1\"\nvrtwo = \"0.1\"\n");
+    case.rebuilds(&[], "a crate added to Cargo.lock");
+    assert_eq!(
+        reg.downloads(),
+        ["vrone-0.1.0.crate", "vrtwo-0.1.0.crate"],
+        "only the new crate downloads"
+    );
+    assert_eq!(crates(&case), "vrone-0.1.0.crate\nvrtwo-0.1.0.crate\n");
+
+    deps(&case, "vrtwo = \"0.1\"\n");
+    case.rebuilds(&[], "a crate dropped from Cargo.lock");
+    assert_eq!(reg.downloads().len(), 2, "nothing downloads");
+    assert_eq!(
+        crates(&case),
+        "vrtwo-0.1.0.crate\n",
+        "the dropped crate is pruned"
+    );
+}
+
+/// A seeded entry (`seed = true`, which `velo init` writes for cargo) starts its install from
+/// the tree last built for the same dir of the project — as root, and as an ordinary user
+/// through velo-mountd (which lends the previous tree as a writable overlay).
+#[test]
+fn a_seeded_entry_starts_from_the_previous_tree_as_root_and_as_a_user() {
+    use common::mountd::{Mountd, TestUser};
+    use std::os::unix::fs::PermissionsExt;
+    if !can_mount("a_seeded_entry_starts_from_the_previous_tree_as_root_and_as_a_user") {
+        return;
+    }
+    let toml = "[[deps]]\necosystem = \"custom\"\ndirs = [\"deps\"]\ninputs = [\"deps.lock\"]\n\
+                install = \"echo built >> installs.log && cat deps.lock >> deps/history\"\n\
+                seed = true\n";
+    // As root.
+    let case = Case::new();
+    case.write("velo.toml", toml);
+    case.write("deps.lock", "v1\n");
+    assert_eq!(case.sh(&[], "cat deps/history"), "v1\n");
+    case.write("deps.lock", "v2\n");
+    case.rebuilds(&[], "a changed deps.lock");
+    assert_eq!(case.sh(&[], "cat deps/history"), "v1\nv2\n");
+
+    // As an ordinary user.
+    let env = Env::new();
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let mountd = Mountd::start(&env);
+    let user = TestUser::create("seed", env.dir.path());
+    let project = env.path("proj");
+    fs::create_dir_all(&project).unwrap();
+    fs::write(project.join("velo.toml"), toml).unwrap();
+    fs::write(project.join("deps.lock"), "v1\n").unwrap();
+    user.own(&project);
+    let history = || {
+        let out = user
+            .velo(&mountd, &project, &["run", "cat", "deps/history"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(history(), "v1\n");
+    fs::write(project.join("deps.lock"), "v2\n").unwrap();
+    assert_eq!(history(), "v1\nv2\n");
+    let log = fs::read_to_string(project.join("installs.log")).unwrap();
+    assert_eq!(log.lines().count(), 2, "{log}");
+}

@@ -48,6 +48,9 @@ pub struct PlannedMount {
 pub struct Build {
     /// The install command (`sh -c`).
     pub install: String,
+    /// A Cargo.lock to prune each dir (a Cargo home) to after the install (see
+    /// [`crate::seed`]).
+    pub prune_to: Option<PathBuf>,
 }
 
 /// Creates a missing mount target as the invoking user's (so the project is not left with
@@ -166,6 +169,16 @@ fn build_inner(plan: &Plan, build: &Build) -> anyhow::Result<i32> {
             build.install
         );
         return Ok(status.code().map_or(1, |c| c.clamp(1, 255)));
+    }
+    if let Some(lock) = &build.prune_to {
+        for m in &plan.mounts {
+            let n = crate::seed::prune_to_lockfile(&m.target, lock)
+                .with_context(|| format!("prune {} to {}", m.target.display(), lock.display()))?;
+            tracing::info!(
+                "{}: {n} crates the lockfile no longer names pruned",
+                m.target.display()
+            );
+        }
     }
     for m in &plan.mounts {
         let Some(ref_name) = &m.snapshot_ref else {

@@ -23,6 +23,7 @@ fn unit(
         env_prefixes: env_prefixes.iter().map(|s| s.to_string()).collect(),
         path_sensitive: false,
         env: Default::default(),
+        seed: false,
     }
 }
 
@@ -303,6 +304,7 @@ pub fn detect(project: &Path) -> anyhow::Result<Vec<Unit>> {
         );
         u.env
             .insert("CARGO_HOME".into(), "{project}/.cargo-home".into());
+        u.seed = true;
         units.push(u);
     }
     if units.is_empty() {

@@ -12,6 +12,7 @@ pub mod inputs;
 pub mod key;
 pub mod memory;
 pub mod run;
+pub mod seed;
 pub mod tools;
 pub mod user;
 pub mod userns;

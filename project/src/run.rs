@@ -19,6 +19,7 @@ use super::child::{Build, Plan, PlannedMount};
 use super::client::{self, Client};
 use super::config::Config;
 use super::key::CacheAt;
+use super::seed;
 use super::user::User;
 use super::{ManagedDir, project_dir, resolve, unit_env};
 
@@ -119,6 +120,21 @@ fn run_as_root(
             );
         }
         let empty = empty_image(&store)?;
+        // A seeded entry starts from the tree last built for the dir (see `seed`).
+        let start = |d: &ManagedDir| {
+            unit.seed
+                .then(|| {
+                    seed::last_built(
+                        &CacheAt::Store(&store),
+                        (user.uid, user.gid),
+                        project,
+                        &d.dir,
+                    )
+                })
+                .flatten()
+                .and_then(|r| store.read_ref(&r).ok())
+                .unwrap_or(empty)
+        };
         let plan = Plan {
             store: store.root().to_owned(),
             project: project.to_owned(),
@@ -126,7 +142,7 @@ fn run_as_root(
             mounts: unit_dirs
                 .iter()
                 .map(|d| PlannedMount {
-                    image: empty,
+                    image: start(d),
                     target: d.path.clone(),
                     tenant: None,
                     snapshot_ref: Some(d.ref_name.clone()),
@@ -137,6 +153,7 @@ fn run_as_root(
         };
         let build = Build {
             install: unit.install.clone(),
+            prune_to: prune_to(unit, project),
         };
         let (status, child) = in_child(|| super::child::build(&plan, &build))?;
         super::child::remove_slots_of(&store, child);
@@ -150,6 +167,15 @@ fn run_as_root(
         }
         if missing(&store) {
             bail!("the build of {} finished but left no image", unit.ecosystem);
+        }
+        for d in &unit_dirs {
+            seed::record_built(
+                &CacheAt::Store(&store),
+                (user.uid, user.gid),
+                project,
+                &d.dir,
+                &d.ref_name,
+            );
         }
     }
 
@@ -335,6 +361,7 @@ fn build_missing_as_user(
         }
         let env: BTreeMap<String, String> = unit_env(unit, project).into_iter().collect();
         let user = super::user::User::invoking(None)?;
+        let at = CacheAt::Dir(cache.to_owned());
         build::build_as_user(&build::UserBuild {
             socket,
             project,
@@ -342,13 +369,30 @@ fn build_missing_as_user(
             dirs: unit_dirs.clone(),
             env: &env,
             env_remove: &super::key::install_env(project, unit, &user).1,
+            seeds: unit_dirs
+                .iter()
+                .map(|d| {
+                    unit.seed
+                        .then(|| seed::last_built(&at, (user.uid, user.gid), project, &d.dir))
+                        .flatten()
+                })
+                .collect(),
+            prune_to: prune_to(unit, project),
         })?;
         if missing(&mut client)? {
             bail!("the build of {} finished but left no image", unit.ecosystem);
         }
+        for d in &unit_dirs {
+            seed::record_built(&at, (user.uid, user.gid), project, &d.dir, &d.ref_name);
+        }
     }
     client.done();
     Ok(())
+}
+
+/// The lockfile a seeded cargo entry's Cargo home is pruned to after its install.
+fn prune_to(unit: &super::config::Unit, project: &Path) -> Option<PathBuf> {
+    (unit.seed && unit.ecosystem == "cargo").then(|| project.join("Cargo.lock"))
 }
 
 /// An flock on `dir/name`, held until the file is dropped.
