@@ -71,7 +71,7 @@ fn write_atomically(path: &Path, data: &[u8]) -> Result<(), String> {
         format!("rename into {}: {e}", path.display())
     })
 }
-/// Input digests kept at most (the least recently recorded go first).
+/// Input digests (and tool answers) kept at most.
 const MAX_INPUTS: usize = 4096;
 /// A file whose ctime is this close to now may still change within the same timestamp tick:
 /// its digest is not cached (as git treats "racily clean" index entries).
@@ -227,18 +227,21 @@ impl KeyCache {
                     .map(PathBuf::from)
             })
             .map(|p| std::fs::canonicalize(&p).unwrap_or(p));
-        match real {
-            Some(real) => {
-                self.data
-                    .tools
-                    .insert(cache_key, real.display().to_string());
-                self.dirty = true;
-                Some(real)
-            }
-            // The manager does not say (not installed, no version selected): the shim itself,
-            // and the version command's output keys whatever it runs.
-            None => Some(canonical),
+        // Where the manager does not say (not installed, no version selected), the shim
+        // itself: the version command's output then keys whatever it runs. Cached either way,
+        // so a warm run asks nothing.
+        let real = real.unwrap_or(canonical);
+        self.remember(cache_key, real.display().to_string());
+        Some(real)
+    }
+
+    /// Caches a tool answer (past [`MAX_INPUTS`] answers the cache starts over).
+    fn remember(&mut self, key: String, value: String) {
+        if self.data.tools.len() >= MAX_INPUTS {
+            self.data.tools.clear(); // rare: start over rather than track ages
         }
+        self.data.tools.insert(key, value);
+        self.dirty = true;
     }
 
     /// The output of `command` run as `user` in `dir` with `env`, cached by the identity of
@@ -282,8 +285,7 @@ impl KeyCache {
             ),
             Err(e) => format!("failed to run: {e}"),
         };
-        self.data.tools.insert(cache_key, out.clone());
-        self.dirty = true;
+        self.remember(cache_key, out.clone());
         out
     }
 
@@ -575,6 +577,115 @@ mod tests {
             dirty: false,
             racy_ns,
         }
+    }
+
+    fn inputs() -> KeyInputs {
+        KeyInputs {
+            owner: (1000, 1000),
+            ecosystem: "npm".into(),
+            install: "npm ci".into(),
+            env_set: vec![("A".into(), "1".into())],
+            files: vec![
+                (
+                    "package-lock.json".into(),
+                    FileDigest::Bytes(blake3::hash(b"{}")),
+                ),
+                ("npm user config".into(), FileDigest::Absent),
+            ],
+            versions: vec![("node --version".into(), "v20".into())],
+            env: vec![("npm_config_omit".into(), "dev".into())],
+            os: (b"Linux".to_vec(), b"x86_64".to_vec()),
+            project_path: None,
+        }
+    }
+
+    fn key(k: &KeyInputs) -> String {
+        dir_key(&k.hasher(), "node_modules")
+    }
+
+    proptest::proptest! {
+        /// The key is a function of its inputs: equal inputs, equal keys; a change to any one
+        /// of them (a file's bytes or presence, a version, a variable's value, the owner, the
+        /// project path) changes the key.
+        #[test]
+        fn every_input_changes_the_key(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+            version in "[ -~]{0,20}",
+            value in "[ -~]{0,20}",
+            uid in 0u32..5000,
+            field in 0usize..7,
+        ) {
+            let base = inputs();
+            proptest::prop_assert_eq!(key(&base), key(&inputs()));
+            let mut changed = base.clone();
+            match field {
+                0 => changed.files[0].1 = FileDigest::Bytes(blake3::hash(&bytes)),
+                1 => changed.files[1].1 = FileDigest::Bytes(blake3::hash(&bytes)),
+                2 => changed.versions[0].1 = version,
+                3 => changed.env[0].1 = value.into(),
+                4 => changed.owner.0 = uid,
+                5 => changed.project_path = Some(PathBuf::from(format!("/p/{value}"))),
+                _ => changed.files[0].1 = FileDigest::Unreadable(value),
+            }
+            proptest::prop_assert_eq!(changed == base, key(&changed) == key(&base));
+        }
+    }
+
+    /// A pyenv-style shim (one script for every version) is resolved to the binary it runs
+    /// now: switching the version behind it gives that version's output, not the cached one
+    /// of the shim; switching back is answered from the cache without running anything.
+    #[test]
+    fn a_shim_is_resolved_to_its_real_binary_before_its_output_is_cached() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("pyenv");
+        let script = |path: &Path, text: &str| {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        };
+        let pyenv = root.join("libexec/pyenv");
+        script(
+            &pyenv,
+            &format!(
+                "#!/bin/sh\nif [ \"$1\" = which ]; then echo {}/versions/$PYENV_VERSION/bin/$2; exit 0; fi\n\
+                 shift; p=$1; shift; exec {}/versions/$PYENV_VERSION/bin/$p \"$@\"\n",
+                root.display(),
+                root.display()
+            ),
+        );
+        script(
+            &root.join("shims/python3"),
+            &format!(
+                "#!/bin/sh\nprogram=python3\nexec \"{}\" exec \"$program\" \"$@\"\n",
+                pyenv.display()
+            ),
+        );
+        for v in ["3.11.7", "3.12.1"] {
+            script(
+                &root.join(format!("versions/{v}/bin/python3")),
+                &format!("#!/bin/sh\necho Python {v}\n"),
+            );
+        }
+        let user = User::invoking(None).unwrap();
+        let mut c = cache(0);
+        let ask = |c: &mut KeyCache, version: &str| {
+            let env: Env = [
+                ("PATH", format!("{}/shims:/usr/bin:/bin", root.display())),
+                ("PYENV_VERSION", version.to_owned()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.into()))
+            .collect();
+            let state = tools::selection_state(&env, &[], &mut |_| None);
+            c.output("python3 --version", &user, dir.path(), &env, &state)
+        };
+        assert!(ask(&mut c, "3.11.7").starts_with("Python 3.11.7\n"));
+        assert!(ask(&mut c, "3.12.1").starts_with("Python 3.12.1\n"));
+        // Back to the first: answered from the cache (nothing new recorded, nothing run).
+        c.dirty = false;
+        assert!(ask(&mut c, "3.11.7").starts_with("Python 3.11.7\n"));
+        assert!(!c.dirty, "the shim or the version was asked again");
     }
 
     #[test]
