@@ -30,6 +30,13 @@ pub struct UserBuild<'a> {
     pub dirs: Vec<&'a ManagedDir>,
     /// Environment the unit sets for the install.
     pub env: &'a BTreeMap<String, String>,
+    /// Variables the install does not see (see [`crate::inputs::install_env_removals`]).
+    pub env_remove: &'a [String],
+    /// For each dir, the ref of a tree the install starts from (see [`crate::seed`]); `None`:
+    /// an empty dir.
+    pub seeds: Vec<Option<String>>,
+    /// A Cargo.lock to prune each dir (a Cargo home) to after the install.
+    pub prune_to: Option<PathBuf>,
 }
 
 /// Where an install writes the trees it builds.
@@ -162,10 +169,39 @@ fn build_child(b: &UserBuild<'_>, place: &Place<'_>) -> i32 {
 
 fn build_child_inner(b: &UserBuild<'_>, place: &Place<'_>) -> anyhow::Result<i32> {
     use std::os::unix::fs::PermissionsExt;
+    // A seeded dir starts as a writable overlay of its previous tree, lent by velo-mountd for
+    // as long as this connection lasts (past the snapshot).
+    let mut lender = None;
+    let mut seeded = Vec::with_capacity(b.dirs.len());
+    for (i, dir) in b.dirs.iter().enumerate() {
+        let Some(r) = b.seeds.get(i).and_then(Option::as_ref) else {
+            seeded.push(None);
+            continue;
+        };
+        if lender.is_none() {
+            lender = Some(Client::connect(b.socket)?);
+        }
+        let client = lender
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("no connection"))?;
+        match client.mount(r, velo_mount::protocol::Writes::Discard) {
+            Ok(m) => seeded.push(Some(m)),
+            Err(e) => {
+                tracing::info!("{}: starting empty ({r}: {e})", dir.path.display());
+                seeded.push(None);
+            }
+        }
+    }
     userns::enter()?;
     // What each tree is snapshotted from, seen from inside this namespace.
     let mut roots: Vec<&Path> = Vec::new();
     for (i, dir) in b.dirs.iter().enumerate() {
+        if let Some(m) = seeded.get_mut(i).and_then(Option::take) {
+            userns::attach(std::os::fd::AsFd::as_fd(&m.fd), &dir.path)
+                .with_context(|| format!("attach the previous tree at {}", dir.path.display()))?;
+            roots.push(&dir.path);
+            continue;
+        }
         let mounted = match place {
             Place::Memory(size) => {
                 let mode = std::fs::metadata(&dir.path)
@@ -192,6 +228,9 @@ fn build_child_inner(b: &UserBuild<'_>, place: &Place<'_>) -> anyhow::Result<i32
         .arg(b.install)
         .current_dir(b.project)
         .envs(b.env);
+    for k in b.env_remove {
+        cmd.env_remove(k);
+    }
     // The install's output goes to stderr: stdout belongs to the command velo runs next.
     if let Ok(err) = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
         cmd.stdout(err);
@@ -216,6 +255,16 @@ fn build_child_inner(b: &UserBuild<'_>, place: &Place<'_>) -> anyhow::Result<i32
         }
         return Ok(crate::run::exit_code_of(status));
     }
+    if let Some(lock) = &b.prune_to {
+        for root in &roots {
+            let n = crate::seed::prune_to_lockfile(root, lock)
+                .with_context(|| format!("prune {} to {}", root.display(), lock.display()))?;
+            tracing::info!(
+                "{}: {n} crates the lockfile no longer names pruned",
+                root.display()
+            );
+        }
+    }
     let mut client = Client::connect(b.socket)?;
     for (dir, root) in b.dirs.iter().zip(roots) {
         let snap = velo_image::snapshot_unstored(
@@ -238,6 +287,9 @@ fn build_child_inner(b: &UserBuild<'_>, place: &Place<'_>) -> anyhow::Result<i32
         );
     }
     client.done();
+    if let Some(lender) = lender {
+        lender.done();
+    }
     Ok(0)
 }
 

@@ -1,8 +1,8 @@
 //! The namespace side of `velo run`: entering a private mount namespace (copied mounts made
 //! slaves first, so nothing leaks to the host), opening the store there and mounting each image
-//! over its dir with a copy-on-write upper; and the build child, which does that with an empty
-//! image, runs the install at the real path and snapshots what it produced. Mounts vanish with
-//! the namespace.
+//! over its dir with a copy-on-write upper; and the build child, which mounts an empty dir (or,
+//! for a seeded entry, the tree last built) over each dir, runs the install at the real path and
+//! snapshots what it produced. Mounts vanish with the namespace.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -26,6 +26,8 @@ pub struct Plan {
     pub mounts: Vec<PlannedMount>,
     /// Environment to set for the command (or the install).
     pub env: BTreeMap<String, String>,
+    /// Variables the install does not see (see [`crate::inputs::install_env_removals`]).
+    pub env_remove: Vec<String>,
 }
 
 /// One mount of the plan.
@@ -45,10 +47,25 @@ pub struct PlannedMount {
 pub struct Build {
     /// The install command (`sh -c`).
     pub install: String,
-    /// Each dir the install fills, and the ref its snapshot is written to.
-    pub dirs: Vec<(PathBuf, String)>,
-    /// Where the install writes: a tmpfs, or an empty dir on disk.
+    /// Each dir the install fills.
+    pub dirs: Vec<BuildDir>,
+    /// Where the install writes, in a dir that starts empty: a tmpfs, or an empty dir on disk.
     pub place: crate::build::BuildIn,
+    /// A Cargo.lock to prune each dir (a Cargo home) to after the install (see
+    /// [`crate::seed`]).
+    pub prune_to: Option<PathBuf>,
+}
+
+/// One dir a build fills.
+#[derive(Debug, Clone)]
+pub struct BuildDir {
+    /// Its real path.
+    pub target: PathBuf,
+    /// The ref its snapshot is written to.
+    pub ref_name: String,
+    /// The image it starts from (a seeded entry: the tree last built for it, under a
+    /// copy-on-write overlay); `None`: it starts empty.
+    pub seed: Option<Digest>,
 }
 
 /// Creates a missing mount target as the invoking user's (so the project is not left with
@@ -144,23 +161,38 @@ fn build_inner(plan: &Plan, build: &Build) -> anyhow::Result<i32> {
     // Disk builds write under the store's tmp/ (root's, on the store's filesystem); the dirs
     // go with this process.
     let mut on_disk = Vec::new();
-    for (target, _) in &build.dirs {
+    let pid = std::process::id();
+    for dir in &build.dirs {
+        let target = &dir.target;
         ensure_target(target, (plan.user.uid, plan.user.gid))?;
-        let mounted = match build.place {
-            crate::build::BuildIn::Memory(size) => {
+        let mounted = match (dir.seed, build.place) {
+            (Some(image), _) => {
+                let req = MountRequest {
+                    image,
+                    target: target.clone(),
+                    writes: Writes::CowManaged,
+                    create_target: false,
+                    owner: Some(pid),
+                    prefetch: false,
+                };
+                velo_mount::mount_image(&store, &req)
+                    .map(drop)
+                    .map_err(std::io::Error::other)
+            }
+            (None, crate::build::BuildIn::Memory(size)) => {
                 let mode = std::fs::metadata(target)
                     .with_context(|| format!("stat {}", target.display()))?
                     .permissions()
                     .mode();
                 crate::userns::tmpfs(target, size, mode)
             }
-            crate::build::BuildIn::Disk => {
-                let dir = tempfile::Builder::new()
+            (None, crate::build::BuildIn::Disk) => {
+                let empty = tempfile::Builder::new()
                     .prefix("build-")
                     .tempdir_in(store.area_path(velo_objects::Area::Tmp))
                     .context("create a build dir in the store")?;
-                let mounted = crate::userns::bind(dir.path(), target);
-                on_disk.push(dir);
+                let mounted = crate::userns::bind(empty.path(), target);
+                on_disk.push(empty);
                 mounted
             }
         };
@@ -181,6 +213,9 @@ fn build_inner(plan: &Plan, build: &Build) -> anyhow::Result<i32> {
     let mut cmd = std::process::Command::new("sh");
     cmd.arg("-c").arg(&build.install).current_dir(&plan.project);
     cmd.envs(&plan.env);
+    for k in &plan.env_remove {
+        cmd.env_remove(k);
+    }
     // The install's output goes to stderr: stdout belongs to the command velo runs next.
     if let Ok(err) = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
         cmd.stdout(err);
@@ -196,7 +231,20 @@ fn build_inner(plan: &Plan, build: &Build) -> anyhow::Result<i32> {
         );
         return Ok(crate::run::exit_code_of(status));
     }
-    for (target, ref_name) in &build.dirs {
+    if let Some(lock) = &build.prune_to {
+        for dir in &build.dirs {
+            let n = crate::seed::prune_to_lockfile(&dir.target, lock)
+                .with_context(|| format!("prune {} to {}", dir.target.display(), lock.display()))?;
+            tracing::info!(
+                "{}: {n} crates the lockfile no longer names pruned",
+                dir.target.display()
+            );
+        }
+    }
+    for BuildDir {
+        target, ref_name, ..
+    } in &build.dirs
+    {
         let opts = velo_image::SnapshotOptions {
             ref_name: Some(ref_name.clone()),
             ..Default::default()

@@ -47,6 +47,11 @@ pub struct Unit {
     /// the project path.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Whether the install starts from the tree last built for the same dir of this project
+    /// (cargo's: a changed Cargo.lock downloads only the new crates; what it no longer names is
+    /// pruned after the install). See [`crate::seed`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub seed: bool,
 }
 
 impl Config {
@@ -153,6 +158,7 @@ mod tests {
                     env_prefixes: vec![],
                     path_sensitive: false,
                     env: Default::default(),
+                    seed: false,
                 }],
             };
             assert!(c.check().is_err(), "{bad:?} accepted");

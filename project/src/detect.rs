@@ -23,6 +23,7 @@ fn unit(
         env_prefixes: env_prefixes.iter().map(|s| s.to_string()).collect(),
         path_sensitive: false,
         env: Default::default(),
+        seed: false,
     }
 }
 
@@ -98,6 +99,71 @@ fn expand_simple_glob(root: &Path, pat: &str) -> Vec<String> {
     out
 }
 
+/// The requirements files a pip project installs: `requirements*.txt` at the root, else the
+/// `.txt` files of a `requirements/` dir; of those, the ones no other one includes (`-r`, `-c`:
+/// a `dev.txt` that includes `base.txt` installs both, and a constraints file is not a list of
+/// things to install). Sorted. What they include is followed when keys are computed.
+fn requirement_roots(project: &Path) -> Vec<String> {
+    let list = |dir: &Path, rel: &str, name_ok: &dyn Fn(&str) -> bool| -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.path().is_file())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| name_ok(n))
+                    .map(|n| format!("{rel}{n}"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
+    };
+    let mut found = list(project, "", &|n| {
+        n.starts_with("requirements") && n.ends_with(".txt")
+    });
+    if found.is_empty() {
+        found = list(&project.join("requirements"), "requirements/", &|n| {
+            n.ends_with(".txt")
+        });
+    }
+    let included: std::collections::BTreeSet<std::path::PathBuf> = found
+        .iter()
+        .flat_map(|f| {
+            let text = std::fs::read_to_string(project.join(f)).unwrap_or_default();
+            let dir = Path::new(f).parent().unwrap_or(Path::new("")).to_owned();
+            crate::inputs::requirement_refs(&text)
+                .into_iter()
+                .filter_map(move |r| match r {
+                    crate::inputs::ReqRef::Requirements(p)
+                    | crate::inputs::ReqRef::Constraints(p) => Some(normalize(&dir.join(p))),
+                    crate::inputs::ReqRef::Local(_) => None,
+                })
+        })
+        .collect();
+    let roots: Vec<String> = found
+        .iter()
+        .filter(|f| !included.contains(&normalize(Path::new(f.as_str()))))
+        .cloned()
+        .collect();
+    // Files that only include each other (a cycle): install them all.
+    if roots.is_empty() { found } else { roots }
+}
+
+/// A relative path with `.` dropped and `..` folded.
+fn normalize(p: &Path) -> std::path::PathBuf {
+    let mut out = std::path::PathBuf::new();
+    for c in p.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 /// Detects every ecosystem in `project` (at least one, or an error saying what was looked for).
 pub fn detect(project: &Path) -> anyhow::Result<Vec<Unit>> {
     let has = |f: &str| project.join(f).is_file();
@@ -113,7 +179,7 @@ pub fn detect(project: &Path) -> anyhow::Result<Vec<Unit>> {
         units.push(unit(
             "npm",
             node_dirs(project),
-            &["package-lock.json", "package.json", ".npmrc", "~/.npmrc"],
+            &["package-lock.json", "package.json", ".npmrc"],
             "npm ci",
             &v,
             &node_env,
@@ -129,7 +195,6 @@ pub fn detect(project: &Path) -> anyhow::Result<Vec<Unit>> {
                 "package.json",
                 "pnpm-workspace.yaml",
                 ".npmrc",
-                "~/.npmrc",
             ],
             "pnpm install --frozen-lockfile",
             &v,
@@ -160,7 +225,6 @@ pub fn detect(project: &Path) -> anyhow::Result<Vec<Unit>> {
                 ".yarnrc",
                 ".yarnrc.yml",
                 ".npmrc",
-                "~/.yarnrc",
             ],
             if berry {
                 "yarn install --immutable"
@@ -171,18 +235,13 @@ pub fn detect(project: &Path) -> anyhow::Result<Vec<Unit>> {
             &["npm_config_", "YARN_", "NODE_ENV"],
         ));
     }
-    let py_env = ["PIP_", "UV_", "POETRY_", "PYTHON"];
+    // (`PYTHON*` variables steer the interpreter at run time; the install never sees them.)
+    let py_env = ["PIP_", "UV_", "POETRY_"];
     if has("uv.lock") {
         let mut u = unit(
             "uv",
             vec![".venv".into()],
-            &[
-                "uv.lock",
-                "pyproject.toml",
-                ".python-version",
-                "uv.toml",
-                "~/.config/uv/uv.toml",
-            ],
+            &["uv.lock", "pyproject.toml", ".python-version", "uv.toml"],
             "uv sync --frozen --compile-bytecode",
             &["uv --version", "uv python find"],
             &py_env,
@@ -193,12 +252,7 @@ pub fn detect(project: &Path) -> anyhow::Result<Vec<Unit>> {
         let mut u = unit(
             "poetry",
             vec![".venv".into()],
-            &[
-                "poetry.lock",
-                "pyproject.toml",
-                "poetry.toml",
-                "~/.config/pypoetry/config.toml",
-            ],
+            &["poetry.lock", "pyproject.toml", "poetry.toml"],
             "poetry install --no-root --no-interaction --compile",
             &[
                 "poetry --version",
@@ -211,19 +265,10 @@ pub fn detect(project: &Path) -> anyhow::Result<Vec<Unit>> {
             .insert("POETRY_VIRTUALENVS_IN_PROJECT".into(), "true".into());
         units.push(u);
     } else {
-        let mut reqs: Vec<String> = std::fs::read_dir(project)
-            .map(|rd| {
-                rd.flatten()
-                    .filter_map(|e| e.file_name().into_string().ok())
-                    .filter(|n| n.starts_with("requirements") && n.ends_with(".txt"))
-                    .collect()
-            })
-            .unwrap_or_default();
-        reqs.sort();
+        let reqs = requirement_roots(project);
         if !reqs.is_empty() {
             let args: Vec<String> = reqs.iter().map(|r| format!("-r {r}")).collect();
-            let mut inputs: Vec<&str> = reqs.iter().map(String::as_str).collect();
-            inputs.extend(["pip.conf", "~/.config/pip/pip.conf", "~/.pip/pip.conf"]);
+            let inputs: Vec<&str> = reqs.iter().map(String::as_str).collect();
             let install = format!(
                 "python3 -m venv .venv && .venv/bin/pip install --no-input --disable-pip-version-check {}",
                 args.join(" ")
@@ -259,11 +304,12 @@ pub fn detect(project: &Path) -> anyhow::Result<Vec<Unit>> {
         );
         u.env
             .insert("CARGO_HOME".into(), "{project}/.cargo-home".into());
+        u.seed = true;
         units.push(u);
     }
     if units.is_empty() {
         bail!(
-            "{}: no lockfile found (looked for package-lock.json, pnpm-lock.yaml, yarn.lock, uv.lock, poetry.lock, requirements*.txt, Cargo.lock)",
+            "{}: no lockfile found (looked for package-lock.json, pnpm-lock.yaml, yarn.lock, uv.lock, poetry.lock, requirements*.txt, requirements/*.txt, Cargo.lock)",
             project.display()
         );
     }
@@ -312,6 +358,37 @@ mod tests {
             "{}",
             units[1].install
         );
+    }
+
+    #[test]
+    fn a_requirements_dir_is_detected_and_included_files_are_not_installed_twice() {
+        let dir = tempfile::tempdir().expect("test fixture");
+        let p = dir.path();
+        std::fs::create_dir_all(p.join("requirements")).expect("test fixture");
+        for (f, text) in [
+            ("base.txt", "six\n"),
+            ("dev.txt", "-r base.txt\n-c constraints.txt\npytest\n"),
+            ("constraints.txt", "six==1.17.0\n"),
+            ("docs.txt", "-r ./base.txt\nsphinx\n"),
+        ] {
+            std::fs::write(p.join("requirements").join(f), text).expect("test fixture");
+        }
+        let units = detect(p).expect("detected");
+        assert_eq!(units[0].ecosystem, "pip");
+        assert_eq!(
+            units[0].inputs,
+            ["requirements/dev.txt", "requirements/docs.txt"]
+        );
+        assert!(
+            units[0]
+                .install
+                .ends_with("-r requirements/dev.txt -r requirements/docs.txt"),
+            "{}",
+            units[0].install
+        );
+        // Root files win over the dir.
+        std::fs::write(p.join("requirements.txt"), "-r requirements/dev.txt\n").expect("fixture");
+        assert_eq!(detect(p).expect("detected")[0].inputs, ["requirements.txt"]);
     }
 
     #[test]

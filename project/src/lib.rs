@@ -8,9 +8,12 @@ pub mod child;
 pub mod client;
 pub mod config;
 pub mod detect;
+pub mod inputs;
 pub mod key;
 pub mod memory;
 pub mod run;
+pub mod seed;
+pub mod tools;
 pub mod user;
 pub mod userns;
 

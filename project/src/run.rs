@@ -21,6 +21,7 @@ use super::child::{Build, Plan, PlannedMount};
 use super::client::{self, Client};
 use super::config::Config;
 use super::key::CacheAt;
+use super::seed;
 use super::user::User;
 use super::{ManagedDir, project_dir, resolve, unit_env};
 
@@ -143,20 +144,40 @@ fn run_as_root(
                 names, unit.install
             );
         }
+        // A seeded entry starts from the tree last built for the dir (see `seed`).
+        let start = |d: &ManagedDir| {
+            unit.seed
+                .then(|| {
+                    seed::last_built(
+                        &CacheAt::Store(&store),
+                        (user.uid, user.gid),
+                        project,
+                        &d.dir,
+                    )
+                })
+                .flatten()
+                .and_then(|r| store.read_ref(&r).ok())
+        };
         let plan = Plan {
             store: store.root().to_owned(),
             project: project.to_owned(),
             user: user.clone(),
             mounts: Vec::new(),
             env: unit_env(unit, project).into_iter().collect(),
+            env_remove: super::key::install_env(project, unit, &user).1,
         };
         let build = Build {
             install: unit.install.clone(),
             dirs: unit_dirs
                 .iter()
-                .map(|d| (d.path.clone(), d.ref_name.clone()))
+                .map(|d| super::child::BuildDir {
+                    target: d.path.clone(),
+                    ref_name: d.ref_name.clone(),
+                    seed: start(d),
+                })
                 .collect(),
             place: crate::build::BuildIn::choose()?,
+            prune_to: prune_to(unit, project),
         };
         let (status, child) = in_child(|| super::child::build(&plan, &build))?;
         super::child::remove_slots_of(&store, child);
@@ -165,6 +186,15 @@ fn run_as_root(
         }
         if missing(&store) {
             bail!("the build of {} finished but left no image", unit.ecosystem);
+        }
+        for d in &unit_dirs {
+            seed::record_built(
+                &CacheAt::Store(&store),
+                (user.uid, user.gid),
+                project,
+                &d.dir,
+                &d.ref_name,
+            );
         }
     }
 
@@ -224,6 +254,7 @@ fn run_as_root(
         user,
         mounts,
         env,
+        env_remove: Vec::new(),
     };
     drop(store); // reopened inside the namespace
     run_mounted(&plan, argv)
@@ -354,19 +385,39 @@ fn build_missing_as_user(
             );
         }
         let env: BTreeMap<String, String> = unit_env(unit, project).into_iter().collect();
+        let user = super::user::User::invoking(None)?;
+        let at = CacheAt::Dir(cache.to_owned());
         build::build_as_user(&build::UserBuild {
             socket,
             project,
             install: &unit.install,
             dirs: unit_dirs.clone(),
             env: &env,
+            env_remove: &super::key::install_env(project, unit, &user).1,
+            seeds: unit_dirs
+                .iter()
+                .map(|d| {
+                    unit.seed
+                        .then(|| seed::last_built(&at, (user.uid, user.gid), project, &d.dir))
+                        .flatten()
+                })
+                .collect(),
+            prune_to: prune_to(unit, project),
         })?;
         if missing(&mut client)? {
             bail!("the build of {} finished but left no image", unit.ecosystem);
         }
+        for d in &unit_dirs {
+            seed::record_built(&at, (user.uid, user.gid), project, &d.dir, &d.ref_name);
+        }
     }
     client.done();
     Ok(())
+}
+
+/// The lockfile a seeded cargo entry's Cargo home is pruned to after its install.
+fn prune_to(unit: &super::config::Unit, project: &Path) -> Option<PathBuf> {
+    (unit.seed && unit.ecosystem == "cargo").then(|| project.join("Cargo.lock"))
 }
 
 /// An flock on `dir/name`, held until the file is dropped.

@@ -217,3 +217,96 @@ pub fn custom_project(base: &Path, project: &Path) -> PathBuf {
     }
     project.to_owned()
 }
+
+/// Packs an npm package `name@version` (files given; `extra` is more of its package.json,
+/// e.g. `"bin":{…}` — empty for none) into a tarball under `dir/tarballs` and returns its path.
+pub fn npm_tarball(
+    dir: &Path,
+    cache: &Path,
+    name: &str,
+    version: &str,
+    extra: &str,
+    files: &[(&str, &str)],
+) -> PathBuf {
+    let tarballs = dir.join("tarballs");
+    fs::create_dir_all(&tarballs).expect("mkdir");
+    let src = dir.join("pkg-src").join(format!("{name}-{version}"));
+    let comma = if extra.is_empty() { "" } else { "," };
+    write(
+        &src.join("package.json"),
+        &format!(r#"{{"name":"{name}","version":"{version}","main":"index.js"{comma}{extra}}}"#),
+    );
+    for (file, text) in files {
+        write(&src.join(file), text);
+    }
+    run(npm(&src, cache)
+        .args(["pack", "--silent", "--pack-destination"])
+        .arg(&tarballs));
+    tarballs.join(format!("{name}-{version}.tgz"))
+}
+
+/// Builds `NAME-VERSION-py3-none-any.whl` in `dir` (a package `name` of these module files,
+/// no console script) and returns its path.
+pub fn wheel_named(dir: &Path, name: &str, version: &str, modules: &[(&str, &str)]) -> PathBuf {
+    let src = dir.join(format!("wheel-src-{name}-{version}"));
+    for (file, text) in modules {
+        write(&src.join(name).join(file), text);
+    }
+    let dist_info = format!("{name}-{version}.dist-info");
+    let di = src.join(&dist_info);
+    write(
+        &di.join("METADATA"),
+        &format!("Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"),
+    );
+    write(
+        &di.join("WHEEL"),
+        "Wheel-Version: 1.0\nGenerator: velo-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    );
+    let wheel = dir.join(format!("{name}-{version}-py3-none-any.whl"));
+    run(Command::new("python3")
+        .args(["-c", MAKE_WHEEL])
+        .arg(&src)
+        .arg(&wheel)
+        .arg(&dist_info));
+    wheel
+}
+
+/// A PEP 517 build backend in one module, needing nothing installed (`requires = []`): it
+/// builds the project named in pyproject.toml's `[project]` as a wheel whose metadata carries
+/// the project's `dependencies`; `build_editable` puts the project dir on `sys.path` (a .pth).
+pub const TINY_BACKEND: &str = r#"
+import base64, hashlib, os, tomllib, zipfile
+
+def _meta():
+    with open("pyproject.toml", "rb") as f:
+        p = tomllib.load(f)["project"]
+    lines = [f"Metadata-Version: 2.1", f"Name: {p['name']}", f"Version: {p['version']}"]
+    lines += [f"Requires-Dist: {d}" for d in p.get("dependencies", [])]
+    return p["name"], p["version"], "\n".join(lines) + "\n"
+
+def _wheel(directory, files):
+    name, version, metadata = _meta()
+    di = f"{name}-{version}.dist-info"
+    files = dict(files)
+    files[f"{di}/METADATA"] = metadata
+    files[f"{di}/WHEEL"] = "Wheel-Version: 1.0\nGenerator: tiny\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    whl = f"{name}-{version}-py3-none-any.whl"
+    record = []
+    with zipfile.ZipFile(os.path.join(directory, whl), "w") as z:
+        for path, text in sorted(files.items()):
+            data = text.encode()
+            z.writestr(path, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            record.append(f"{path},sha256={digest},{len(data)}")
+        record.append(f"{di}/RECORD,,")
+        z.writestr(f"{di}/RECORD", "\n".join(record) + "\n")
+    return whl
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    name, _, _ = _meta()
+    return _wheel(wheel_directory, {f"{name}/__init__.py": open(f"{name}/__init__.py").read()})
+
+def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
+    name, _, _ = _meta()
+    return _wheel(wheel_directory, {f"_{name}_editable.pth": os.getcwd() + "\n"})
+"#;
