@@ -99,7 +99,19 @@ fn expand_simple_glob(root: &Path, pat: &str) -> Vec<String> {
     out
 }
 
-/// The requirements files a pip project installs: `requirements*.txt` at the root, else the
+/// The root requirements files `velo init` installs when a project has several.
+const CONVENTIONAL_REQUIREMENTS: [&str; 7] = [
+    "requirements.txt",
+    "requirements-dev.txt",
+    "requirements_dev.txt",
+    "requirements-test.txt",
+    "requirements_test.txt",
+    "requirements-tests.txt",
+    "requirements_tests.txt",
+];
+
+/// The requirements files a pip project installs: `requirements*.txt` at the root (by
+/// convention the project's and its dev/test ones, if it has them), else the
 /// `.txt` files of a `requirements/` dir; of those, the ones no other one includes (`-r`, `-c`:
 /// a `dev.txt` that includes `base.txt` installs both, and a constraints file is not a list of
 /// things to install). Sorted. What they include is followed when keys are computed.
@@ -121,6 +133,17 @@ fn requirement_roots(project: &Path) -> Vec<String> {
     let mut found = list(project, "", &|n| {
         n.starts_with("requirements") && n.ends_with(".txt")
     });
+    // Of the root's files, the test venv gets the project's and its dev/test requirements by
+    // convention, not every variant (docs, lint, prod pins…); velo.toml's install says
+    // otherwise where a project wants more.
+    let conventional: Vec<String> = found
+        .iter()
+        .filter(|n| CONVENTIONAL_REQUIREMENTS.contains(&n.as_str()))
+        .cloned()
+        .collect();
+    if !conventional.is_empty() {
+        found = conventional;
+    }
     if found.is_empty() {
         found = list(&project.join("requirements"), "requirements/", &|n| {
             n.ends_with(".txt")
@@ -337,6 +360,7 @@ mod tests {
         std::fs::create_dir_all(p.join("packages/not-a-package")).expect("test fixture");
         std::fs::write(p.join("requirements.txt"), "six\n").expect("test fixture");
         std::fs::write(p.join("requirements-dev.txt"), "pytest\n").expect("test fixture");
+        std::fs::write(p.join("requirements-docs.txt"), "sphinx\n").expect("test fixture");
         let units = detect(p).expect("test fixture");
         assert_eq!(units[0].ecosystem, "npm");
         assert_eq!(
@@ -357,6 +381,19 @@ mod tests {
                 .contains("-r requirements-dev.txt -r requirements.txt"),
             "{}",
             units[1].install
+        );
+        assert!(
+            !units[1].install.contains("docs"),
+            "docs requirements stay out of the test venv: {}",
+            units[1].install
+        );
+        // A project with only a variant velo has no convention for installs it.
+        let q = tempfile::tempdir().expect("tempdir");
+        std::fs::write(q.path().join("requirements-prod.txt"), "six\n").expect("fixture");
+        assert!(
+            detect(q.path()).expect("detected")[0]
+                .install
+                .contains("-r requirements-prod.txt")
         );
     }
 
