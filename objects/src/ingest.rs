@@ -356,8 +356,8 @@ impl Store {
     pub fn enable_verity(&self, kind: Kind, digest: &Digest) -> Result<()> {
         let (dir, name) = self.final_dir(kind, digest)?;
         let path = self.path_of(kind, digest);
-        let fd = open_beneath(dir, &name, OFlags::RDONLY | OFlags::NOFOLLOW, Mode::empty())
-            .ctx("open for fs-verity", &path)?;
+        let (fd, _) = fsutil::open_regular_beneath(dir, &name, OFlags::RDONLY, Mode::empty())
+            .map_err(|e| StoreError::from_open("open for fs-verity", &path, e))?;
         let mut tries = 0;
         loop {
             match kverity::enable(fd.as_fd()) {
@@ -391,7 +391,12 @@ fn read_some(src: &mut dyn std::io::Read, buf: &mut [u8], what: &str) -> Result<
     }
 }
 
-fn link_tmpfile(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &str) -> rustix::io::Result<()> {
+/// Gives the unnamed (`O_TMPFILE`) file `fd` the name `name` in `dir`.
+pub(crate) fn link_tmpfile(
+    fd: BorrowedFd<'_>,
+    dir: BorrowedFd<'_>,
+    name: &str,
+) -> rustix::io::Result<()> {
     match rustix::fs::linkat(fd, "", dir, name, AtFlags::EMPTY_PATH) {
         // AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH on older kernels; /proc works for anyone.
         Err(Errno::NOENT) | Err(Errno::PERM) => {

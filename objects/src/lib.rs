@@ -41,7 +41,7 @@ pub mod verity;
 
 pub use digest::Digest;
 pub use error::{Result, StoreError};
-pub use fsck::{Finding, FsckProgress};
+pub use fsck::{Finding, FsckProgress, NOT_REGULAR};
 pub use gc::{GcHooks, GcOptions, GcReport};
 pub use ingest::{Kind, Stored};
 pub use lock::StoreLock;
