@@ -255,6 +255,73 @@ pub fn list_dir(dir: BorrowedFd<'_>) -> rustix::io::Result<Vec<std::ffi::OsStrin
     Ok(out)
 }
 
+/// The first bytes of a file mapped read-only into memory. Its pages are read when first
+/// touched, and only the pages touched count against the process: a parser that refuses a
+/// file after looking at a few blocks costs those blocks, whatever the file's size.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Mapping {
+    /// Maps the first `len` bytes of `fd` (`PROT_READ`, `MAP_PRIVATE`).
+    ///
+    /// # Safety
+    ///
+    /// While the mapping lives, nothing may change the bytes mapped or make the file shorter than
+    /// `len` (a read past its end raises `SIGBUS`): map only a file no other process can reach,
+    /// like one this process staged unnamed (`O_TMPFILE`) and no longer writes.
+    pub unsafe fn new(fd: BorrowedFd<'_>, len: usize) -> rustix::io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        if len == 0 {
+            return Ok(Self {
+                ptr: std::ptr::null_mut(),
+                len: 0,
+            });
+        }
+        // SAFETY: a fresh mapping (NULL hint) of an open fd; the caller keeps the file's first
+        // `len` bytes as they are while it lives (see above).
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::IO));
+        }
+        Ok(Self { ptr, len })
+    }
+}
+
+impl std::ops::Deref for Mapping {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `ptr` is a live read-only mapping of `len` bytes, unchanged while it lives
+        // (the contract of `Mapping::new`), unmapped only on drop.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: unmaps exactly the mapping `new` made; no slice of it outlives `self`.
+            unsafe {
+                libc::munmap(self.ptr, self.len);
+            }
+        }
+    }
+}
+
 /// Writes all of `data` at `offset`.
 pub fn pwrite_all(fd: BorrowedFd<'_>, mut data: &[u8], mut offset: u64) -> rustix::io::Result<()> {
     while !data.is_empty() {

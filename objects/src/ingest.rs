@@ -31,6 +31,58 @@ pub struct Stored {
     pub new: bool,
 }
 
+/// Bytes from an untrusted source, checked against their digest as they arrived and held in
+/// `tmp/` (unnamed where the filesystem allows it), not yet under their name; see
+/// [`Store::stage_verified`]. Dropping it leaves nothing behind.
+pub struct Pending<'s> {
+    staged: Staged<'s>,
+    kind: Kind,
+    digest: Digest,
+    size: u64,
+}
+
+impl std::fmt::Debug for Pending<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("kind", &self.kind)
+            .field("digest", &self.digest)
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+impl Pending<'_> {
+    /// Its bytes, mapped read-only: only the pages read count against the process, so
+    /// checking a large file that is refused early costs little memory.
+    pub fn map(&self) -> Result<fsutil::Mapping> {
+        let path = self.staged.store.path_of(self.kind, &self.digest);
+        let len = usize::try_from(self.size).map_err(|_| StoreError::TooLarge {
+            path: path.clone(),
+            size: self.size,
+            max: usize::MAX as u64,
+        })?;
+        // SAFETY: the staged file is this process's own, written completely by
+        // `stage_verified` and never written again; unnamed (or, where the filesystem has no
+        // O_TMPFILE, in the store's private tmp/ while this process holds the store lock), so
+        // no other process changes or truncates it while it is mapped.
+        unsafe { fsutil::Mapping::new(self.staged.fd.as_fd(), len) }.ctx("map", path)
+    }
+
+    /// Puts it under its digest, as [`Store::store_verified`] would have (one already there
+    /// is a dedup hit, a damaged entry under the name is replaced).
+    pub fn publish(self) -> Result<Stored> {
+        let store = self.staged.store;
+        if store.has(self.kind, &self.digest, self.size)? {
+            return Ok(Stored {
+                digest: self.digest,
+                size: self.size,
+                new: false,
+            });
+        }
+        store.publish(self.kind, self.staged, self.digest, self.size)
+    }
+}
+
 /// Which kind of immutable, digest-named file to write. Both go through one code path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -216,6 +268,31 @@ impl Store {
             });
         }
         self.publish(kind, staged, *expected, size)
+    }
+
+    /// Stages bytes read from an untrusted source, checked as [`Store::store_verified`] checks
+    /// them (exactly `size` bytes that hash to `expected`, or [`StoreError::Mismatch`] and
+    /// nothing kept), without putting them under their name: the caller checks them further
+    /// first ([`Pending::map`]), then [`Pending::publish`]es them. The bytes go to disk as they
+    /// arrive, never to memory, whatever `size` says. Take the store lock shared (a write
+    /// session) first, so that GC leaves the staged file alone.
+    pub fn stage_verified(
+        &self,
+        kind: Kind,
+        src: &mut dyn std::io::Read,
+        expected: &Digest,
+        size: u64,
+        what: &str,
+    ) -> Result<Pending<'_>> {
+        let path = self.path_of(kind, expected);
+        let staged = self.stage()?;
+        self.copy_verified(src, expected, size, what, staged.fd.as_fd(), &path)?;
+        Ok(Pending {
+            staged,
+            kind,
+            digest: *expected,
+            size,
+        })
     }
 
     /// Copies exactly `size` bytes from `src` into `dst` while hashing them; anything but the
