@@ -29,18 +29,17 @@ impl BlobCache {
         let Ok(dir) = store.open_area(Area::Cache) else {
             return Self::default();
         };
+        // A regular file only: anything else (a FIFO) is never opened for reading or writing.
         let open = |flags| {
-            fsutil::open_beneath(dir.as_fd(), FILE, flags, Mode::from_raw_mode(0o600))
-                .ok()
-                .map(std::fs::File::from)
+            fsutil::open_regular_beneath(dir.as_fd(), FILE, flags, Mode::from_raw_mode(0o600)).ok()
         };
         let mut entries = HashMap::new();
         let mut too_big = false;
-        if let Some(mut f) = open(OFlags::RDONLY) {
-            let mut text = String::new();
-            too_big = f.metadata().is_ok_and(|m| m.len() > MAX_BYTES);
-            if !too_big && std::io::Read::read_to_string(&mut f, &mut text).is_ok() {
-                for line in text.lines() {
+        if let Some((fd, st)) = open(OFlags::RDONLY) {
+            let data = fsutil::read_capped(fd.as_fd(), &st, MAX_BYTES);
+            too_big = matches!(data, Err(fsutil::ReadError::TooLarge { .. }));
+            if let Ok(data) = data {
+                for line in String::from_utf8_lossy(&data).lines() {
                     let mut parts = line.split(' ');
                     if let (Some(k), Some(d), Some(s), None) =
                         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -58,7 +57,8 @@ impl BlobCache {
             flags | OFlags::TRUNC
         } else {
             flags
-        });
+        })
+        .map(|(fd, _)| std::fs::File::from(fd));
         Self { entries, file }
     }
 

@@ -13,11 +13,6 @@ use crate::error::{DistError, Result};
 /// (in userspace) and rebuild with velo's writer to the very same bytes. Returns the parsed
 /// tree. `source` names where they came from.
 pub fn check_image(bytes: &[u8], digest: &Digest, source: &str) -> Result<FileSystem> {
-    let refused = |reason: String| DistError::ImageRefused {
-        digest: digest.to_hex(),
-        source_name: source.to_owned(),
-        reason,
-    };
     let found = VerityHasher::digest(bytes);
     if found != *digest {
         return Err(DistError::Corrupt {
@@ -25,6 +20,18 @@ pub fn check_image(bytes: &[u8], digest: &Digest, source: &str) -> Result<FileSy
             reason: format!("its bytes hash to {found}"),
         });
     }
+    check_staged_image(bytes, digest, source)
+}
+
+/// [`check_image`] for bytes already checked against their digest (staged with
+/// [`stage_image`]): they parse and rebuild to the very same bytes. Reads only what the parser
+/// reaches (and all of the bytes only to compare a rebuild of their very length).
+pub fn check_staged_image(bytes: &[u8], digest: &Digest, source: &str) -> Result<FileSystem> {
+    let refused = |reason: String| DistError::ImageRefused {
+        digest: digest.to_hex(),
+        source_name: source.to_owned(),
+        reason,
+    };
     let (fs, rebuilt) = velo_image::rebuild(bytes, &digest.to_hex()).map_err(|e| {
         refused(format!(
             "it does not parse as a composefs image velo reads: {e}"
@@ -42,6 +49,46 @@ pub fn check_image(bytes: &[u8], digest: &Digest, source: &str) -> Result<FileSy
     Ok(fs)
 }
 
+/// Stages an image of `size` bytes read from `src` in the store's `tmp/` if its fs-verity
+/// digest is `digest` (see [`Store::stage_verified`]): its bytes go to disk as they arrive.
+/// `what` names it in messages.
+pub fn stage_image<'s>(
+    store: &'s Store,
+    src: &mut dyn Read,
+    digest: &Digest,
+    size: u64,
+    what: &str,
+) -> Result<velo_objects::Pending<'s>> {
+    store
+        .stage_verified(Kind::Image, src, digest, size, what)
+        .map_err(|e| refused_bytes(e, what, digest, size))
+}
+
+/// What a [`StoreError`] of a check of bytes that arrived means for them.
+fn refused_bytes(e: StoreError, what: &str, digest: &Digest, size: u64) -> DistError {
+    match e {
+        StoreError::Mismatch {
+            found, found_size, ..
+        } => DistError::Corrupt {
+            what: what.to_owned(),
+            reason: match found {
+                Some(f) => format!("its bytes hash to {f}, not {digest}"),
+                None => format!("only {found_size} of its {size} bytes arrived"),
+            },
+        },
+        // A read error here is the stream (a decompressor) failing at these bytes.
+        StoreError::Io {
+            op: "read",
+            cause: source,
+            ..
+        } => DistError::Corrupt {
+            what: what.to_owned(),
+            reason: format!("its bytes do not decompress: {source}"),
+        },
+        e => e.into(),
+    }
+}
+
 /// Stores one object of `size` bytes read from `src` if its fs-verity digest is `digest`;
 /// `what` names it (object and blob) in messages. Reads exactly `size` bytes.
 pub fn store_object(
@@ -52,28 +99,10 @@ pub fn store_object(
     what: &str,
 ) -> Result<bool> {
     let mut limited = src.take(size);
-    match store.store_verified(Kind::Object, &mut limited, digest, size, what) {
-        Ok(stored) => Ok(stored.new),
-        Err(StoreError::Mismatch {
-            found, found_size, ..
-        }) => Err(DistError::Corrupt {
-            what: what.to_owned(),
-            reason: match found {
-                Some(f) => format!("its bytes hash to {f}, not {digest}"),
-                None => format!("only {found_size} of its {size} bytes arrived"),
-            },
-        }),
-        // A read error here is the stream (a decompressor) failing at this object.
-        Err(StoreError::Io {
-            op: "read",
-            cause: source,
-            ..
-        }) => Err(DistError::Corrupt {
-            what: what.to_owned(),
-            reason: format!("its bytes do not decompress: {source}"),
-        }),
-        Err(e) => Err(e.into()),
-    }
+    store
+        .store_verified(Kind::Object, &mut limited, digest, size, what)
+        .map(|stored| stored.new)
+        .map_err(|e| refused_bytes(e, what, digest, size))
 }
 
 /// Reads and discards exactly `size` bytes.

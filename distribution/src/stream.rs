@@ -8,6 +8,12 @@
 //!   the image's bytes
 //!   each object's bytes, in the header's order
 //! ```
+//!
+//! An import allocates as bytes arrive, never from a size the file claims: the header is parsed
+//! as it streams (no string in it may be longer than a real one, no object may be listed
+//! twice), the image's first block must describe an image of the size claimed, and the image
+//! goes to the store's `tmp/` as it arrives, checked against its digest, and is parsed from
+//! there (only the pages the parser reads are in memory).
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
@@ -28,7 +34,102 @@ struct Header {
     image: HeaderImage,
     #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
     ref_name: Option<String>,
+    #[serde(deserialize_with = "distinct_objects")]
     objects: Vec<(Digest, u64)>,
+}
+
+/// Longest string accepted in a header: digests have 64 characters, ref names at most 240.
+const MAX_HEADER_STRING: usize = 1024;
+
+/// The header's object list, refused at the first object listed twice: a list can only grow
+/// with distinct entries, each of which costs the file bytes of its own.
+fn distinct_objects<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<(Digest, u64)>, D::Error> {
+    struct Distinct;
+    impl<'de> serde::de::Visitor<'de> for Distinct {
+        type Value = Vec<(Digest, u64)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a list of [digest, size] pairs, each object once")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> std::result::Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            let mut seen = std::collections::HashSet::new();
+            while let Some((digest, size)) = seq.next_element::<(Digest, u64)>()? {
+                if !seen.insert(digest) {
+                    return Err(serde::de::Error::custom(format!(
+                        "object {digest} is listed twice"
+                    )));
+                }
+                out.push((digest, size));
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(Distinct)
+}
+
+/// Where a scan of JSON text is: inside a string or not, and how long the string is so far.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct JsonScan {
+    in_string: bool,
+    escaped: bool,
+    len: usize,
+}
+
+impl JsonScan {
+    /// Scans the next bytes of a JSON text; `Err` with the offset in `bytes` where a string
+    /// becomes longer than `max` bytes (as written, escapes included). Pure: a text scanned in
+    /// pieces gives the answer it gives whole.
+    fn scan(&mut self, bytes: &[u8], max: usize) -> std::result::Result<(), usize> {
+        for (i, &b) in bytes.iter().enumerate() {
+            if !self.in_string {
+                if b == b'"' {
+                    self.in_string = true;
+                    self.len = 0;
+                }
+                continue;
+            }
+            if self.escaped {
+                self.escaped = false;
+            } else if b == b'\\' {
+                self.escaped = true;
+            } else if b == b'"' {
+                self.in_string = false;
+                continue;
+            }
+            self.len += 1;
+            if self.len > max {
+                return Err(i);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A reader of JSON text that fails as soon as a string in it grows longer than `max` bytes:
+/// a parser keeps a string whole until it ends, so a string is what could make it allocate
+/// more than a real header needs.
+struct ShortStrings<R> {
+    inner: R,
+    scan: JsonScan,
+    max: usize,
+}
+
+impl<R: Read> Read for ShortStrings<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.scan.scan(&buf[..n], self.max).map_err(|_| {
+            std::io::Error::other(format!(
+                "it holds a string longer than the {} bytes any real header has",
+                self.max
+            ))
+        })?;
+        Ok(n)
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -260,24 +361,54 @@ pub fn import(
         .map_err(|e| corrupt("the header", e))?;
     let len = u64::from_le_bytes(len);
     if len > crate::artifact::MAX_INDEX_BYTES {
-        return Err(bad(format!("its header claims {len} bytes")));
+        return Err(bad(format!(
+            "its header claims {len} bytes, more than the {} velo reads",
+            crate::artifact::MAX_INDEX_BYTES
+        )));
     }
-    let mut header_bytes = vec![0u8; len as usize];
-    dec.read_exact(&mut header_bytes)
-        .map_err(|e| corrupt("the header", e))?;
-    let header: Header = serde_json::from_slice(&header_bytes)
-        .map_err(|e| bad(format!("its header is malformed: {e}")))?;
+    // Parsed as it streams: what is allocated grows with what the header holds, never with
+    // what its length claims (a claim of 512 MiB of whitespace costs a buffer).
+    let header: Header = serde_json::from_reader(BufReader::with_capacity(
+        64 << 10,
+        ShortStrings {
+            inner: (&mut dec).take(len),
+            scan: JsonScan::default(),
+            max: MAX_HEADER_STRING,
+        },
+    ))
+    .map_err(|e| bad(format!("its header is malformed: {e}")))?;
     if let Some(r) = &header.ref_name {
         validate_ref_name(r)?;
     }
     let digest = header.image.digest;
-    if header.image.size > inspect::MAX_IMAGE_BYTES {
-        return Err(bad(format!("its image claims {} bytes", header.image.size)));
+    let size = header.image.size;
+    if size > inspect::MAX_IMAGE_BYTES {
+        return Err(bad(format!(
+            "its image claims {size} bytes, more than the {} velo reads",
+            inspect::MAX_IMAGE_BYTES
+        )));
     }
-    let mut image_bytes = vec![0u8; header.image.size as usize];
-    dec.read_exact(&mut image_bytes)
+
+    // Shared lock and a writer marker, held until the ref is written; taken before the image
+    // is staged in tmp/, where GC must leave it alone.
+    let session = store.begin_write()?;
+    // The image's first block must describe an image of the size claimed before any more of
+    // it is read; then it goes to disk as it arrives, checked against its digest, and is
+    // parsed from there.
+    let mut start = vec![0u8; (size as usize).min(velo_image::IMAGE_START)];
+    dec.read_exact(&mut start)
         .map_err(|e| corrupt(&format!("image {digest}"), e))?;
-    let fs = ingest::check_image(&image_bytes, &digest, &name)?;
+    velo_image::check_image_start(&start, size).map_err(|reason| {
+        bad(format!(
+            "its image {digest} ({size} bytes claimed) is not one velo writes: {reason}"
+        ))
+    })?;
+    let image_what = format!("image {digest} in {name}");
+    let mut rest = start
+        .as_slice()
+        .chain((&mut dec).take(size - start.len() as u64));
+    let pending = ingest::stage_image(store, &mut rest, &digest, size, &image_what)?;
+    let fs = ingest::check_staged_image(&pending.map()?, &digest, &name)?;
 
     // The file must list exactly the objects the image needs, each once.
     let mut needed: std::collections::HashMap<Digest, u64> =
@@ -307,7 +438,6 @@ pub fn import(
     let object_bytes: u64 = header.objects.iter().map(|(_, s)| s).sum();
     progress.start(object_bytes, header.objects.len() as u64);
 
-    let session = store.begin_write()?;
     let mut report = ImportReport {
         image: digest,
         ref_name: None,
@@ -335,13 +465,7 @@ pub fn import(
         }
         progress.advance(*s, 1);
     }
-    let stored = store.store_verified(
-        Kind::Image,
-        &mut image_bytes.as_slice(),
-        &digest,
-        image_bytes.len() as u64,
-        &format!("image {digest} from {name}"),
-    )?;
+    let stored = pending.publish()?;
     report.new_image = stored.new;
     let ref_name = if no_ref {
         None
@@ -355,4 +479,69 @@ pub fn import(
     report.bytes_read = counted.n;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn scan_all(text: &[u8], max: usize) -> std::result::Result<(), usize> {
+        JsonScan::default().scan(text, max)
+    }
+
+    #[test]
+    fn a_long_string_is_found_where_it_grows_too_long() {
+        assert_eq!(scan_all(br#"{"a": "xyz"}"#, 3), Ok(()));
+        assert_eq!(scan_all(br#"{"a": "xyzw"}"#, 3), Err(10));
+        // Escapes count as written, and an escaped quote does not end the string.
+        assert_eq!(scan_all(br#"["\"\"", "ab"]"#, 4), Ok(()));
+        assert_eq!(scan_all(br#"["\"\"\"", "ab"]"#, 4), Err(6));
+        // Long runs outside strings (whitespace, numbers) are not strings.
+        assert_eq!(scan_all(&[b' '; 10_000], 3), Ok(()));
+    }
+
+    proptest! {
+        /// Any strings of at most `max` characters, serialised by serde_json (escapes and
+        /// all), pass; a scan in pieces gives the answer of a scan whole.
+        #[test]
+        fn real_json_passes_and_pieces_do_not_matter(
+            strings in proptest::collection::vec(".{0,40}", 0..20),
+            cut in any::<prop::sample::Index>(),
+            max in 1usize..300,
+        ) {
+            let text = serde_json::to_vec(&strings).unwrap_or_default();
+            let longest = strings
+                .iter()
+                .map(|s| serde_json::to_string(s).map_or(0, |q| q.len() - 2))
+                .max()
+                .unwrap_or(0);
+            let whole = scan_all(&text, max);
+            prop_assert_eq!(whole.is_ok(), longest <= max);
+            let at = cut.index(text.len() + 1);
+            let mut scan = JsonScan::default();
+            let pieces = scan
+                .scan(&text[..at], max)
+                .and_then(|()| scan.scan(&text[at..], max).map_err(|i| i + at));
+            prop_assert_eq!(pieces, whole);
+        }
+
+        /// Any bytes at all: an answer, never a panic.
+        #[test]
+        fn any_bytes_are_scanned(bytes in proptest::collection::vec(any::<u8>(), 0..2000)) {
+            let _ = scan_all(&bytes, 16);
+        }
+    }
+
+    #[test]
+    fn an_object_listed_twice_is_refused_while_parsing() {
+        let d = "ab".repeat(32);
+        let once = format!(r#"{{"image":{{"digest":"{d}","size":4096}},"objects":[["{d}",1]]}}"#);
+        assert!(serde_json::from_str::<Header>(&once).is_ok());
+        let twice = format!(
+            r#"{{"image":{{"digest":"{d}","size":4096}},"objects":[["{d}",1],["{d}",2]]}}"#
+        );
+        let err = serde_json::from_str::<Header>(&twice).expect_err("refused");
+        assert!(err.to_string().contains("listed twice"), "{err}");
+    }
 }

@@ -81,6 +81,70 @@ pub fn rebuild(bytes: &[u8], what: &str) -> Result<(FileSystem, Vec<u8>)> {
     Ok((fs, rebuilt))
 }
 
+/// How many bytes of an image's start [`check_image_start`] reads: the first block, which holds
+/// the composefs header (at 0) and the EROFS superblock (at 1024).
+pub const IMAGE_START: usize = 4096;
+
+/// Checks the start of an image said to be `size` bytes — its first
+/// `min(size, IMAGE_START)` bytes — before the rest is read: the composefs header, the EROFS
+/// superblock, and that the superblock describes an image of exactly `size` bytes, as that of
+/// every image velo's writer makes does (whole 4 KiB blocks, counted in the superblock). A
+/// claim of a size the image does not have is refused after one block, not after the bytes
+/// claimed. Says what is wrong.
+pub fn check_image_start(start: &[u8], size: u64) -> std::result::Result<(), String> {
+    use composefs::erofs::format::{COMPOSEFS_MAGIC, MAGIC_V1, VERSION};
+    const BLOCK: u64 = 4096;
+    const SB: usize = 1024;
+    if size < BLOCK || !size.is_multiple_of(BLOCK) {
+        return Err(format!(
+            "{size} bytes is not a whole number of {BLOCK}-byte blocks, as every image velo writes is"
+        ));
+    }
+    if start.len() < IMAGE_START {
+        return Err(format!(
+            "only {} bytes of its first block arrived",
+            start.len()
+        ));
+    }
+    let u32_at =
+        |at: usize| u32::from_le_bytes([start[at], start[at + 1], start[at + 2], start[at + 3]]);
+    if u32_at(0) != COMPOSEFS_MAGIC.get() {
+        return Err(format!(
+            "it does not start with the composefs magic number (found {:#010x})",
+            u32_at(0)
+        ));
+    }
+    if u32_at(4) != VERSION.get() {
+        return Err(format!(
+            "its composefs header names EROFS format version {}, not {}",
+            u32_at(4),
+            VERSION.get()
+        ));
+    }
+    if u32_at(12) > 2 {
+        return Err(format!("unknown composefs version {}", u32_at(12)));
+    }
+    if u32_at(SB) != MAGIC_V1.get() {
+        return Err(format!(
+            "no EROFS superblock at byte {SB} (found {:#010x})",
+            u32_at(SB)
+        ));
+    }
+    if start[SB + 12] != 12 {
+        return Err(format!(
+            "its superblock has {}-bit blocks, not 12-bit (4 KiB) ones",
+            start[SB + 12]
+        ));
+    }
+    let described = u64::from(u32_at(SB + 36)) * BLOCK;
+    if described != size {
+        return Err(format!(
+            "its superblock describes an image of {described} bytes, not the {size} claimed"
+        ));
+    }
+    Ok(())
+}
+
 /// The composefs dumpfile text of a tree (one line per entry).
 pub fn dumpfile(fs: &FileSystem) -> Result<String> {
     let mut out = Vec::new();

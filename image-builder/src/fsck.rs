@@ -56,12 +56,19 @@ pub fn fsck(
     let ref_findings = store.check_refs()?;
     let refs_checked = store.list_refs()?.len() as u64;
     damage.extend(ref_findings);
+    damage.extend(store.special_files()?);
     let mut reclaimable = store.tmp_leftovers()?;
     reclaimable.extend(store.stale_mount_slots()?);
 
     let mut repaired = Vec::new();
     if repair {
         for f in &damage {
+            if f.kind == velo_objects::NOT_REGULAR {
+                if store.remove_not_regular(&f.path)? {
+                    repaired.push(format!("removed {} ({})", f.path.display(), f.found));
+                }
+                continue;
+            }
             let kind = match f.kind {
                 "object-mismatch" | "object-not-a-file" | "object-no-verity"
                 | "object-unreadable" => Kind::Object,
@@ -120,11 +127,7 @@ fn image_finding(store: &Store, digest: &Digest, verdict: Verdict) -> Option<Fin
             format!("{found} ({size} bytes)"),
         ),
         Verdict::Unreadable { error } => ("image-unreadable", digest.to_hex(), error),
-        Verdict::NotAFile => (
-            "image-mismatch",
-            "a regular file".into(),
-            "another file type".into(),
-        ),
+        Verdict::NotAFile { kind } => ("image-mismatch", "a regular file".into(), kind.into()),
     };
     Some(Finding {
         kind,
@@ -286,11 +289,11 @@ pub fn verify_image(
                         expected: d.to_hex(),
                         found: error,
                     }),
-                    Verdict::NotAFile => Some(Finding {
+                    Verdict::NotAFile { kind } => Some(Finding {
                         kind: "object-not-a-file",
                         path,
                         expected: d.to_hex(),
-                        found: "another file type".into(),
+                        found: kind.into(),
                     }),
                 })
             })

@@ -26,8 +26,8 @@ mod statcache;
 mod unstored;
 
 pub use cfs::{
-    FileSystem, IMAGE_FORMAT, INLINE_MAX, Leaf, dumpfile, empty_image, probe_image, read_image,
-    rebuild, write_image,
+    FileSystem, IMAGE_FORMAT, IMAGE_START, INLINE_MAX, Leaf, check_image_start, dumpfile,
+    empty_image, probe_image, read_image, rebuild, write_image,
 };
 pub use error::{ImageError, Result};
 pub use sanitize::{MAX_LISTED_DEVICES, MapReport, is_removed_device, map_to_user, xattr_kept};

@@ -769,3 +769,37 @@ proptest! {
         prop_assert!(map_to_user(&mut fs, uid, gid).is_unchanged());
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Every image velo's writer makes passes the check of its start at its own size, and at
+    /// no other size: an export cannot claim more (or less) than the image is.
+    #[test]
+    fn the_start_of_every_image_velo_writes_describes_its_size(
+        root in node(),
+        nodes in proptest::collection::vec(node(), 0..40),
+        other in any::<u64>(),
+    ) {
+        let mut fs = random_tree(&root, &nodes);
+        // Device numbers beyond 32 bits do not fit EROFS; mapped trees have no devices.
+        map_to_user(&mut fs, UID, GID);
+        let image = write_image(fs).map_err(|e| TestCaseError::fail(format!("{e}")))?;
+        let size = image.len() as u64;
+        let start = &image[..cfs::IMAGE_START.min(image.len())];
+        prop_assert_eq!(cfs::check_image_start(start, size), Ok(()));
+        if other != size {
+            prop_assert!(cfs::check_image_start(start, other).is_err());
+        }
+        prop_assert!(cfs::check_image_start(start, size + 4096).is_err());
+    }
+
+    /// Any bytes at any claimed size: an answer, never a panic.
+    #[test]
+    fn the_start_check_takes_any_bytes(
+        bytes in proptest::collection::vec(any::<u8>(), 0..5000),
+        size in any::<u64>(),
+    ) {
+        let _ = cfs::check_image_start(&bytes, size);
+    }
+}

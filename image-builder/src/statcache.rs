@@ -11,6 +11,9 @@ use crate::scan::StatInfo;
 
 const MAGIC: &[u8; 8] = b"VELOSC01";
 const RECORD: usize = 8 * 3 + 12 * 2 + 32;
+/// The most read of a stat cache: 80 bytes a file, so room for the ~13 million files of the
+/// largest image velo reads ([`crate::inspect::MAX_IMAGE_BYTES`]).
+const MAX_BYTES: u64 = 1 << 30;
 
 /// The identity of a file's content as far as the filesystem tells: if all of it is unchanged
 /// the bytes are unchanged (as git's index assumes).
@@ -54,7 +57,7 @@ fn entry_name(root: &Path) -> String {
 impl StatCache {
     /// Loads the cache of `root` (canonical path), or an empty one.
     pub fn load(store: &Store, root: &Path) -> Self {
-        let data = match store.read_cache(&entry_name(root)) {
+        let data = match store.read_cache(&entry_name(root), MAX_BYTES) {
             Ok(Some(d)) => d,
             _ => return Self::default(),
         };
@@ -138,7 +141,7 @@ mod tests {
         // A flipped bit makes the whole cache unusable, never a wrong digest.
         let name = entry_name(Path::new("/src"));
         let mut raw = store
-            .read_cache(&name)
+            .read_cache(&name, MAX_BYTES)
             .expect("test fixture")
             .expect("test fixture");
         raw[20] ^= 1;

@@ -440,7 +440,7 @@ fn check_image_with(
     let cacheable = check_cacheable(store, &st);
     let name = check_cache_name(digest);
     if cacheable
-        && let Ok(Some(entry)) = store.read_cache(&name)
+        && let Ok(Some(entry)) = store.read_cache(&name, 4 << 10)
         && entry == id.entry(digest).as_bytes()
     {
         return Ok(());

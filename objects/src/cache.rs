@@ -2,11 +2,10 @@
 
 use std::os::fd::AsFd;
 
-use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
 
-use crate::error::{IoContext, Result, StoreError};
-use crate::fsutil::open_beneath;
+use crate::error::{Result, StoreError};
+use crate::fsutil;
 use crate::store::{Area, Store};
 
 fn check_name(name: &str) -> Result<()> {
@@ -43,20 +42,14 @@ impl Store {
         }
     }
 
-    /// Reads a cache entry; `None` if there is none.
-    pub fn read_cache(&self, name: &str) -> Result<Option<Vec<u8>>> {
+    /// Reads a cache entry of at most `max` bytes (the caller knows what its entries hold);
+    /// `None` if there is none. Anything but a regular file is [`StoreError::NotRegular`], a
+    /// larger one [`StoreError::TooLarge`], neither of them read.
+    pub fn read_cache(&self, name: &str, max: u64) -> Result<Option<Vec<u8>>> {
         check_name(name)?;
         let dir = self.open_area(Area::Cache)?;
         let path = self.area_path(Area::Cache).join(name);
-        let fd = match open_beneath(dir.as_fd(), name, OFlags::RDONLY, Mode::empty()) {
-            Ok(fd) => fd,
-            Err(Errno::NOENT) => return Ok(None),
-            Err(e) => return Err(StoreError::io("open cache", path, e)),
-        };
-        let mut data = Vec::new();
-        std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut data)
-            .ctx("read cache", &path)?;
-        Ok(Some(data))
+        fsutil::read_store_file(dir.as_fd(), name, &path, max)
     }
 
     /// Replaces a cache entry atomically (no fsync: a lost cache is rebuilt).

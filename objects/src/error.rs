@@ -4,6 +4,7 @@ use std::io;
 use std::path::PathBuf;
 
 use crate::digest::Digest;
+use crate::fsutil::{OpenError, ReadError};
 
 /// Anything that can go wrong in the store.
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +149,31 @@ pub enum StoreError {
         /// How to fix it.
         fix: String,
     },
+    /// A store entry that velo reads as a regular file is something else (a FIFO, a socket, a
+    /// device…): velo never made it, and never opens it for reading, which could block forever.
+    #[error("{} is {kind}, not a regular file; {fix}", path.display())]
+    NotRegular {
+        /// The store path.
+        path: PathBuf,
+        /// What it is, e.g. "a FIFO".
+        kind: &'static str,
+        /// What to do about it.
+        fix: &'static str,
+    },
+    /// A store file is larger than any velo writes there; it is not read.
+    #[error(
+        "{} is {size} bytes, more than the {max} any velo writes there; refusing to read it \
+         (remove it, or restore it from a backup)",
+        path.display()
+    )]
+    TooLarge {
+        /// The store path.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// The most velo reads there.
+        max: u64,
+    },
     /// A store entry has the wrong type or permissions.
     #[error("{}: {reason}", path.display())]
     Unexpected {
@@ -165,6 +191,36 @@ impl StoreError {
             op,
             path: path.into(),
             cause: source.into(),
+        }
+    }
+}
+
+/// What to do about a store entry that is not a regular file (most can be removed by fsck).
+pub(crate) const FIX_REPAIR: &str = "remove it or run `velo fsck --repair`";
+
+impl StoreError {
+    /// The error for `path`, which [`crate::fsutil::open_regular_beneath`] or
+    /// [`crate::fsutil::read_capped`] refused; `op` names what velo was doing for other errors.
+    pub(crate) fn from_open(op: &'static str, path: impl Into<PathBuf>, e: OpenError) -> Self {
+        match e {
+            OpenError::Sys(e) => Self::io(op, path, e),
+            OpenError::NotRegular(ft) => Self::NotRegular {
+                path: path.into(),
+                kind: crate::fsutil::file_type_name(ft),
+                fix: FIX_REPAIR,
+            },
+        }
+    }
+
+    /// The error for a read [`crate::fsutil::read_capped`] refused.
+    pub(crate) fn from_read(op: &'static str, path: impl Into<PathBuf>, e: ReadError) -> Self {
+        match e {
+            ReadError::Sys(e) => Self::io(op, path, e),
+            ReadError::TooLarge { size, max } => Self::TooLarge {
+                path: path.into(),
+                size,
+                max,
+            },
         }
     }
 }

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::digest::Digest;
 use crate::error::{IoContext, Result};
-use crate::fsutil::{self, open_beneath};
+use crate::fsutil::{self, OpenError, open_regular_beneath};
 use crate::ingest::Kind;
 use crate::meta::VerityMode;
 use crate::store::{Area, Store};
@@ -51,6 +51,26 @@ pub trait FsckProgress: Sync {
 }
 
 impl FsckProgress for () {}
+
+/// The kind of [`Finding`] for a store entry that should be a regular file and is something
+/// else (`fsck --repair` removes it).
+pub const NOT_REGULAR: &str = "not-a-regular-file";
+
+/// Adds a [`NOT_REGULAR`] finding for `path` if `st` is neither a regular file nor a directory.
+fn push_special(out: &mut Vec<Finding>, path: PathBuf, st: &rustix::fs::Stat) {
+    let ft = rustix::fs::FileType::from_raw_mode(st.st_mode);
+    if !matches!(
+        ft,
+        rustix::fs::FileType::RegularFile | rustix::fs::FileType::Directory
+    ) {
+        out.push(Finding {
+            kind: NOT_REGULAR,
+            path,
+            expected: "a regular file".into(),
+            found: format!("{} (velo never makes one here)", fsutil::file_type_name(ft)),
+        });
+    }
+}
 
 fn digest_of_entry(fan: &str, name: &str) -> Option<Digest> {
     Digest::parse(&format!("{fan}{name}")).ok()
@@ -169,11 +189,11 @@ impl Store {
                     expected: digest.to_hex(),
                     found: error,
                 }),
-                Verdict::NotAFile => findings.push(Finding {
+                Verdict::NotAFile { kind } => findings.push(Finding {
                     kind: "object-not-a-file",
                     path,
                     expected: "a regular file".into(),
-                    found: "another file type".into(),
+                    found: kind.into(),
                 }),
             }
         }
@@ -188,10 +208,10 @@ impl Store {
             Kind::Image => "image-no-verity",
         };
         let (dir, name) = self.final_dir(kind, digest).ok()?;
-        let fd = open_beneath(
+        let (fd, _) = open_regular_beneath(
             dir,
             &name,
-            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NOFOLLOW,
+            rustix::fs::OFlags::RDONLY,
             rustix::fs::Mode::empty(),
         )
         .ok()?;
@@ -231,6 +251,12 @@ impl Store {
                         });
                     }
                 }
+                Err(crate::StoreError::NotRegular { kind, .. }) => out.push(Finding {
+                    kind: NOT_REGULAR,
+                    path,
+                    expected: "a regular file holding an image digest".into(),
+                    found: format!("{kind} (velo never makes one here)"),
+                }),
                 Err(e) => out.push(Finding {
                     kind: "ref-corrupt",
                     path,
@@ -250,13 +276,26 @@ impl Store {
         for name in fsutil::list_dir(self.tmp_fd()).ctx("list", &tmp)? {
             let Some(s) = name.to_str() else { continue };
             let path = tmp.join(s);
-            if s.starts_with("writer-") {
-                let Ok(fd) = open_beneath(
+            let opened = s.starts_with("writer-").then(|| {
+                open_regular_beneath(
                     self.tmp_fd(),
                     s,
                     rustix::fs::OFlags::RDWR,
                     rustix::fs::Mode::empty(),
-                ) else {
+                )
+            });
+            if let Some(Err(OpenError::NotRegular(ft))) = opened {
+                out.push(Finding {
+                    kind: "tmp-leftover",
+                    path,
+                    expected: "nothing".into(),
+                    found: format!(
+                        "{} named like a writer marker (velo never makes one)",
+                        fsutil::file_type_name(ft)
+                    ),
+                });
+            } else if let Some(opened) = opened {
+                let Ok((fd, _)) = opened else {
                     continue;
                 };
                 if rustix::fs::flock(&fd, FlockOperation::NonBlockingLockShared).is_err() {
@@ -268,8 +307,8 @@ impl Store {
                     expected: "a marker held by a running writer".into(),
                     found: "nobody holds it".into(),
                 });
-            } else if crate::staging::in_use(self, s) {
-                continue; // a live import's staging directory
+            } else if crate::staging::in_use(self, s) || crate::refs::write_in_use(self, s) {
+                continue; // a live import's staging directory, a file being written
             } else {
                 out.push(Finding {
                     kind: "tmp-leftover",
@@ -291,7 +330,7 @@ impl Store {
             .into_iter()
             .filter_map(|(token, record)| {
                 let why = match record {
-                    Err(_) => "no readable record".to_owned(),
+                    Err(e) => format!("no readable record ({e})"),
                     Ok(r) if r.boot_id != boot => {
                         format!("a mount of {} from an earlier boot", r.target.display())
                     }
@@ -305,6 +344,98 @@ impl Store {
                 })
             })
             .collect())
+    }
+
+    /// Entries where velo keeps regular files of its own — ref history and last use, the cache,
+    /// named locks, tenants' `meta.json` — that are something else (a FIFO, a socket, a
+    /// symlink…): velo never makes them, and never opens them for reading (it could block
+    /// forever). Refs, objects, images, mount records and `tmp/` are checked by their own
+    /// checks.
+    pub fn special_files(&self) -> Result<Vec<Finding>> {
+        let mut out = Vec::new();
+        for (area, nested) in [
+            (Area::History, true),
+            (Area::Usage, true),
+            (Area::Cache, false),
+            (Area::Locks, false),
+        ] {
+            let dir = self.open_area(area)?;
+            self.scan_special(dir.as_fd(), &self.area_path(area), nested, &mut out)?;
+        }
+        let tenants = self.open_area(Area::Tenants)?;
+        let tenants_path = self.area_path(Area::Tenants);
+        for name in fsutil::list_dir(tenants.as_fd()).ctx("list", &tenants_path)? {
+            let Ok(dir) = fsutil::open_dir_beneath(tenants.as_fd(), &name) else {
+                continue;
+            };
+            let path = tenants_path.join(&name).join("meta.json");
+            match rustix::fs::statat(&dir, "meta.json", rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => push_special(&mut out, path, &st),
+                Err(Errno::NOENT) => {}
+                Err(e) => return Err(crate::StoreError::io("stat", path, e)),
+            }
+        }
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
+    }
+
+    fn scan_special(
+        &self,
+        dir: std::os::fd::BorrowedFd<'_>,
+        dir_path: &std::path::Path,
+        nested: bool,
+        out: &mut Vec<Finding>,
+    ) -> Result<()> {
+        for name in fsutil::list_dir(dir).ctx("list", dir_path)? {
+            let path = dir_path.join(&name);
+            let st = match rustix::fs::statat(dir, &name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => st,
+                Err(Errno::NOENT) => continue,
+                Err(e) => return Err(crate::StoreError::io("stat", path, e)),
+            };
+            if nested
+                && rustix::fs::FileType::from_raw_mode(st.st_mode)
+                    == rustix::fs::FileType::Directory
+            {
+                let sub = fsutil::open_dir_beneath(dir, &name).ctx("open", &path)?;
+                self.scan_special(sub.as_fd(), &path, nested, out)?;
+            } else {
+                push_special(out, path, &st);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the store entry at `path` (absolute, beneath the store) if it is neither a
+    /// regular file nor a directory: what [`Store::special_files`] and [`Store::check_refs`]
+    /// report as [`NOT_REGULAR`]. Returns whether it removed it.
+    pub fn remove_not_regular(&self, path: &std::path::Path) -> Result<bool> {
+        let outside = || crate::StoreError::Unexpected {
+            path: path.to_owned(),
+            reason: format!("is not beneath the store {}", self.root().display()),
+        };
+        let rel = path.strip_prefix(self.root()).map_err(|_| outside())?;
+        let (Some(parent), Some(leaf)) = (rel.parent(), rel.file_name()) else {
+            return Err(outside());
+        };
+        let dir = if parent.as_os_str().is_empty() {
+            rustix::io::dup(self.root_fd()).ctx("open", self.root())?
+        } else {
+            fsutil::open_dir_beneath(self.root_fd(), parent).ctx("open", path)?
+        };
+        let st = match rustix::fs::statat(&dir, leaf, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(Errno::NOENT) => return Ok(false),
+            Err(e) => return Err(crate::StoreError::io("stat", path, e)),
+        };
+        if matches!(
+            rustix::fs::FileType::from_raw_mode(st.st_mode),
+            rustix::fs::FileType::RegularFile | rustix::fs::FileType::Directory
+        ) {
+            return Ok(false);
+        }
+        rustix::fs::unlinkat(&dir, leaf, rustix::fs::AtFlags::empty()).ctx("remove", path)?;
+        Ok(true)
     }
 
     /// Removes reclaimable leftovers, but only while no writer is at work (the store lock is

@@ -6,6 +6,10 @@
 //! cleared. GC holds the store lock exclusively, so nothing a running snapshot has written or
 //! deduplicated against (it holds the lock shared until its ref is written), and nothing a mount
 //! in progress is about to pin, can be deleted under it.
+//!
+//! A root that cannot be read (a ref, a ref's history or a tenant's meta.json that is damaged,
+//! or not a regular file at all) could name any image: GC then removes no image and no object,
+//! and says which one to look at. It also removes what killed writers left in `tmp/`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::os::fd::AsFd;
@@ -81,6 +85,9 @@ pub struct GcReport {
     pub object_bytes_freed: u64,
     /// Why objects were not swept, if they were not (an image needed could not be read).
     pub objects_skipped: Option<String>,
+    /// Leftovers of killed writers removed from `tmp/` (staging files and directories no live
+    /// process holds).
+    pub tmp_leftovers_removed: usize,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
@@ -98,8 +105,17 @@ impl Store {
 
         // 1. Expire unused deps/* refs (they are caches keyed by lockfiles: rebuildable).
         let mut refs: BTreeMap<String, Digest> = BTreeMap::new();
+        // Roots that could not be read: then no image can be known to be unneeded.
+        let mut unreadable: Vec<String> = Vec::new();
         for (name, target) in self.list_refs()? {
-            let Ok(digest) = target else { continue };
+            let digest = match target {
+                Ok(digest) => digest,
+                Err(crate::StoreError::RefNotFound { .. }) => continue, // removed meanwhile
+                Err(e) => {
+                    unreadable.push(format!("ref {name}: {e}"));
+                    continue;
+                }
+            };
             if let Some(max) = opts.unused_for
                 && is_deps_ref(&name)
                 && now.saturating_sub(self.ref_last_used(&name)?) > max.as_secs()
@@ -120,7 +136,13 @@ impl Store {
             if report.refs_expired.contains(&name) {
                 continue;
             }
-            let history = self.ref_history(&name)?;
+            let history = match self.ref_history(&name) {
+                Ok(history) => history,
+                Err(e) => {
+                    unreadable.push(format!("the history of ref {name}: {e}"));
+                    continue;
+                }
+            };
             let n = history.len();
             let keep: Vec<(u64, Digest)> = history
                 .into_iter()
@@ -136,9 +158,14 @@ impl Store {
             }
             roots.extend(keep.iter().map(|(_, d)| *d));
         }
-        for (_, tenant) in self.list_tenants()? {
-            if let Ok(t) = tenant {
-                roots.insert(t.image);
+        for (name, tenant) in self.list_tenants()? {
+            match tenant {
+                Ok(t) => {
+                    roots.insert(t.image);
+                }
+                // A tenant whose creation was interrupted has no meta.json, and no image yet.
+                Err(_) if self.tenant_meta_missing(&name) => {}
+                Err(e) => unreadable.push(format!("tenant {name}: {e}")),
             }
         }
         for (token, record) in self.list_mount_records()? {
@@ -172,11 +199,19 @@ impl Store {
                     Some("the mounts of other namespaces could not be listed (/proc)".into());
             }
         }
+        if !unreadable.is_empty() {
+            report.objects_skipped = Some(format!(
+                "{} cannot be read, so any image may be needed; no image or object was \
+                 removed. Run `velo fsck` (`--repair` removes what velo never made)",
+                unreadable.join("; ")
+            ));
+        }
+        let keep_all = mounted.is_none() || !unreadable.is_empty();
 
         // 3. Images.
         let mut kept_images = Vec::new();
         for image in self.list_images()? {
-            if roots.contains(&image) || mounted.is_none() {
+            if roots.contains(&image) || keep_all {
                 kept_images.push(image);
                 continue;
             }
@@ -204,14 +239,17 @@ impl Store {
 
         // 4. Mark the objects kept images reference; an unreadable one stops the sweep.
         let mut marked: HashSet<Digest> = HashSet::new();
-        for image in &kept_images {
-            match (hooks.objects_of)(image) {
-                Ok(objects) => marked.extend(objects),
-                Err(e) => {
-                    report.objects_skipped = Some(format!(
-                        "image {image} is needed but unreadable ({e}); run `velo fsck`"
-                    ));
-                    break;
+        // (Not when the sweep is off already: then nothing needs to be known.)
+        if report.objects_skipped.is_none() {
+            for image in &kept_images {
+                match (hooks.objects_of)(image) {
+                    Ok(objects) => marked.extend(objects),
+                    Err(e) => {
+                        report.objects_skipped = Some(format!(
+                            "image {image} is needed but unreadable ({e}); run `velo fsck`"
+                        ));
+                        break;
+                    }
                 }
             }
         }
@@ -262,6 +300,21 @@ impl Store {
                     }
                 }
             }
+        }
+        // 6. What killed writers left in tmp/ (live ones hold the store lock, which GC holds
+        // exclusively, or flock what they write). Markers of dead writers are left to crash
+        // recovery, which checks what they wrote first.
+        for f in self.tmp_leftovers()? {
+            if f.kind != "tmp-leftover" {
+                continue;
+            }
+            let Some(name) = f.path.file_name() else {
+                continue;
+            };
+            if !opts.dry_run {
+                fsutil::remove_tree_at(self.tmp_fd(), name).ctx("remove", &f.path)?;
+            }
+            report.tmp_leftovers_removed += 1;
         }
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)

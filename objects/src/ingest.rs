@@ -31,6 +31,60 @@ pub struct Stored {
     pub new: bool,
 }
 
+/// Bytes from an untrusted source, checked against their digest as they arrived and held in
+/// `tmp/` (unnamed where the filesystem allows it), not yet under their name; see
+/// [`Store::stage_verified`]. Dropping it leaves nothing behind.
+pub struct Pending<'s> {
+    staged: Staged<'s>,
+    kind: Kind,
+    digest: Digest,
+    size: u64,
+}
+
+impl std::fmt::Debug for Pending<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("kind", &self.kind)
+            .field("digest", &self.digest)
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+impl Pending<'_> {
+    /// Its bytes, mapped read-only: only the pages read count against the process, so
+    /// checking a large file that is refused early costs little memory.
+    pub fn map(&self) -> Result<fsutil::Mapping> {
+        let path = self.staged.store.path_of(self.kind, &self.digest);
+        let len = usize::try_from(self.size).map_err(|_| StoreError::TooLarge {
+            path: path.clone(),
+            size: self.size,
+            max: usize::MAX as u64,
+        })?;
+        // SAFETY: the staged file is this process's own, written completely by
+        // `stage_verified` and never written again; unnamed (or, where the filesystem has no
+        // O_TMPFILE, in the store's private tmp/ while this process holds the store lock), so
+        // no other process changes or truncates it while it is mapped.
+        #[allow(unsafe_code)]
+        let mapped = unsafe { fsutil::Mapping::new(self.staged.fd.as_fd(), len) };
+        mapped.ctx("map", path)
+    }
+
+    /// Puts it under its digest, as [`Store::store_verified`] would have (one already there
+    /// is a dedup hit, a damaged entry under the name is replaced).
+    pub fn publish(self) -> Result<Stored> {
+        let store = self.staged.store;
+        if store.has(self.kind, &self.digest, self.size)? {
+            return Ok(Stored {
+                digest: self.digest,
+                size: self.size,
+                new: false,
+            });
+        }
+        store.publish(self.kind, self.staged, self.digest, self.size)
+    }
+}
+
 /// Which kind of immutable, digest-named file to write. Both go through one code path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -218,6 +272,31 @@ impl Store {
         self.publish(kind, staged, *expected, size)
     }
 
+    /// Stages bytes read from an untrusted source, checked as [`Store::store_verified`] checks
+    /// them (exactly `size` bytes that hash to `expected`, or [`StoreError::Mismatch`] and
+    /// nothing kept), without putting them under their name: the caller checks them further
+    /// first ([`Pending::map`]), then [`Pending::publish`]es them. The bytes go to disk as they
+    /// arrive, never to memory, whatever `size` says. Take the store lock shared (a write
+    /// session) first, so that GC leaves the staged file alone.
+    pub fn stage_verified(
+        &self,
+        kind: Kind,
+        src: &mut dyn std::io::Read,
+        expected: &Digest,
+        size: u64,
+        what: &str,
+    ) -> Result<Pending<'_>> {
+        let path = self.path_of(kind, expected);
+        let staged = self.stage()?;
+        self.copy_verified(src, expected, size, what, staged.fd.as_fd(), &path)?;
+        Ok(Pending {
+            staged,
+            kind,
+            digest: *expected,
+            size,
+        })
+    }
+
     /// Copies exactly `size` bytes from `src` into `dst` while hashing them; anything but the
     /// bytes of `expected` — a wrong byte, too few or too many — is [`StoreError::Mismatch`].
     /// Aligned 4 KiB blocks of zeros are left as holes. `path` names the destination in
@@ -356,8 +435,8 @@ impl Store {
     pub fn enable_verity(&self, kind: Kind, digest: &Digest) -> Result<()> {
         let (dir, name) = self.final_dir(kind, digest)?;
         let path = self.path_of(kind, digest);
-        let fd = open_beneath(dir, &name, OFlags::RDONLY | OFlags::NOFOLLOW, Mode::empty())
-            .ctx("open for fs-verity", &path)?;
+        let (fd, _) = fsutil::open_regular_beneath(dir, &name, OFlags::RDONLY, Mode::empty())
+            .map_err(|e| StoreError::from_open("open for fs-verity", &path, e))?;
         let mut tries = 0;
         loop {
             match kverity::enable(fd.as_fd()) {
@@ -391,7 +470,12 @@ fn read_some(src: &mut dyn std::io::Read, buf: &mut [u8], what: &str) -> Result<
     }
 }
 
-fn link_tmpfile(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &str) -> rustix::io::Result<()> {
+/// Gives the unnamed (`O_TMPFILE`) file `fd` the name `name` in `dir`.
+pub(crate) fn link_tmpfile(
+    fd: BorrowedFd<'_>,
+    dir: BorrowedFd<'_>,
+    name: &str,
+) -> rustix::io::Result<()> {
     match rustix::fs::linkat(fd, "", dir, name, AtFlags::EMPTY_PATH) {
         // AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH on older kernels; /proc works for anyone.
         Err(Errno::NOENT) | Err(Errno::PERM) => {

@@ -42,9 +42,9 @@ pub mod verity;
 
 pub use digest::Digest;
 pub use error::{Result, StoreError};
-pub use fsck::{Finding, FsckProgress};
+pub use fsck::{Finding, FsckProgress, NOT_REGULAR};
 pub use gc::{GcHooks, GcOptions, GcReport};
-pub use ingest::{Kind, Stored};
+pub use ingest::{Kind, Pending, Stored};
 pub use lock::StoreLock;
 pub use meta::{FORMAT_VERSION, Meta, VerityMode};
 pub use mounts::{

@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 pub const FORMAT_VERSION: u32 = 1;
 /// The `format` field of every velo store's meta.json.
 pub const FORMAT_NAME: &str = "velo-store";
+/// The most velo reads of a `meta.json`: a real one holds about 150 bytes.
+pub const MAX_META_BYTES: u64 = 64 << 10;
 /// Incompatible features this velo understands; an unknown one makes the store unusable.
 pub const KNOWN_INCOMPAT: &[&str] = &[];
 

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
 use crate::error::{IoContext, Result, StoreError};
-use crate::fsutil::{self, open_beneath, open_dir_beneath};
+use crate::fsutil::{self, open_dir_beneath, open_regular_beneath};
 use crate::store::{Area, Store};
 
 /// What velo remembers about a mount it made.
@@ -132,6 +132,9 @@ pub struct MountSlot {
 
 const RECORD: &str = "record.json";
 
+/// The most velo reads of a mount record: a real one holds well under 2 KiB (two paths).
+pub const MAX_RECORD_BYTES: u64 = 64 << 10;
+
 impl Store {
     /// Creates an empty slot for a new mount.
     pub fn create_mount_slot(&self) -> Result<MountSlot> {
@@ -153,13 +156,13 @@ impl Store {
         })?;
         let tmp = ".record.tmp";
         {
-            let fd = open_beneath(
+            let (fd, _) = open_regular_beneath(
                 slot.dir.as_fd(),
                 tmp,
                 OFlags::CREATE | OFlags::TRUNC | OFlags::WRONLY,
                 Mode::from_raw_mode(0o600),
             )
-            .ctx("create", &path)?;
+            .map_err(|e| StoreError::from_open("create", &path, e))?;
             fsutil::pwrite_all(fd.as_fd(), &data, 0).ctx("write", &path)?;
         }
         rustix::fs::renameat(&slot.dir, tmp, &slot.dir, RECORD).ctx("write", &path)?;
@@ -178,16 +181,13 @@ impl Store {
             }
             let path = self.area_path(Area::Mounts).join(token).join(RECORD);
             let record = (|| {
-                let fd = open_beneath(
+                let data = fsutil::read_store_file(
                     mounts.as_fd(),
                     format!("{token}/{RECORD}"),
-                    OFlags::RDONLY,
-                    Mode::empty(),
-                )
-                .ctx("open", &path)?;
-                let mut data = Vec::new();
-                std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut data)
-                    .ctx("read", &path)?;
+                    &path,
+                    MAX_RECORD_BYTES,
+                )?
+                .ok_or_else(|| StoreError::io("open", &path, Errno::NOENT))?;
                 serde_json::from_slice::<MountRecord>(&data).map_err(|e| StoreError::Unexpected {
                     path: path.clone(),
                     reason: format!("unreadable mount record: {e}"),

@@ -8,11 +8,18 @@ use rustix::io::Errno;
 
 use crate::digest::Digest;
 use crate::error::{IoContext, Result, StoreError};
-use crate::fsutil::{self, open_beneath, open_dir_beneath};
+use crate::fsutil::{self, OpenError, open_beneath, open_dir_beneath, open_regular_beneath};
 use crate::store::{Area, Store};
 
 /// Longest accepted ref name.
 pub const MAX_REF_LEN: usize = 240;
+
+/// The most velo reads of a ref's history: one line (about 80 bytes) per change, and GC's keep
+/// policy drops old ones, so a real one holds a few KiB.
+pub const MAX_HISTORY_BYTES: u64 = 8 << 20;
+
+/// Names of the files [`Store::replace_file`] stages in `tmp/` start with this.
+pub(crate) const WRITE_PREFIX: &str = "write-";
 
 /// Checks a ref name: components of `[A-Za-z0-9._+@-]` separated by single `/`, none empty or
 /// starting with `.` (so no `.`/`..`, no hidden or temporary names), no leading `/`, and not
@@ -62,15 +69,17 @@ impl Store {
         validate_ref_name(name)?;
         let path = self.area_path(Area::Refs).join(name);
         let refs = self.open_area(Area::Refs)?;
-        let fd = match open_beneath(refs.as_fd(), name, OFlags::RDONLY, Mode::empty()) {
-            Ok(fd) => fd,
-            Err(Errno::NOENT) | Err(Errno::NOTDIR) => {
+        let fd = match open_regular_beneath(refs.as_fd(), name, OFlags::RDONLY, Mode::empty()) {
+            Ok((fd, _)) => fd,
+            // A directory is where refs below the name live (`deps` of `deps/npm/…`).
+            Err(OpenError::Sys(Errno::NOENT | Errno::NOTDIR))
+            | Err(OpenError::NotRegular(rustix::fs::FileType::Directory)) => {
                 return Err(StoreError::RefNotFound {
                     name: name.to_owned(),
                     store: self.root().to_owned(),
                 });
             }
-            Err(e) => return Err(StoreError::io("open ref", path, e)),
+            Err(e) => return Err(StoreError::from_open("open ref", path, e)),
         };
         let mut buf = [0u8; 128];
         let n = fsutil::pread_full(fd.as_fd(), &mut buf, 0).ctx("read ref", &path)?;
@@ -116,6 +125,12 @@ impl Store {
 
     /// Replaces `parent/leaf` with `data` atomically (staged in `tmp/`, then renamed), durably
     /// (fsync of the file and the directory) if asked.
+    ///
+    /// The staged file is written unnamed where the filesystem allows it (`O_TMPFILE`) and
+    /// given its `tmp/write-*` name only once written, and it is flocked from before it has a
+    /// name until it is renamed: a failure on any path removes it, and what a killed process
+    /// leaves is never held, so `velo gc` and `fsck --repair` remove it (see
+    /// [`write_in_use`]).
     pub(crate) fn replace_file(
         &self,
         parent: BorrowedFd<'_>,
@@ -124,25 +139,51 @@ impl Store {
         durable: bool,
         path: &Path,
     ) -> Result<()> {
-        let tmp_name = fsutil::unique_name("write-");
+        let tmp_name = fsutil::unique_name(WRITE_PREFIX);
         let tmp = self.tmp_fd();
-        {
-            let fd = open_beneath(
-                tmp,
-                &tmp_name,
-                OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY,
-                Mode::from_raw_mode(0o600),
-            )
-            .ctx("create", self.area_path(Area::Tmp).join(&tmp_name))?;
-            fsutil::pwrite_all(fd.as_fd(), data, 0).ctx("write", path)?;
+        let tmp_path = self.area_path(Area::Tmp).join(&tmp_name);
+        let write = |fd: BorrowedFd<'_>| -> Result<()> {
+            rustix::fs::flock(fd, rustix::fs::FlockOperation::LockExclusive)
+                .ctx("lock", &tmp_path)?;
+            fsutil::pwrite_all(fd, data, 0).ctx("write", path)?;
             if durable {
-                rustix::fs::fsync(&fd).ctx("fsync", path)?;
+                rustix::fs::fsync(fd).ctx("fsync", path)?;
             }
-        }
-        if let Err(e) = rustix::fs::renameat(tmp, tmp_name.as_str(), parent, leaf) {
-            let _ = rustix::fs::unlinkat(tmp, tmp_name.as_str(), rustix::fs::AtFlags::empty());
-            return Err(StoreError::io("replace", path, e));
-        }
+            Ok(())
+        };
+        let mut named = Named {
+            dir: tmp,
+            name: &tmp_name,
+            armed: false,
+        };
+        let _fd = match rustix::fs::openat(
+            tmp,
+            ".",
+            OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        ) {
+            Ok(fd) => {
+                write(fd.as_fd())?;
+                crate::ingest::link_tmpfile(fd.as_fd(), tmp, &tmp_name).ctx("create", &tmp_path)?;
+                named.armed = true;
+                fd
+            }
+            Err(Errno::OPNOTSUPP) | Err(Errno::ISDIR) | Err(Errno::INVAL) => {
+                let fd = open_beneath(
+                    tmp,
+                    &tmp_name,
+                    OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY,
+                    Mode::from_raw_mode(0o600),
+                )
+                .ctx("create", &tmp_path)?;
+                named.armed = true;
+                write(fd.as_fd())?;
+                fd
+            }
+            Err(e) => return Err(StoreError::io("create", &tmp_path, e)),
+        };
+        rustix::fs::renameat(tmp, tmp_name.as_str(), parent, leaf).ctx("replace", path)?;
+        named.armed = false;
         if durable {
             rustix::fs::fsync(parent).ctx("fsync directory of", path)?;
         }
@@ -247,13 +288,13 @@ impl Store {
     /// Records that `name` pointed at `old` until now (`history/<name>`, one line per change).
     fn append_history(&self, name: &str, old: &Digest) -> Result<()> {
         let (parent, leaf, path) = self.named_file(Area::History, name)?;
-        let fd = open_beneath(
+        let (fd, _) = open_regular_beneath(
             parent.as_fd(),
             leaf,
             OFlags::CREATE | OFlags::WRONLY | OFlags::APPEND,
             Mode::from_raw_mode(0o600),
         )
-        .ctx("open ref history", &path)?;
+        .map_err(|e| StoreError::from_open("open ref history", &path, e))?;
         let line = format!("{} {old}\n", fsutil::now_ns() / 1_000_000_000);
         rustix::io::write(&fd, line.as_bytes()).ctx("append ref history", &path)?;
         rustix::fs::fsync(&fd).ctx("fsync ref history", &path)?;
@@ -265,15 +306,15 @@ impl Store {
         validate_ref_name(name)?;
         let dir = self.open_area(Area::History)?;
         let path = self.area_path(Area::History).join(name);
-        let fd = match open_beneath(dir.as_fd(), name, OFlags::RDONLY, Mode::empty()) {
-            Ok(fd) => fd,
-            Err(Errno::NOENT) | Err(Errno::NOTDIR) => return Ok(Vec::new()),
-            Err(e) => return Err(StoreError::io("open ref history", path, e)),
+        let (fd, st) = match open_regular_beneath(dir.as_fd(), name, OFlags::RDONLY, Mode::empty())
+        {
+            Ok(opened) => opened,
+            Err(OpenError::Sys(Errno::NOENT | Errno::NOTDIR)) => return Ok(Vec::new()),
+            Err(e) => return Err(StoreError::from_open("open ref history", path, e)),
         };
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut text)
-            .ctx("read ref history", &path)?;
-        Ok(text
+        let data = fsutil::read_capped(fd.as_fd(), &st, MAX_HISTORY_BYTES)
+            .map_err(|e| StoreError::from_read("read ref history", &path, e))?;
+        Ok(String::from_utf8_lossy(&data)
             .lines()
             .filter_map(|l| {
                 let (t, d) = l.split_once(' ')?;
@@ -305,13 +346,13 @@ impl Store {
     pub fn touch_ref_used(&self, name: &str) -> Result<()> {
         validate_ref_name(name)?;
         let (parent, leaf, path) = self.named_file(Area::Usage, name)?;
-        let fd = open_beneath(
+        let (fd, _) = open_regular_beneath(
             parent.as_fd(),
             leaf,
             OFlags::CREATE | OFlags::WRONLY,
             Mode::from_raw_mode(0o600),
         )
-        .ctx("open", &path)?;
+        .map_err(|e| StoreError::from_open("open", &path, e))?;
         let now = rustix::fs::Timestamps {
             last_access: rustix::fs::Timespec {
                 tv_sec: 0,
@@ -358,6 +399,33 @@ impl Store {
     }
 }
 
+/// A name in a directory, removed on drop while `armed`.
+struct Named<'a> {
+    dir: BorrowedFd<'a>,
+    name: &'a str,
+    armed: bool,
+}
+
+impl Drop for Named<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = rustix::fs::unlinkat(self.dir, self.name, rustix::fs::AtFlags::empty());
+        }
+    }
+}
+
+/// True if `name` in `tmp/` is a file [`Store::replace_file`] is writing: one a live process
+/// holds flocked. Anything else under that prefix (a killed writer's file, or not a regular
+/// file at all) is a leftover.
+pub(crate) fn write_in_use(store: &Store, name: &str) -> bool {
+    name.starts_with(WRITE_PREFIX)
+        && open_regular_beneath(store.tmp_fd(), name, OFlags::RDONLY, Mode::empty()).is_ok_and(
+            |(fd, _)| {
+                rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockShared).is_err()
+            },
+        )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,5 +453,65 @@ mod tests {
         ] {
             assert!(validate_ref_name(bad).is_err(), "{bad:?} must be refused");
         }
+    }
+}
+
+#[cfg(test)]
+mod write_tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open_or_create(dir.path().join("s")).expect("store");
+        (dir, store)
+    }
+
+    fn tmp_names(store: &Store) -> Vec<std::ffi::OsString> {
+        fsutil::list_dir(store.tmp_fd()).expect("list")
+    }
+
+    /// A write that fails at its last step (the rename: a directory is in the way) leaves
+    /// nothing in `tmp/`.
+    #[test]
+    fn a_failed_write_leaves_no_staging_file() {
+        let (_d, store) = store();
+        std::fs::create_dir_all(store.area_path(Area::Refs).join("x/y")).expect("mkdir");
+        let digest = Digest::from_bytes([1; 32]);
+        assert!(store.write_ref("x", &digest).is_err());
+        assert_eq!(tmp_names(&store), Vec::<std::ffi::OsString>::new());
+        store.write_ref("z", &digest).expect("write");
+        assert_eq!(store.read_ref("z").expect("read"), digest);
+        assert!(tmp_names(&store).is_empty());
+    }
+
+    /// A `write-*` file is in use only while a process holds it flocked.
+    #[test]
+    fn a_write_file_is_in_use_while_held() {
+        let (_d, store) = store();
+        let path = store.area_path(Area::Tmp).join("write-1-2-3");
+        std::fs::write(&path, b"x").expect("write");
+        assert!(!write_in_use(&store, "write-1-2-3"));
+        let held = std::fs::File::open(&path).expect("open");
+        rustix::fs::flock(&held, rustix::fs::FlockOperation::LockExclusive).expect("flock");
+        assert!(write_in_use(&store, "write-1-2-3"));
+        assert!(!write_in_use(&store, "obj-1-2-3"));
+        drop(held);
+        assert!(!write_in_use(&store, "write-1-2-3"));
+    }
+
+    /// A ref's history larger than any velo writes is refused, naming it, not read.
+    #[test]
+    fn a_huge_history_is_refused() {
+        let (_d, store) = store();
+        let path = store.area_path(Area::History).join("r");
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        let f = std::fs::File::create(&path).expect("create");
+        f.set_len(MAX_HISTORY_BYTES + 1).expect("grow");
+        let err = store.ref_history("r").expect_err("refused");
+        assert!(matches!(err, StoreError::TooLarge { .. }), "{err}");
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
     }
 }

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
 use crate::error::{IoContext, Result, StoreError};
-use crate::fsutil::{self, open_beneath};
+use crate::fsutil::{self, OpenError, open_beneath, open_regular_beneath};
 use crate::ingest::Kind;
 use crate::lock::StoreLock;
 use crate::store::{Area, Store};
@@ -57,6 +57,9 @@ pub struct Recovery {
     /// Files that did not match their names, moved to `quarantine/`.
     pub quarantined: Vec<PathBuf>,
 }
+
+/// The most velo reads of a writer marker: a real one holds about 100 bytes.
+const MAX_MARKER_BYTES: u64 = 4 << 10;
 
 /// Seconds of slack when comparing file ctimes with a marker's start time.
 const CLOCK_SLACK_NS: i128 = 2_000_000_000;
@@ -111,21 +114,23 @@ impl Store {
                 continue;
             }
             let path = tmp_path.join(name);
-            let fd = match open_beneath(self.tmp_fd(), name, OFlags::RDWR, Mode::empty()) {
-                Ok(fd) => fd,
-                Err(Errno::NOENT) => continue,
-                Err(e) => return Err(StoreError::io("open writer marker", path, e)),
-            };
+            let (fd, st) =
+                match open_regular_beneath(self.tmp_fd(), name, OFlags::RDWR, Mode::empty()) {
+                    Ok(opened) => opened,
+                    Err(OpenError::Sys(Errno::NOENT)) => continue,
+                    // Not a marker velo wrote (it writes regular files): a leftover that
+                    // `fsck --repair` and `velo gc` remove, never read here.
+                    Err(OpenError::NotRegular(_)) => continue,
+                    Err(e) => return Err(StoreError::from_open("open writer marker", path, e)),
+                };
             match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
                 Ok(()) => {}
                 Err(Errno::WOULDBLOCK) => continue, // a live writer
                 Err(e) => return Err(StoreError::io("lock writer marker", path, e)),
             }
-            let mut data = Vec::new();
-            let marker: Option<Marker> =
-                std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut data)
-                    .ok()
-                    .and_then(|_| serde_json::from_slice(&data).ok());
+            let marker: Option<Marker> = fsutil::read_capped(fd.as_fd(), &st, MAX_MARKER_BYTES)
+                .ok()
+                .and_then(|data| serde_json::from_slice(&data).ok());
             match marker {
                 Some(m) if !this_boot.is_empty() && m.boot_id == this_boot => {
                     report.killed_writers += 1
@@ -193,7 +198,9 @@ impl Store {
             report.rechecked += 1;
             match self.verify(kind, &digest)? {
                 Verdict::Good { .. } | Verdict::Missing => {}
-                Verdict::Mismatch { .. } | Verdict::NotAFile | Verdict::Unreadable { .. } => {
+                Verdict::Mismatch { .. }
+                | Verdict::NotAFile { .. }
+                | Verdict::Unreadable { .. } => {
                     report.quarantined.push(self.quarantine(kind, &digest)?);
                 }
             }

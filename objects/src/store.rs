@@ -9,9 +9,9 @@ use rustix::io::Errno;
 
 use crate::digest::Digest;
 use crate::error::{IoContext, Result, StoreError};
-use crate::fsutil::{self, open_beneath, open_dir_beneath};
+use crate::fsutil::{self, OpenError, open_beneath, open_dir_beneath, open_regular_beneath};
 use crate::kverity;
-use crate::meta::{FORMAT_NAME, FORMAT_VERSION, Meta, VerityMode};
+use crate::meta::{FORMAT_NAME, FORMAT_VERSION, MAX_META_BYTES, Meta, VerityMode};
 
 /// The store's default location.
 pub const DEFAULT_STORE: &str = "/var/lib/velo";
@@ -296,32 +296,39 @@ impl Store {
         self.area_path(Area::Images).join(digest.to_hex())
     }
 
-    /// Opens an image read-only beneath the store; a missing one is [`StoreError::ImageNotFound`].
+    /// Opens an image read-only beneath the store; a missing one is [`StoreError::ImageNotFound`],
+    /// anything but a regular file [`StoreError::NotRegular`] (never opened for reading).
     pub fn open_image(&self, digest: &Digest) -> Result<OwnedFd> {
-        match open_beneath(
+        match open_regular_beneath(
             self.images_fd(),
             digest.to_hex(),
-            OFlags::RDONLY | OFlags::NOFOLLOW,
+            OFlags::RDONLY,
             Mode::empty(),
         ) {
-            Ok(fd) => Ok(fd),
-            Err(Errno::NOENT) => Err(StoreError::ImageNotFound {
+            Ok((fd, _)) => Ok(fd),
+            Err(OpenError::Sys(Errno::NOENT)) => Err(StoreError::ImageNotFound {
                 digest: digest.to_hex(),
                 store: self.root.clone(),
             }),
-            Err(e) => Err(StoreError::io("open image", self.image_path(digest), e)),
+            Err(e) => Err(StoreError::from_open(
+                "open image",
+                self.image_path(digest),
+                e,
+            )),
         }
     }
 
-    /// Opens an object read-only beneath the store.
+    /// Opens an object read-only beneath the store (a regular file only, as
+    /// [`Store::open_image`]).
     pub fn open_object(&self, digest: &Digest) -> Result<OwnedFd> {
-        open_beneath(
+        open_regular_beneath(
             self.fanout_fd(digest)?,
             digest.object_file_name(),
-            OFlags::RDONLY | OFlags::NOFOLLOW,
+            OFlags::RDONLY,
             Mode::empty(),
         )
-        .ctx("open object", self.object_path(digest))
+        .map(|(fd, _)| fd)
+        .map_err(|e| StoreError::from_open("open object", self.object_path(digest), e))
     }
 
     /// Digests of all images in the store.
@@ -419,21 +426,32 @@ fn check_areas_trusted(root: &Path, root_fd: BorrowedFd<'_>) -> Result<()> {
 
 fn read_meta(root: &Path, root_fd: BorrowedFd<'_>) -> Result<Option<Meta>> {
     let path = root.join("meta.json");
-    let fd = match open_beneath(root_fd, "meta.json", OFlags::RDONLY, Mode::empty()) {
-        Ok(fd) => fd,
-        Err(Errno::NOENT) => return Ok(None),
-        Err(e) => return Err(StoreError::io("open", &path, e)),
+    let (fd, st) = match open_regular_beneath(root_fd, "meta.json", OFlags::RDONLY, Mode::empty()) {
+        Ok(opened) => opened,
+        Err(OpenError::Sys(Errno::NOENT)) => return Ok(None),
+        Err(OpenError::NotRegular(ft)) => {
+            return Err(StoreError::NotRegular {
+                path,
+                kind: fsutil::file_type_name(ft),
+                fix: "velo never makes anything else there: restore the store's meta.json",
+            });
+        }
+        Err(OpenError::Sys(e)) => return Err(StoreError::io("open", &path, e)),
     };
     check_trusted(root, &path, fd.as_fd())?;
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut text).map_err(|e| {
-        StoreError::CorruptMeta {
+    let text = fsutil::read_capped(fd.as_fd(), &st, MAX_META_BYTES).map_err(|e| match e {
+        fsutil::ReadError::TooLarge { size, max } => StoreError::TooLarge {
+            path: path.clone(),
+            size,
+            max,
+        },
+        fsutil::ReadError::Sys(e) => StoreError::CorruptMeta {
             path: path.clone(),
             reason: format!("unreadable: {e}"),
-        }
+        },
     })?;
     let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| StoreError::CorruptMeta {
+        serde_json::from_slice(&text).map_err(|e| StoreError::CorruptMeta {
             path: path.clone(),
             reason: e.to_string(),
         })?;

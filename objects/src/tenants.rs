@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
 use crate::error::{IoContext, Result, StoreError};
-use crate::fsutil::{self, open_beneath, open_dir_beneath};
+use crate::fsutil::{self, open_dir_beneath, open_regular_beneath};
 use crate::store::{Area, Store};
 
 /// A tenant's `meta.json`.
@@ -33,6 +33,9 @@ pub struct Tenant {
     #[serde(default)]
     pub limit_enforcement: Option<String>,
 }
+
+/// The most velo reads of a tenant's `meta.json`: a real one holds a few hundred bytes.
+pub const MAX_TENANT_META_BYTES: u64 = 64 << 10;
 
 /// Checks a tenant name: `[A-Za-z0-9._-]`, 1-64 characters, not starting with `.`.
 pub fn validate_tenant_name(name: &str) -> Result<()> {
@@ -141,13 +144,13 @@ impl Store {
                 reason: e.to_string(),
             })?;
             // meta.json last: a tenant without one is a half-made leftover.
-            let fd = open_beneath(
+            let (fd, _) = open_regular_beneath(
                 dir.as_fd(),
                 ".meta.json.tmp",
                 OFlags::CREATE | OFlags::TRUNC | OFlags::WRONLY,
                 Mode::from_raw_mode(0o600),
             )
-            .ctx("create", path.join("meta.json"))?;
+            .map_err(|e| StoreError::from_open("create", path.join("meta.json"), e))?;
             fsutil::pwrite_all(fd.as_fd(), &data, 0).ctx("write", path.join("meta.json"))?;
             rustix::fs::fsync(&fd).ctx("fsync", path.join("meta.json"))?;
             rustix::fs::renameat(&dir, ".meta.json.tmp", &dir, "meta.json")
@@ -193,26 +196,35 @@ impl Store {
         validate_tenant_name(name)?;
         let tenants = self.open_area(Area::Tenants)?;
         let path = self.area_path(Area::Tenants).join(name).join("meta.json");
-        let fd = match open_beneath(
+        let Some(data) = fsutil::read_store_file(
             tenants.as_fd(),
             format!("{name}/meta.json"),
-            OFlags::RDONLY,
-            Mode::empty(),
-        ) {
-            Ok(fd) => fd,
-            Err(Errno::NOENT) => {
-                return Err(StoreError::Unexpected {
-                    path: self.area_path(Area::Tenants).join(name),
-                    reason: format!("no tenant {name:?} (see `velo tenant ls`)"),
-                });
-            }
-            Err(e) => return Err(StoreError::io("open", path, e)),
+            &path,
+            MAX_TENANT_META_BYTES,
+        )?
+        else {
+            return Err(StoreError::Unexpected {
+                path: self.area_path(Area::Tenants).join(name),
+                reason: format!("no tenant {name:?} (see `velo tenant ls`)"),
+            });
         };
-        let mut data = Vec::new();
-        std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut data).ctx("read", &path)?;
         serde_json::from_slice(&data).map_err(|e| StoreError::Unexpected {
             path,
             reason: format!("unreadable tenant meta: {e}"),
+        })
+    }
+
+    /// True if the tenant directory `name` has no meta.json (its creation was interrupted).
+    pub(crate) fn tenant_meta_missing(&self, name: &str) -> bool {
+        self.open_area(Area::Tenants).is_ok_and(|tenants| {
+            matches!(
+                rustix::fs::statat(
+                    &tenants,
+                    format!("{name}/meta.json").as_str(),
+                    rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+                ),
+                Err(Errno::NOENT)
+            )
         })
     }
 

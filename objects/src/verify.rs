@@ -27,8 +27,11 @@ pub enum Verdict {
         /// Their size.
         size: u64,
     },
-    /// It is not a regular file (a symlink, a directory…).
-    NotAFile,
+    /// It is not a regular file (a symlink, a directory, a FIFO…; never opened for reading).
+    NotAFile {
+        /// What it is, e.g. "a FIFO".
+        kind: &'static str,
+    },
     /// Reading it fails (in a store with fs-verity, EIO means its data no longer matches the
     /// Merkle tree the kernel keeps: it was tampered with on disk).
     Unreadable {
@@ -57,22 +60,24 @@ impl Store {
     fn open_checked(&self, kind: Kind, digest: &Digest) -> Result<Opened> {
         let path: PathBuf = self.path_of(kind, digest);
         let (dir, name) = self.final_dir(kind, digest)?;
-        let fd = match crate::fsutil::open_beneath(
+        use crate::fsutil::OpenError;
+        use rustix::io::Errno;
+        match crate::fsutil::open_regular_beneath(
             dir,
             &name,
-            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NOFOLLOW,
+            rustix::fs::OFlags::RDONLY,
             rustix::fs::Mode::empty(),
         ) {
-            Ok(fd) => fd,
-            Err(rustix::io::Errno::NOENT) => return Ok(Opened::Not(Verdict::Missing)),
-            Err(rustix::io::Errno::LOOP) => return Ok(Opened::Not(Verdict::NotAFile)),
-            Err(e) => return Err(crate::StoreError::io("open", path, e)),
-        };
-        let st = rustix::fs::fstat(&fd).ctx("stat", &path)?;
-        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
-            return Ok(Opened::Not(Verdict::NotAFile));
+            Ok((fd, st)) => Ok(Opened::File(fd, st, path)),
+            Err(OpenError::Sys(Errno::NOENT)) => Ok(Opened::Not(Verdict::Missing)),
+            Err(OpenError::Sys(Errno::LOOP)) => {
+                Ok(Opened::Not(Verdict::NotAFile { kind: "a symlink" }))
+            }
+            Err(OpenError::NotRegular(ft)) => Ok(Opened::Not(Verdict::NotAFile {
+                kind: crate::fsutil::file_type_name(ft),
+            })),
+            Err(e) => Err(crate::StoreError::from_open("open", path, e)),
         }
-        Ok(Opened::File(fd, st, path))
     }
 
     /// Re-hashes an object or image and compares with its name.

@@ -73,6 +73,8 @@ fn write_atomically(path: &Path, data: &[u8]) -> Result<(), String> {
 }
 /// Input digests (and tool answers) kept at most.
 const MAX_INPUTS: usize = 4096;
+/// The most read of the cache: [`MAX_INPUTS`] entries of a path, a digest and a stat each.
+const MAX_CACHE_BYTES: u64 = 16 << 20;
 /// A file whose ctime is this close to now may still change within the same timestamp tick:
 /// its digest is not cached (as git treats "racily clean" index entries).
 const RACY_NS: u64 = 2_000_000_000;
@@ -81,7 +83,7 @@ impl KeyCache {
     /// Loads the cache (an unreadable one is empty).
     pub fn load(at: &CacheAt<'_>) -> Self {
         let data = match at {
-            CacheAt::Store(store) => store.read_cache(CACHE).ok().flatten(),
+            CacheAt::Store(store) => store.read_cache(CACHE, MAX_CACHE_BYTES).ok().flatten(),
             CacheAt::Dir(dir) => std::fs::read(dir.join(CACHE)).ok(),
         }
         .and_then(|d| serde_json::from_slice(&d).ok())

@@ -28,9 +28,13 @@ fn slot(owner: (u32, u32), project: &Path, dir: &str) -> String {
     h.finalize().to_hex()[..32].to_owned()
 }
 
+/// The record is at most this large (a line per project and dir; far more than any machine
+/// has): a bigger file is not velo's and is ignored.
+const MAX_BYTES: u64 = 16 << 20;
+
 fn load(at: &CacheAt<'_>) -> BTreeMap<String, String> {
     let data = match at {
-        CacheAt::Store(store) => store.read_cache(FILE).ok().flatten(),
+        CacheAt::Store(store) => store.read_cache(FILE, MAX_BYTES).ok().flatten(),
         CacheAt::Dir(dir) => std::fs::read(dir.join(FILE)).ok(),
     };
     data.and_then(|d| serde_json::from_slice(&d).ok())

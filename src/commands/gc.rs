@@ -49,6 +49,12 @@ pub fn gc(ctx: &Ctx, opts: GcOptions) -> anyhow::Result<ExitCode> {
             r.stale_pins_cleared,
             r.seconds
         ));
+        if r.tmp_leftovers_removed > 0 {
+            ctx.say(format!(
+                "{verb} {} leftovers of interrupted writers from tmp/",
+                r.tmp_leftovers_removed
+            ));
+        }
         if let Some(why) = &r.objects_skipped {
             eprintln!("velo: warning: objects were not collected: {why}");
         }

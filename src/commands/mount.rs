@@ -68,8 +68,11 @@ pub fn mount(
         prefetch: true,
     };
     let r = velo_mount::mount_image(&store, &req)?;
-    if digest.to_hex() != image {
-        store.touch_ref_used(image)?;
+    // The mount is made: a ref's last use that cannot be recorded only ages the ref for GC.
+    if digest.to_hex() != image
+        && let Err(e) = store.touch_ref_used(image)
+    {
+        eprintln!("velo: warning: the use of ref {image} was not recorded: {e}");
     }
     if ctx.json {
         let mut v = serde_json::to_value(&r)?;

@@ -21,6 +21,9 @@ pub struct Ledger {
     pub charges: BTreeMap<Digest, u64>,
 }
 
+/// The most read of a ledger: about 80 bytes an image, for some 200,000 images.
+const MAX_LEDGER_BYTES: u64 = 16 << 20;
+
 fn entry_name(caller: &Caller) -> String {
     format!("quota-{}.json", caller.uid)
 }
@@ -29,7 +32,7 @@ impl Ledger {
     /// The caller's ledger (empty if none or unreadable).
     pub fn load(store: &Store, caller: &Caller) -> Self {
         store
-            .read_cache(&entry_name(caller))
+            .read_cache(&entry_name(caller), MAX_LEDGER_BYTES)
             .ok()
             .flatten()
             .and_then(|d| serde_json::from_slice(&d).ok())
