@@ -324,3 +324,26 @@ fn verbose_run_shows_the_key_the_image_and_the_mount_time() {
     }
     assert!(!err.contains('\u{1b}'), "no colour codes: {err:?}");
 }
+
+/// `velo status` (and `ls`) naming a store that does not exist say so and create nothing.
+#[test]
+fn status_on_a_store_that_does_not_exist_creates_none() {
+    let mut env = Env::new();
+    env.store = env.path("no-store-here");
+    let project = fixtures::custom_project(env.dir.path(), &env.path("proj"));
+    let out = velo_in(&env, &project, &["status"]).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("deps"), "{text}");
+    let out = velo_in(&env, &project, &["ls"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no velo store"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!env.store.exists(), "no store was created");
+}
