@@ -347,3 +347,64 @@ fn status_on_a_store_that_does_not_exist_creates_none() {
     );
     assert!(!env.store.exists(), "no store was created");
 }
+
+/// The user's `~/.cargo/config.toml` stays in force inside `velo run` (velo points
+/// `CARGO_HOME` at the project's tree): an alias there works in a project outside the home.
+#[test]
+fn the_users_cargo_config_is_in_force_in_velo_run() {
+    if !can_mount("the_users_cargo_config_is_in_force_in_velo_run") {
+        return;
+    }
+    let Ok(cargo) = Command::new("cargo").arg("--version").output() else {
+        eprintln!("SKIPPED the_users_cargo_config_is_in_force_in_velo_run: no cargo");
+        return;
+    };
+    assert!(cargo.status.success());
+    let env = Env::new();
+    // rustup's proxies find their toolchains in the real home.
+    let rustup = std::env::var_os("RUSTUP_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".rustup")))
+        .unwrap();
+    let home = env.path("home");
+    fs::create_dir_all(home.join(".cargo")).unwrap();
+    fs::write(
+        home.join(".cargo/config.toml"),
+        "[alias]\nvelo-hello = \"version\"\n",
+    )
+    .unwrap();
+    let project = env.path("proj"); // not under the home
+    fs::create_dir_all(project.join("src")).unwrap();
+    fs::write(
+        project.join("Cargo.toml"),
+        "[package]\nname = \"proj\"\nversion = \"0.1.0\"\nedition = \"2021\"\n",
+    )
+    .unwrap();
+    fs::write(project.join("src/main.rs"), "fn main() {}\n").unwrap();
+    let with_env = |c: &mut Command| {
+        c.env("HOME", &home)
+            .env("RUSTUP_HOME", &rustup)
+            .env_remove("CARGO_HOME");
+    };
+    let mut lock = Command::new("cargo");
+    lock.args(["generate-lockfile", "--offline"])
+        .current_dir(&project)
+        .env("CARGO_HOME", env.path("lock-home"))
+        .env("RUSTUP_HOME", &rustup)
+        .env("HOME", &home);
+    let out = lock.output().unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    let mut init = velo_in(&env, &project, &["init"]);
+    with_env(&mut init);
+    let out = init.output().unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    let mut run = velo_in(&env, &project, &["run", "--", "cargo", "velo-hello"]);
+    with_env(&mut run);
+    let out = run.output().unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("cargo "),
+        "{}",
+        describe(&out)
+    );
+}

@@ -37,6 +37,9 @@ pub struct UserBuild<'a> {
     pub seeds: Vec<Option<String>>,
     /// A Cargo.lock to prune each dir (a Cargo home) to after the install.
     pub prune_to: Option<PathBuf>,
+    /// The user's cargo config, linked into each dir (a Cargo home) before the install (see
+    /// [`crate::cargo_config`]).
+    pub cargo_config: Option<PathBuf>,
 }
 
 /// Where an install writes the trees it builds.
@@ -222,6 +225,16 @@ fn build_child_inner(b: &UserBuild<'_>, place: &Place<'_>) -> anyhow::Result<i32
                 dir.path.display()
             )
         })?;
+    }
+    if let Some(config) = &b.cargo_config {
+        let me = (
+            rustix::process::getuid().as_raw(),
+            rustix::process::getgid().as_raw(),
+        );
+        for root in &roots {
+            crate::cargo_config::link(root, config, me)
+                .with_context(|| format!("link {} into {}", config.display(), root.display()))?;
+        }
     }
     let mut cmd = std::process::Command::new("sh");
     cmd.arg("-c")

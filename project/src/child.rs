@@ -54,6 +54,9 @@ pub struct Build {
     /// A Cargo.lock to prune each dir (a Cargo home) to after the install (see
     /// [`crate::seed`]).
     pub prune_to: Option<PathBuf>,
+    /// The user's cargo config, linked into each dir (a Cargo home) before the install (see
+    /// [`crate::cargo_config`]).
+    pub cargo_config: Option<PathBuf>,
 }
 
 /// One dir a build fills.
@@ -209,6 +212,14 @@ fn build_inner(plan: &Plan, build: &Build) -> anyhow::Result<i32> {
             Some(rustix::fs::Gid::from_raw(plan.user.gid)),
         )
         .with_context(|| format!("chown {}", target.display()))?;
+    }
+    if let Some(config) = &build.cargo_config {
+        for dir in &build.dirs {
+            crate::cargo_config::link(&dir.target, config, (plan.user.uid, plan.user.gid))
+                .with_context(|| {
+                    format!("link {} into {}", config.display(), dir.target.display())
+                })?;
+        }
     }
     let mut cmd = std::process::Command::new("sh");
     cmd.arg("-c").arg(&build.install).current_dir(&plan.project);

@@ -475,6 +475,10 @@ pub fn config_files(
                 .unwrap_or_else(|| w.home.join(".cargo"));
             out.push(file("cargo home config", home.join("config.toml")));
             out.push(file("cargo home config", home.join("config")));
+            // The user's own, which velo links into the Cargo home it manages (see
+            // `cargo_config`): read by the install and the command wherever the project is.
+            out.push(file("cargo user config", w.home.join(".cargo/config.toml")));
+            out.push(file("cargo user config", w.home.join(".cargo/config")));
         }
         _ => {}
     }

@@ -4,6 +4,7 @@
 //! milliseconds. The CLI (`src/`) only parses arguments and prints; the flows live here.
 
 pub mod build;
+pub mod cargo_config;
 pub mod child;
 pub mod client;
 pub mod config;

@@ -178,6 +178,7 @@ fn run_as_root(
                 .collect(),
             place: crate::build::BuildIn::choose()?,
             prune_to: prune_to(unit, project),
+            cargo_config: cargo_config(unit, &user, &unit_dirs),
         };
         let (status, child) = in_child(|| super::child::build(&plan, &build))?;
         super::child::remove_slots_of(&store, child);
@@ -403,6 +404,7 @@ fn build_missing_as_user(
                 })
                 .collect(),
             prune_to: prune_to(unit, project),
+            cargo_config: cargo_config(unit, &user, &unit_dirs),
         })?;
         if missing(&mut client)? {
             bail!("the build of {} finished but left no image", unit.ecosystem);
@@ -413,6 +415,15 @@ fn build_missing_as_user(
     }
     client.done();
     Ok(())
+}
+
+/// The user's cargo config to link into a cargo entry's Cargo home (see `cargo_config`).
+fn cargo_config(unit: &super::config::Unit, user: &User, dirs: &[&ManagedDir]) -> Option<PathBuf> {
+    if unit.ecosystem != "cargo" {
+        return None;
+    }
+    let managed: Vec<PathBuf> = dirs.iter().map(|d| d.path.clone()).collect();
+    crate::cargo_config::user_config(&user.home, &managed)
 }
 
 /// The lockfile a seeded cargo entry's Cargo home is pruned to after its install.
