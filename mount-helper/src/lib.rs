@@ -29,7 +29,7 @@ pub mod units;
 pub use error::{MountError, Result};
 pub use mount::{
     ImageBacking, LayerPassing, MountReport, MountRequest, ProbeReport, SOURCE_PREFIX, Writes,
-    enter_private_namespace, liveness, mount_image, prefetch_image, probe, tenant_mount_point,
-    work_dir_name,
+    enter_private_namespace, liveness, liveness_check, mount_image, prefetch_image, probe,
+    tenant_mount_point, work_dir_name,
 };
 pub use umount::{UmountReport, umount};

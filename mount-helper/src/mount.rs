@@ -1043,7 +1043,10 @@ pub fn tenant_mount_point(store: &Store, name: &str) -> Result<Option<PathBuf>> 
         .list_mount_records()?
         .into_iter()
         .filter_map(|(_, r)| r.ok())
-        .find(|r| r.tenant.as_deref() == Some(name) && liveness(r) != velo_objects::Liveness::Gone)
+        .find(|r| {
+            r.tenant.as_deref() == Some(name)
+                && liveness_in(r, || Some(&mounts)) != velo_objects::Liveness::Gone
+        })
         .map(|r| r.target))
 }
 
@@ -1070,6 +1073,24 @@ pub fn enter_private_namespace() -> Result<()> {
 
 /// Whether the mount a record describes still exists (see [`velo_objects::Liveness`]).
 pub fn liveness(record: &MountRecord) -> velo_objects::Liveness {
+    liveness_check()(record)
+}
+
+/// [`liveness`] for many records (`velo ls`, GC): this namespace's mount table is read once,
+/// when a record first needs it, not once per record.
+pub fn liveness_check() -> impl Fn(&MountRecord) -> velo_objects::Liveness {
+    let table = std::cell::OnceCell::new();
+    move |record| {
+        liveness_in(record, || {
+            table.get_or_init(|| mountinfo::read().ok()).as_deref()
+        })
+    }
+}
+
+fn liveness_in<'t>(
+    record: &MountRecord,
+    mounts: impl FnOnce() -> Option<&'t [mountinfo::MountInfo]>,
+) -> velo_objects::Liveness {
     use velo_objects::Liveness;
     if record.boot_id != velo_objects::fsutil::boot_id() {
         return Liveness::Gone;
@@ -1092,16 +1113,16 @@ pub fn liveness(record: &MountRecord) -> velo_objects::Liveness {
         return Liveness::Unknown;
     }
     let source = format!("{SOURCE_PREFIX}{}", record.image);
-    match mountinfo::read() {
-        Ok(mounts)
+    match mounts() {
+        Some(mounts)
             if mounts.iter().any(|m| {
                 m.id == record.mnt_id && m.mount_point == record.target && m.source == source
             }) =>
         {
             Liveness::Alive
         }
-        Ok(_) => Liveness::Gone,
-        Err(_) => Liveness::Unknown,
+        Some(_) => Liveness::Gone,
+        None => Liveness::Unknown,
     }
 }
 

@@ -145,6 +145,36 @@ fn remove_in_background(dir: &Path) {
     }
 }
 
+/// The empty dir an install writes into.
+pub(crate) enum Empty<'a> {
+    /// A new tmpfs of at most this many bytes.
+    Memory(u64),
+    /// This (empty) dir, bind-mounted.
+    Dir(&'a Path),
+}
+
+/// Mounts `empty` over `target` (in the caller's own mount namespace) for an install; a tmpfs
+/// gets `target`'s permission bits.
+pub(crate) fn mount_empty(target: &Path, empty: Empty<'_>) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mounted = match empty {
+        Empty::Memory(size) => {
+            let mode = std::fs::metadata(target)
+                .with_context(|| format!("stat {}", target.display()))?
+                .permissions()
+                .mode();
+            userns::tmpfs(target, size, mode)
+        }
+        Empty::Dir(dir) => userns::bind(dir, target),
+    };
+    mounted.with_context(|| {
+        format!(
+            "mount an empty dir over {} for the install",
+            target.display()
+        )
+    })
+}
+
 /// True if the filesystem at `path` has (almost) no blocks or inodes left.
 fn nearly_full(path: &Path) -> bool {
     rustix::fs::statvfs(path).is_ok_and(|s| {
@@ -171,7 +201,6 @@ fn build_child(b: &UserBuild<'_>, place: &Place<'_>) -> i32 {
 }
 
 fn build_child_inner(b: &UserBuild<'_>, place: &Place<'_>) -> anyhow::Result<i32> {
-    use std::os::unix::fs::PermissionsExt;
     // A seeded dir starts as a writable overlay of its previous tree, lent by velo-mountd for
     // as long as this connection lasts (past the snapshot).
     let mut lender = None;
@@ -205,26 +234,17 @@ fn build_child_inner(b: &UserBuild<'_>, place: &Place<'_>) -> anyhow::Result<i32
             roots.push(&dir.path);
             continue;
         }
-        let mounted = match place {
+        let empty = match place {
             Place::Memory(size) => {
-                let mode = std::fs::metadata(&dir.path)
-                    .with_context(|| format!("stat {}", dir.path.display()))?
-                    .permissions()
-                    .mode();
                 roots.push(&dir.path);
-                userns::tmpfs(&dir.path, *size, mode)
+                Empty::Memory(*size)
             }
             Place::Disk(staging) => {
                 roots.push(&staging[i]);
-                userns::bind(&staging[i], &dir.path)
+                Empty::Dir(&staging[i])
             }
         };
-        mounted.with_context(|| {
-            format!(
-                "mount an empty dir over {} for the install",
-                dir.path.display()
-            )
-        })?;
+        mount_empty(&dir.path, empty)?;
     }
     if let Some(config) = &b.cargo_config {
         let me = (

@@ -158,7 +158,6 @@ pub fn build(plan: &Plan, build: &Build) -> i32 {
 }
 
 fn build_inner(plan: &Plan, build: &Build) -> anyhow::Result<i32> {
-    use std::os::unix::fs::PermissionsExt;
     velo_mount::enter_private_namespace()?;
     let store = Store::open(&plan.store)?;
     // Disk builds write under the store's tmp/ (root's, on the store's filesystem); the dirs
@@ -180,31 +179,23 @@ fn build_inner(plan: &Plan, build: &Build) -> anyhow::Result<i32> {
                 };
                 velo_mount::mount_image(&store, &req)
                     .map(drop)
-                    .map_err(std::io::Error::other)
+                    .with_context(|| format!("mount the previous tree over {}", target.display()))
             }
             (None, crate::build::BuildIn::Memory(size)) => {
-                let mode = std::fs::metadata(target)
-                    .with_context(|| format!("stat {}", target.display()))?
-                    .permissions()
-                    .mode();
-                crate::userns::tmpfs(target, size, mode)
+                crate::build::mount_empty(target, crate::build::Empty::Memory(size))
             }
             (None, crate::build::BuildIn::Disk) => {
                 let empty = tempfile::Builder::new()
                     .prefix("build-")
                     .tempdir_in(store.area_path(velo_objects::Area::Tmp))
                     .context("create a build dir in the store")?;
-                let mounted = crate::userns::bind(empty.path(), target);
+                let mounted =
+                    crate::build::mount_empty(target, crate::build::Empty::Dir(empty.path()));
                 on_disk.push(empty);
                 mounted
             }
         };
-        mounted.with_context(|| {
-            format!(
-                "mount an empty dir over {} for the install",
-                target.display()
-            )
-        })?;
+        mounted?;
         // The install writes into it as the invoking user.
         rustix::fs::chown(
             target,

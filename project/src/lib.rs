@@ -79,28 +79,22 @@ pub struct Interrupted {
     pub signal: i32,
 }
 
-/// The project dir: the nearest of `given` (or the current directory) and its parents that
-/// holds `velo.toml` — found upward, as npm, cargo, uv and git find theirs — made absolute
-/// and canonical (keys of path-sensitive ecosystems include it). If none holds one, the
-/// starting dir itself, whose error then names it.
-pub fn project_dir(given: Option<&Path>) -> anyhow::Result<PathBuf> {
-    Ok(find_project(&start_dir(given)?, false))
+/// The project dir: the nearest of the current directory (canonical, as getcwd(2) answers)
+/// and its parents that holds `velo.toml` — found upward, as npm, cargo, uv and git find
+/// theirs (keys of path-sensitive ecosystems include it). If none holds one, the current
+/// directory itself, whose error then names it. (`-C DIR` has velo start in DIR.)
+pub fn project_dir() -> anyhow::Result<PathBuf> {
+    Ok(find_project(&current_dir()?, false))
 }
 
 /// [`project_dir`] for `velo init`: the nearest dir that holds `velo.toml` or a lockfile velo
 /// detects.
-pub fn project_dir_for_init(given: Option<&Path>) -> anyhow::Result<PathBuf> {
-    Ok(find_project(&start_dir(given)?, true))
+pub fn project_dir_for_init() -> anyhow::Result<PathBuf> {
+    Ok(find_project(&current_dir()?, true))
 }
 
-fn start_dir(given: Option<&Path>) -> anyhow::Result<PathBuf> {
-    match given {
-        Some(p) => {
-            std::fs::canonicalize(p).map_err(|e| anyhow::anyhow!("project {}: {e}", p.display()))
-        }
-        // getcwd(2) already answers with the canonical path (no symlinks, no `..`).
-        None => std::env::current_dir().map_err(|e| anyhow::anyhow!("the current directory: {e}")),
-    }
+fn current_dir() -> anyhow::Result<PathBuf> {
+    std::env::current_dir().map_err(|e| anyhow::anyhow!("the current directory: {e}"))
 }
 
 /// The nearest of `start` and its parents holding `velo.toml` (or, `for_init`, a lockfile

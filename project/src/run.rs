@@ -32,8 +32,6 @@ pub struct RunOptions {
     pub user: Option<String>,
     /// `--persist`: keep a per-project upper across runs.
     pub persist: bool,
-    /// `--project`.
-    pub project: Option<PathBuf>,
     /// `-q`.
     pub quiet: bool,
     /// `--socket`: velo-mountd's socket.
@@ -57,7 +55,7 @@ pub fn run(store_path: &Path, argv: Vec<OsString>, opts: &RunOptions) -> anyhow:
     if argv.is_empty() {
         bail!("no command to run");
     }
-    let project = project_dir(opts.project.as_deref())?;
+    let project = project_dir()?;
     let config = Config::load(&project)?;
     let status = if rustix::process::geteuid().is_root() {
         run_as_root(store_path, &project, &config, &argv, opts)?
@@ -368,12 +366,20 @@ fn build_missing_as_user(
         if let Some(why) = super::userns::Sysctls::read().blocker() {
             bail!("velo cannot make a user namespace: {why}");
         }
-        let (locks, lock_name) = (cache.join("locks"), format!("build-{}", unit_dirs[0].key));
-        let _lock = take_build_lock(
+        let (lock, path) = lock_file(&cache.join("locks"), &format!("build-{}", unit_dirs[0].key))?;
+        let failed = |e: rustix::io::Errno| {
+            anyhow::Error::new(e).context(format!("lock {}", path.display()))
+        };
+        use rustix::fs::FlockOperation::{LockExclusive, NonBlockingLockExclusive};
+        take_build_lock(
             &unit.dirs.join(", "),
             opts.quiet,
-            || lock_file(&locks, &lock_name, false),
-            || lock_file(&locks, &lock_name, true)?.ok_or_else(unreachable_lock),
+            || match rustix::fs::flock(&lock, NonBlockingLockExclusive) {
+                Ok(()) => Ok(Some(())),
+                Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+                Err(e) => Err(failed(e)),
+            },
+            || rustix::fs::flock(&lock, LockExclusive).map_err(failed),
         )?;
         if !missing(&mut client)? {
             continue; // another run of this user built it while we waited
@@ -431,7 +437,6 @@ fn prune_to(unit: &super::config::Unit, project: &Path) -> Option<PathBuf> {
     (unit.seed && unit.ecosystem == "cargo").then(|| project.join("Cargo.lock"))
 }
 
-/// An flock on `dir/name`, held until the file is dropped.
 /// Takes the lock of a build of `names` — at once if nobody holds it; else, saying so, after
 /// waiting for the run that holds it (which is building the same key), and for how long.
 fn take_build_lock<L>(
@@ -457,13 +462,9 @@ fn take_build_lock<L>(
     Ok(lock)
 }
 
-fn unreachable_lock() -> anyhow::Error {
-    anyhow::anyhow!("a blocking lock was not taken")
-}
-
-/// The lock file `dir/name`, taken exclusively: waiting for its holder (`wait`), or `None` if
-/// someone holds it.
-fn lock_file(dir: &Path, name: &str, wait: bool) -> anyhow::Result<Option<std::fs::File>> {
+/// The lock file `dir/name` (created if missing), not yet locked: the lock is held from a
+/// `flock` on it until the file is dropped.
+fn lock_file(dir: &Path, name: &str) -> anyhow::Result<(std::fs::File, PathBuf)> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let path = dir.join(name);
     let file = std::fs::OpenOptions::new()
@@ -472,16 +473,7 @@ fn lock_file(dir: &Path, name: &str, wait: bool) -> anyhow::Result<Option<std::f
         .write(true)
         .open(&path)
         .with_context(|| format!("open {}", path.display()))?;
-    let op = if wait {
-        rustix::fs::FlockOperation::LockExclusive
-    } else {
-        rustix::fs::FlockOperation::NonBlockingLockExclusive
-    };
-    match rustix::fs::flock(&file, op) {
-        Ok(()) => Ok(Some(file)),
-        Err(rustix::io::Errno::WOULDBLOCK) if !wait => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("lock {}", path.display())),
-    }
+    Ok((file, path))
 }
 
 /// Asks velo-mountd for each dir's mount; `None` if one of them has no image yet (the

@@ -20,9 +20,10 @@ pub fn gc(ctx: &Ctx, opts: GcOptions) -> anyhow::Result<ExitCode> {
             })
             .map_err(|e| e.to_string())
     };
+    let liveness = velo_mount::liveness_check();
     let hooks = GcHooks {
         objects_of: &objects_of,
-        liveness: &velo_mount::liveness,
+        liveness: &liveness,
         mounted_images: &velo_mount::lease::mounted_images,
     };
     let r = store.gc(&opts, &hooks)?;

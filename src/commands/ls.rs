@@ -101,13 +101,14 @@ pub fn ls(ctx: &Ctx) -> anyhow::Result<ExitCode> {
             }
         })
         .collect();
+    let alive = velo_mount::liveness_check();
     let mounts: Vec<MountRow> = store
         .list_mount_records()?
         .into_iter()
         .filter_map(|(_, r)| r.ok())
         // A record whose mount is gone (unmounted behind velo's back, a reboot) is stale:
         // the next mount or gc removes it; it is not listed as a mount.
-        .filter(|r| velo_mount::liveness(r) != velo_objects::Liveness::Gone)
+        .filter(|r| alive(r) != velo_objects::Liveness::Gone)
         .map(|r| MountRow {
             target: r.target.display().to_string(),
             image: r.image,

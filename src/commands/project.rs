@@ -16,7 +16,7 @@ use velo_project::user::User;
 use velo_project::{detect, project_dir, project_dir_for_init, resolve};
 
 pub fn init(ctx: &Ctx, force: bool) -> anyhow::Result<ExitCode> {
-    let project = project_dir_for_init(None)?;
+    let project = project_dir_for_init()?;
     if project.join(FILE).exists() && !force {
         anyhow::bail!(
             "{} already exists (use --force to replace it)",
@@ -54,7 +54,6 @@ pub fn run(
     let opts = RunOptions {
         user,
         persist,
-        project: None,
         quiet: ctx.quiet,
         socket: ctx.socket.clone(),
     };
@@ -77,7 +76,7 @@ struct StatusRow {
 }
 
 pub fn status(ctx: &Ctx) -> anyhow::Result<ExitCode> {
-    let project = project_dir(None)?;
+    let project = project_dir()?;
     let config = Config::load(&project)?;
     let user = User::invoking(None)?;
     let rows = if ctx.through_service() {
