@@ -18,10 +18,7 @@ use common::{Env, Mounted, can_mount, describe};
 #[test]
 fn a_reader_that_went_away_ends_velo_quietly() {
     let env = Env::new();
-    let src = env.path("tree");
-    fs::create_dir_all(&src).unwrap();
-    fs::write(src.join("a"), "a").unwrap();
-    env.snapshot(&src, "app/deps");
+    env.snapshot_small("app/deps");
     let (reader, writer) = std::io::pipe().expect("pipe");
     drop(reader); // before velo starts: its first write cannot succeed
     let out = env
@@ -61,9 +58,7 @@ fn an_os_error_is_named_once() {
 #[test]
 fn a_bad_tenant_name_is_called_one() {
     let env = Env::new();
-    let src = env.path("tree");
-    fs::create_dir_all(&src).unwrap();
-    env.snapshot(&src, "app/deps");
+    env.snapshot_small("app/deps");
     let err = env.fails(&["tenant", "create", ".hidden", "--image", "app/deps"]);
     assert!(err.contains("invalid tenant name \".hidden\""), "{err}");
     assert!(!err.contains("ref name"), "{err}");
@@ -77,10 +72,7 @@ fn a_mount_refused_in_a_user_namespace_names_privilege_not_the_kernel() {
         return;
     }
     let env = Env::new();
-    let src = env.path("tree");
-    fs::create_dir_all(&src).unwrap();
-    fs::write(src.join("a"), "a").unwrap();
-    env.snapshot(&src, "app/deps");
+    env.snapshot_small("app/deps");
     let target = env.path("mnt");
     fs::create_dir_all(&target).unwrap();
     let out = Command::new("unshare")

@@ -222,22 +222,11 @@ fn umount_works_on_a_target_whose_name_is_not_utf8() {
 mv "$3" "$4"
 "$1" --store "$2" --json umount "$4/mnt"
 if mountpoint -q "$4/mnt"; then echo "still mounted" >&2; exit 1; fi"#;
-    let out = Command::new("unshare")
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            "--",
-            "sh",
-            "-c",
-            script,
-            "sh",
-        ])
+    let out = common::sh_in_private_ns(script)
         .arg(common::velo_bin())
         .arg(&env.store)
         .arg(&dir)
         .arg(&odd)
-        .env_remove("VELO_STORE")
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", describe(&out));
@@ -303,22 +292,11 @@ fn targets_velo_never_mounts_over_are_refused() {
     let script = r#"set -e
 mount --bind "$3" "$4"
 exec "$1" --store "$2" mount r "$4/images""#;
-    let out = Command::new("unshare")
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            "--",
-            "sh",
-            "-c",
-            script,
-            "sh",
-        ])
+    let out = common::sh_in_private_ns(script)
         .arg(common::velo_bin())
         .arg(&store)
         .arg(&store)
         .arg(&other)
-        .env_remove("VELO_STORE")
         .output()
         .unwrap();
     assert!(!out.status.success(), "{}", describe(&out));

@@ -22,10 +22,7 @@ fn a_tenant_create_that_fails_leaves_a_name_that_can_be_used() {
     let small = env.path("small");
     let _fs = Tmpfs::mount(&small, "velo-test-full", Some("4m"));
     env.store = small.join("store");
-    let src = env.path("tree");
-    fs::create_dir_all(&src).unwrap();
-    fs::write(src.join("a"), "a".repeat(5000)).unwrap();
-    env.snapshot(&src, "app/deps");
+    env.snapshot_small("app/deps");
 
     // Fill the filesystem.
     let filler = small.join("filler");
@@ -73,10 +70,7 @@ fn parallel_mounts_of_one_target_never_stack() {
         return;
     }
     let env = Env::new();
-    let src = env.path("tree");
-    fs::create_dir_all(&src).unwrap();
-    fs::write(src.join("a"), "a".repeat(5000)).unwrap();
-    env.snapshot(&src, "app/deps");
+    env.snapshot_small("app/deps");
     let target = env.path("mnt");
     fs::create_dir_all(&target).unwrap();
     for round in 0..30 {
@@ -119,10 +113,7 @@ fn a_failed_mount_removes_the_target_dir_it_created() {
         return;
     }
     let env = Env::new();
-    let src = env.path("tree");
-    fs::create_dir_all(&src).unwrap();
-    fs::write(src.join("a"), "a".repeat(5000)).unwrap();
-    let digest = env.snapshot(&src, "app/deps");
+    let digest = env.snapshot_small("app/deps");
     // Damage the image: the mount refuses it after the target is made.
     let image = env.store.join("images").join(&digest);
     let mut bytes = fs::read(&image).unwrap();
@@ -145,10 +136,7 @@ fn ls_lists_only_mounts_that_are_there() {
         return;
     }
     let env = Env::new();
-    let src = env.path("tree");
-    fs::create_dir_all(&src).unwrap();
-    fs::write(src.join("a"), "a".repeat(5000)).unwrap();
-    env.snapshot(&src, "app/deps");
+    env.snapshot_small("app/deps");
     let target = env.path("mnt");
     let listed = || {
         env.json(&["ls"])["mounts"]

@@ -9,7 +9,6 @@ mod common;
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
-use std::process::Command;
 
 use common::{Env, can_mount, describe};
 
@@ -33,21 +32,10 @@ cat "$3/lib/a.js" | wc -c
 "$1" --store "$2" --json ls
 "$1" --store "$2" umount "$3" >/dev/null
 if mountpoint -q "$3"; then echo "still mounted" >&2; exit 1; fi"#;
-    let out = Command::new("unshare")
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            "--",
-            "sh",
-            "-c",
-            script,
-            "sh",
-        ])
+    let out = common::sh_in_private_ns(script)
         .arg(common::velo_bin())
         .arg(&env.store)
         .arg(&odd)
-        .env_remove("VELO_STORE")
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", describe(&out));

@@ -107,6 +107,15 @@ impl Env {
         v["digest"].as_str().expect("digest").to_owned()
     }
 
+    /// Snapshots a small tree (one file big enough to be an object) as `ref_name`; its digest.
+    #[allow(dead_code)] // not every test crate uses it
+    pub fn snapshot_small(&self, ref_name: &str) -> String {
+        let src = self.path("tree");
+        std::fs::create_dir_all(&src).expect("mkdir");
+        std::fs::write(src.join("a"), "a".repeat(5000)).expect("write");
+        self.snapshot(&src, ref_name)
+    }
+
     /// Mounts and returns a guard that unmounts on drop, even if the test fails.
     pub fn mount(&self, image: &str, target: &Path, extra: &[&str]) -> Mounted {
         let mut args = vec!["mount", image, path_str(target)];
@@ -251,6 +260,25 @@ impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
+}
+
+/// `sh -c SCRIPT sh …` in a mount namespace of its own (`unshare`; add the script's arguments):
+/// whatever it mounts vanishes with it, and never shows in the host's mountinfo.
+#[allow(dead_code)] // not every test crate uses it
+pub fn sh_in_private_ns(script: &str) -> Command {
+    let mut c = Command::new("unshare");
+    c.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-c",
+        script,
+        "sh",
+    ])
+    .env_remove("VELO_STORE");
+    c
 }
 
 /// True if `path` is a mount point (per mountinfo).
