@@ -259,17 +259,8 @@ impl Store {
         size: u64,
         what: &str,
     ) -> Result<Stored> {
-        let path = self.path_of(kind, expected);
-        let staged = self.stage()?;
-        self.copy_verified(src, expected, size, what, staged.fd.as_fd(), &path)?;
-        if self.has(kind, expected, size)? {
-            return Ok(Stored {
-                digest: *expected,
-                size,
-                new: false,
-            });
-        }
-        self.publish(kind, staged, *expected, size)
+        self.stage_verified(kind, src, expected, size, what)?
+            .publish()
     }
 
     /// Stages bytes read from an untrusted source, checked as [`Store::store_verified`] checks
