@@ -605,14 +605,19 @@ pub(crate) fn in_child(work: impl FnOnce() -> i32) -> anyhow::Result<(i32, u32)>
     // after the fork and is joined before the next one), so the child is a complete copy of a
     // single-threaded process and may allocate, lock and spawn freely. It never returns here:
     // it exits.
+    // Forwarding starts before the fork: a signal that arrives before the child exists is
+    // held and passed on then, not lost.
+    let forwarding = Forwarding::install(Group::Same)?;
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(std::io::Error::last_os_error()).context("fork velo's build child");
     }
     if pid == 0 {
+        Forwarding::reset_in_child();
         std::process::exit(work());
     }
-    Ok((wait_forwarding(pid, Group::Same, || {})?, pid as u32))
+    forwarding.to(pid);
+    Ok((wait_for(pid, || {})?, pid as u32))
 }
 
 /// The direct path (root, no service): this process (single-threaded) enters a private mount
@@ -670,12 +675,18 @@ fn start_command(
     }
     user.apply(&mut cmd);
     let group = Group::for_command();
+    // Forwarding starts before the spawn: a signal that arrives before the command exists (it
+    // may be up and running before `spawn` returns) is held and passed on then, not lost.
+    let forwarding = Forwarding::install(group)?;
     if group == Group::Own {
         use std::os::unix::process::CommandExt;
         cmd.process_group(0);
     }
     match cmd.spawn() {
-        Ok(child) => wait_forwarding(child.id() as i32, group, meanwhile),
+        Ok(child) => {
+            forwarding.to(child.id() as i32);
+            wait_for(child.id() as i32, meanwhile)
+        }
         Err(e) => {
             eprintln!("velo: cannot run {}: {e}", program.to_string_lossy());
             Ok(if e.kind() == std::io::ErrorKind::NotFound {
@@ -708,11 +719,9 @@ impl Group {
     }
 }
 
-/// Waits for `pid`, passing signals sent to velo on to it (to its whole group, if it leads
-/// one: `group`); `meanwhile` runs first, with signals already forwarded. Returns its exit
-/// code, or minus the signal number that killed it.
-fn wait_forwarding(pid: i32, group: Group, meanwhile: impl FnOnce()) -> anyhow::Result<i32> {
-    let forwarding = forward_signals(pid, group)?;
+/// Waits for `pid` (signals to velo are being forwarded to it: [`Forwarding`]); `meanwhile`
+/// runs first. Returns its exit code, or minus the signal number that killed it.
+fn wait_for(pid: i32, meanwhile: impl FnOnce()) -> anyhow::Result<i32> {
     meanwhile();
     let status = loop {
         match rustix::process::waitpid(
@@ -725,9 +734,6 @@ fn wait_forwarding(pid: i32, group: Group, meanwhile: impl FnOnce()) -> anyhow::
             Err(e) => return Err(e).context("wait for the command"),
         }
     };
-    for id in forwarding {
-        signal_hook_registry::unregister(id);
-    }
     Ok(match (status.exit_status(), status.terminating_signal()) {
         (Some(c), _) => c,
         (None, Some(s)) => -s,
@@ -745,32 +751,91 @@ const FORWARDED: [i32; 6] = [
     libc::SIGUSR2,
 ];
 
-/// Installs handlers that pass signals sent to velo (by a process manager: `kill`) on to the
-/// child — to its process group where it leads one ([`Group::Own`]). In velo's own group,
-/// signals from the terminal (Ctrl-C) already reach the whole foreground group, the command
-/// included, so those are not sent twice. No thread: the handler itself calls kill(2), which
-/// is async-signal-safe.
-fn forward_signals(child: i32, group: Group) -> anyhow::Result<Vec<signal_hook_registry::SigId>> {
-    let mut ids = Vec::new();
-    let to = if group == Group::Own { -child } else { child };
-    for sig in FORWARDED {
-        let handler = move |info: &libc::siginfo_t| {
-            let from_terminal = info.si_code == libc::SI_KERNEL;
-            if group == Group::Same
-                && from_terminal
-                && (sig == libc::SIGINT || sig == libc::SIGQUIT)
-            {
-                return;
-            }
-            // SAFETY: kill(2) is async-signal-safe; `to` is a plain integer.
-            unsafe { libc::kill(to, sig) };
-        };
-        // SAFETY: the handler only reads its siginfo and calls kill(2).
-        let id = unsafe { signal_hook_registry::register_sigaction(sig, handler) }
-            .context("install signal handlers")?;
-        ids.push(id);
+/// Where forwarded signals go: the command's pid (or minus its group); 0 while there is no
+/// command yet, when they are held in [`PENDING`].
+static FORWARD_TO: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+/// Signals (bit per number) that arrived before the command existed.
+static PENDING: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Handlers that pass signals sent to velo (by a process manager: `kill`) on to the command —
+/// to its process group where it leads one ([`Group::Own`]). In velo's own group, signals
+/// from the terminal (Ctrl-C) already reach the whole foreground group, the command included,
+/// so those are not sent twice. No thread: the handler itself calls kill(2), which is
+/// async-signal-safe. Installed before the command exists; [`Forwarding::to`] names it.
+struct Forwarding {
+    ids: Vec<signal_hook_registry::SigId>,
+    group: Group,
+}
+
+impl Forwarding {
+    fn install(group: Group) -> anyhow::Result<Self> {
+        use std::sync::atomic::Ordering::SeqCst;
+        FORWARD_TO.store(0, SeqCst);
+        PENDING.store(0, SeqCst);
+        let mut ids = Vec::new();
+        for sig in FORWARDED {
+            let handler = move |info: &libc::siginfo_t| {
+                let from_terminal = info.si_code == libc::SI_KERNEL;
+                if group == Group::Same
+                    && from_terminal
+                    && (sig == libc::SIGINT || sig == libc::SIGQUIT)
+                {
+                    return;
+                }
+                match FORWARD_TO.load(SeqCst) {
+                    0 => {
+                        PENDING.fetch_or(1 << sig, SeqCst);
+                    }
+                    // SAFETY: kill(2) is async-signal-safe; `to` is a plain integer.
+                    to => unsafe {
+                        libc::kill(to, sig);
+                    },
+                }
+            };
+            // SAFETY: the handler only reads its siginfo and atomics and calls kill(2).
+            let id = unsafe { signal_hook_registry::register_sigaction(sig, handler) }
+                .context("install signal handlers")?;
+            ids.push(id);
+        }
+        Ok(Self { ids, group })
     }
-    Ok(ids)
+
+    /// From now on signals go to `child` (or its group); those held meanwhile go now. (A
+    /// handler that runs between the two steps sees the target already set.)
+    fn to(&self, child: i32) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let to = if self.group == Group::Own {
+            -child
+        } else {
+            child
+        };
+        FORWARD_TO.store(to, SeqCst);
+        let held = PENDING.swap(0, SeqCst);
+        for sig in FORWARDED {
+            if held & (1 << sig) != 0 {
+                // SAFETY: kill(2) on a plain integer pid.
+                unsafe { libc::kill(to, sig) };
+            }
+        }
+    }
+
+    /// In a forked child that is to do its own work: the default action for the forwarded
+    /// signals again (the parent's handlers would hold them for a command that never comes).
+    fn reset_in_child() {
+        for sig in FORWARDED {
+            // SAFETY: resetting a signal's disposition to its default.
+            unsafe { libc::signal(sig, libc::SIG_DFL) };
+        }
+    }
+}
+
+impl Drop for Forwarding {
+    fn drop(&mut self) {
+        for id in self.ids.drain(..) {
+            signal_hook_registry::unregister(id);
+        }
+        FORWARD_TO.store(0, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Exits the way the command did: with its code, or killed by the same signal.
