@@ -84,8 +84,12 @@ pub enum Command {
         /// Ref name or image digest.
         image: String,
         /// Print every entry (composefs dumpfile format).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "profile")]
         dump: bool,
+        /// Print the image's access profile: the files runs read first, in the order they are
+        /// read ahead, with how many runs read each.
+        #[arg(long)]
+        profile: bool,
     },
     /// Check privileges, kernel features and the store, in plain words.
     Doctor,

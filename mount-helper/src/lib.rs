@@ -19,6 +19,7 @@ mod loopdev;
 mod mount;
 pub mod mountinfo;
 pub mod privilege;
+pub mod profile;
 pub mod protocol;
 pub mod service;
 mod sys;

@@ -725,7 +725,7 @@ pub fn prefetch_image(store: &Store, image: &Digest) -> bool {
 
 /// Whether the file's first page is in the page cache (a read that would wait for the disk is
 /// refused: `RWF_NOWAIT`).
-fn is_cached(fd: BorrowedFd<'_>) -> bool {
+pub(crate) fn is_cached(fd: BorrowedFd<'_>) -> bool {
     let mut byte = [0u8; 1];
     rustix::io::preadv2(
         fd,

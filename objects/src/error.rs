@@ -25,6 +25,14 @@ pub enum StoreError {
         /// The store root.
         path: PathBuf,
     },
+    /// A profile (`profiles/<image>`) cannot be read as one.
+    #[error("profile {}: {reason} (remove it: it is only a read-ahead hint)", path.display())]
+    CorruptProfile {
+        /// Its path.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// `meta.json` is unreadable as a store description.
     #[error("store {}: meta.json is corrupt: {reason} (refusing to use this store)", path.display())]
     CorruptMeta {

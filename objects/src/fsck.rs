@@ -347,7 +347,7 @@ impl Store {
     }
 
     /// Entries where velo keeps regular files of its own — ref history and last use, the cache,
-    /// named locks, tenants' `meta.json` — that are something else (a FIFO, a socket, a
+    /// named locks, profiles, tenants' `meta.json` — that are something else (a FIFO, a socket, a
     /// symlink…): velo never makes them, and never opens them for reading (it could block
     /// forever). Refs, objects, images, mount records and `tmp/` are checked by their own
     /// checks.
@@ -358,6 +358,7 @@ impl Store {
             (Area::Usage, true),
             (Area::Cache, false),
             (Area::Locks, false),
+            (Area::Profiles, false),
         ] {
             let dir = self.open_area(area)?;
             self.scan_special(dir.as_fd(), &self.area_path(area), nested, &mut out)?;

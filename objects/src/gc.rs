@@ -219,6 +219,7 @@ impl Store {
             report.image_bytes_freed += self.image_size(&image).unwrap_or(0);
             if !opts.dry_run {
                 let _ = self.remove_cache(&format!("{}{image}", crate::IMAGE_CHECK_PREFIX));
+                self.remove_profile(&image)?;
                 match rustix::fs::unlinkat(
                     self.images_fd(),
                     image.to_hex().as_str(),
@@ -236,6 +237,15 @@ impl Store {
             }
         }
         report.images_kept = kept_images.len();
+        // Profiles whose image is gone (removed before this velo removed profiles with them).
+        if !opts.dry_run {
+            let kept: HashSet<&Digest> = kept_images.iter().collect();
+            for image in self.list_profiles()? {
+                if !kept.contains(&image) {
+                    self.remove_profile(&image)?;
+                }
+            }
+        }
 
         // 4. Mark the objects kept images reference; an unreadable one stops the sweep.
         let mut marked: HashSet<Digest> = HashSet::new();

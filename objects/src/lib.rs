@@ -11,6 +11,7 @@
 //! cache/             rebuildable data (the stat cache)
 //! quarantine/        damaged files moved aside, never deleted
 //! tmp/               staging and writer markers
+//! profiles/<digest>  what commands read first from an image (read-ahead hints)
 //! lock               shared by writers and mounts, exclusive for GC
 //! ```
 //!
@@ -30,6 +31,7 @@ pub mod kverity;
 mod lock;
 mod meta;
 mod mounts;
+mod profile;
 mod quota;
 mod refs;
 mod serde_path;
@@ -50,6 +52,9 @@ pub use meta::{FORMAT_VERSION, Meta, VerityMode};
 pub use mounts::{
     Liveness, MountRecord, MountSlot, current_mnt_ns, mnt_ns_id, mnt_ns_populated,
     process_start_time,
+};
+pub use profile::{
+    MAX_ENTRIES as MAX_PROFILE_ENTRIES, MAX_PROFILE_BYTES, Profile, ProfileEntry, ProfileError,
 };
 pub use refs::{MAX_REF_LEN, validate_ref_name};
 pub use session::{Recovery, WriteSession};

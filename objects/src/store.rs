@@ -29,6 +29,7 @@ pub(crate) const DIRS: &[&str] = &[
     "usage",
     "tenants",
     "locks",
+    "profiles",
 ];
 
 /// An open store. All access goes through its root dirfd.
@@ -69,6 +70,9 @@ pub enum Area {
     Tenants,
     /// `locks/<name>`: flock files (e.g. one build of a dependency key at a time).
     Locks,
+    /// `profiles/<image digest>`: what commands read first from an image (see
+    /// [`crate::Profile`]).
+    Profiles,
 }
 
 impl Area {
@@ -86,6 +90,7 @@ impl Area {
             Area::Usage => "usage",
             Area::Tenants => "tenants",
             Area::Locks => "locks",
+            Area::Profiles => "profiles",
         }
     }
 }

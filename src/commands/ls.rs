@@ -1,6 +1,7 @@
 //! `velo ls` and `velo inspect`.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use serde::Serialize;
@@ -203,6 +204,88 @@ pub fn inspect(ctx: &Ctx, image: &str, dump: bool) -> anyhow::Result<ExitCode> {
             summary.objects,
             output::bytes(summary.object_bytes)
         ));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One file of a profile, as `inspect --profile` shows it.
+#[derive(Serialize)]
+struct ProfiledFile {
+    digest: Digest,
+    size: u64,
+    hits: u32,
+    /// The image's paths with these contents.
+    paths: Vec<PathBuf>,
+}
+
+/// `inspect --profile`: what runs read first from an image, in read-ahead order.
+#[derive(Serialize)]
+struct ProfileView {
+    image: Digest,
+    runs: u32,
+    files: usize,
+    bytes: u64,
+    /// What reading them all ahead takes in the page cache (4 KiB pages).
+    cached_bytes: u64,
+    entries: Vec<ProfiledFile>,
+}
+
+pub fn inspect_profile(ctx: &Ctx, image: &str) -> anyhow::Result<ExitCode> {
+    let store = Store::open(&ctx.store)?;
+    let digest = store.resolve(image)?;
+    let profile = store.read_profile(&digest)?.unwrap_or_default();
+    let fs = inspect::load(&store, &digest)?;
+    let mut paths: std::collections::HashMap<Digest, Vec<PathBuf>> = Default::default();
+    for (d, _, path) in inspect::objects_with_paths(&fs) {
+        paths.entry(d).or_default().push(path);
+    }
+    let view = ProfileView {
+        image: digest,
+        runs: profile.runs,
+        files: profile.entries.len(),
+        bytes: profile.bytes(),
+        cached_bytes: profile.cached_bytes(),
+        entries: profile
+            .entries
+            .iter()
+            .map(|e| ProfiledFile {
+                digest: e.digest,
+                size: e.size,
+                hits: e.hits,
+                paths: paths.remove(&e.digest).unwrap_or_default(),
+            })
+            .collect(),
+    };
+    if ctx.json {
+        output::json(&view)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if view.runs == 0 {
+        ctx.say(format!(
+            "image {digest} has no access profile yet: velo records one over its first {} \
+             runs",
+            velo_mount::profile::RECORD_RUNS
+        ));
+        return Ok(ExitCode::SUCCESS);
+    }
+    ctx.say(format!(
+        "profile of image {digest}: {} runs, {} files, {} ({} in the page cache)",
+        view.runs,
+        view.files,
+        output::bytes(view.bytes),
+        output::bytes(view.cached_bytes)
+    ));
+    for e in &view.entries {
+        let path = e
+            .paths
+            .first()
+            .map_or_else(|| e.digest.to_hex(), |p| p.display().to_string());
+        outln!(
+            "{:>3}/{:<3} {:>10}  {path}",
+            e.hits,
+            view.runs,
+            output::bytes(e.size)
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -58,7 +58,17 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => mount::mount(&ctx, &image, &target, cow, upper, no_mkdir, verify),
         Command::Umount { target, lazy } => mount::umount(&ctx, &target, lazy),
         Command::Ls => ls::ls(&ctx),
-        Command::Inspect { image, dump } => ls::inspect(&ctx, &image, dump),
+        Command::Inspect {
+            image,
+            dump,
+            profile,
+        } => {
+            if profile {
+                ls::inspect_profile(&ctx, &image)
+            } else {
+                ls::inspect(&ctx, &image, dump)
+            }
+        }
         Command::Doctor => doctor::doctor(&ctx),
         Command::Fsck { repair, jobs } => fsck::fsck(&ctx, repair, jobs),
         Command::Tenant { command } => tenant::tenant(&ctx, command),

@@ -33,6 +33,10 @@ struct Cli {
     /// Connections at once per user.
     #[arg(long, default_value_t = 32)]
     max_per_user: usize,
+    /// Bytes of page cache reading an image's access profile ahead may fill per run, e.g.
+    /// 512M; 0 turns read-ahead off.
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes, default_value = "1G")]
+    prefetch_bytes: u64,
     /// Log more (repeat for more still).
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -73,6 +77,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         user_quota: cli.user_quota,
         idle_exit,
         max_per_user: cli.max_per_user,
+        prefetch_bytes: cli.prefetch_bytes,
         ..Default::default()
     };
     service::serve(store, listener, config)?;

@@ -19,6 +19,8 @@ pub fn handle(shared: &Shared, stream: UnixStream, caller: Caller) {
     let _ = stream.set_write_timeout(timeout);
     let mut conn = Conn::new(stream);
     let mut lent: Vec<Overlay> = Vec::new();
+    // Recordings of what the runs over the lent mounts read; they end with the connection.
+    let mut recordings = Vec::new();
     let mut done = false;
     let mut said_hello = false;
     loop {
@@ -61,6 +63,10 @@ pub fn handle(shared: &Shared, stream: UnixStream, caller: Caller) {
             Request::Mount { name, writes } => match mount(shared, &caller, &name, &writes) {
                 Ok((fd, response, overlay)) => {
                     lent.extend(overlay);
+                    // Marks are in place before the client has the mount.
+                    if let Response::Mounted { image, .. } = &response {
+                        recordings.extend(shared.profiles.record(&shared.store, image));
+                    }
                     // A run holds the connection while its command runs: no timeout now.
                     let _ = conn.stream().set_read_timeout(None);
                     if conn.send_with_fd(&response, fd.as_fd()).is_err() {
@@ -106,6 +112,7 @@ pub fn handle(shared: &Shared, stream: UnixStream, caller: Caller) {
             break;
         }
     }
+    drop(recordings);
     give_back(shared, lent, done);
 }
 

@@ -26,6 +26,7 @@ mod conn;
 mod import;
 pub mod namespace;
 mod overlays;
+mod profiles;
 mod quota;
 
 use std::collections::HashMap;
@@ -63,6 +64,8 @@ pub struct Config {
     pub max_imports: usize,
     /// How long the service waits for the next message or the next bytes of one.
     pub request_timeout: Duration,
+    /// Bytes of page cache one read-ahead of an image's profile may fill (0: none).
+    pub prefetch_bytes: u64,
 }
 
 impl Default for Config {
@@ -74,6 +77,7 @@ impl Default for Config {
             max_per_user: 32,
             max_imports: 4,
             request_timeout: Duration::from_secs(30),
+            prefetch_bytes: crate::profile::DEFAULT_PREFETCH_BYTES,
         }
     }
 }
@@ -135,6 +139,8 @@ pub(crate) struct Shared {
     wake: UnixStream,
     /// Set while a thread reads the store's object directories ahead (after a cold start).
     prefetching: Arc<AtomicBool>,
+    /// Access profiles: read ahead, recorded.
+    pub(crate) profiles: profiles::Profiles,
 }
 
 impl Shared {
@@ -165,14 +171,17 @@ impl Shared {
         Some(ImportSlot(self))
     }
 
-    /// Starts reading `image` into the page cache, and — when its first page was not cached
-    /// (after a reboot or a dropped cache) — the store's object directories too, in a thread
-    /// (see [`crate::prefetch_image`], [`Store::prefetch_object_dirs`]). The client's command
-    /// starts meanwhile; its first lookups then find much of what they need in memory.
+    /// Starts reading `image` into the page cache, then the objects its profile names (see
+    /// [`profiles`]); without a profile, when the image's first page was not cached (after a
+    /// reboot or a dropped cache), the store's object directories (see
+    /// [`crate::prefetch_image`], [`Store::prefetch_object_dirs`]). In threads: the client's
+    /// command starts meanwhile, and its first lookups and reads find much of what they need
+    /// in memory.
     pub(crate) fn prefetch(&self, image: &velo_objects::Digest) {
-        if crate::prefetch_image(&self.store, image)
-            || self.prefetching.swap(true, Ordering::SeqCst)
-        {
+        let image_cached = crate::prefetch_image(&self.store, image);
+        // With a profile, its objects' lookups read the directory blocks they need.
+        let profiled = self.profiles.read_ahead(&self.store, image);
+        if image_cached || profiled || self.prefetching.swap(true, Ordering::SeqCst) {
             return;
         }
         let Ok(objects) = Store::open(self.store.root()) else {
@@ -241,6 +250,7 @@ pub fn serve(store: Store, listener: Listener, config: Config) -> Result<()> {
         .set_nonblocking(true)
         .map_err(|e| MountError::io("set up a socket pair for", "velo-mountd", e))?;
     let store_root = store.root().to_owned();
+    let profiles = profiles::Profiles::new(store_root.clone(), config.prefetch_bytes);
     let shared = Arc::new(Shared {
         store,
         config,
@@ -254,6 +264,7 @@ pub fn serve(store: Store, listener: Listener, config: Config) -> Result<()> {
         last_request: Mutex::new(Instant::now()),
         wake: wake_tx,
         prefetching: Arc::new(AtomicBool::new(false)),
+        profiles,
     });
     tracing::info!(
         "velo-mountd: serving {} at {}",

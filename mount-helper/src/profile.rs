@@ -1,0 +1,342 @@
+//! Access profiles, the privileged half: recording which objects a run reads as it starts, and
+//! reading a profile's objects ahead for the next run (see [`velo_objects::Profile`]).
+//!
+//! **Recording** watches the store's 256 `objects/xx/` directories with fanotify (`FAN_OPEN`
+//! on their children: an inode mark per directory, so it sees the opens overlayfs makes of its
+//! data-only lower layer whichever mount they go through). Events queue in the kernel and a
+//! thread reads them, so the run is never waited on; opens by this process (its own read-ahead)
+//! are left out. It stops when the run gives its mount back or after [`RECORD_WINDOW`], then
+//! keeps only objects of the image and merges them into the image's profile. Only
+//! [`RECORD_RUNS`] runs are recorded per image: after that the profile is settled.
+//!
+//! **Read-ahead** opens the profile's objects in its order with [`PREFETCH_THREADS`] threads
+//! and asks the kernel to read each in (`fadvise(WILLNEED)`: the reads are queued, not waited
+//! for), within a budget of bytes in the page cache. A profile whose objects are already cached
+//! costs a few opens and nothing more.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::fanotify::{EventFFlags, Fanotify, InitFlags, MarkFlags, MaskFlags};
+use rustix::event::{EventfdFlags, PollFd, PollFlags};
+use velo_objects::{Digest, MAX_PROFILE_ENTRIES, Profile, Store};
+
+/// A run is recorded for at most this long: its start, not all of it.
+pub const RECORD_WINDOW: Duration = Duration::from_secs(20);
+/// An image's profile takes this many runs; later runs are not recorded.
+pub const RECORD_RUNS: u32 = 3;
+/// Read-ahead threads: opening an object waits on a directory and an inode block, so several
+/// at once keep the disk's queue full.
+pub const PREFETCH_THREADS: usize = 16;
+/// The default read-ahead budget, in bytes of page cache.
+pub const DEFAULT_PREFETCH_BYTES: u64 = 1 << 30;
+/// How many of a profile's objects are checked for being cached before reading it ahead.
+const CACHED_PROBES: usize = 4;
+
+/// The object an opened store path names: `…/xx/<62 hex digits>` (pure).
+pub fn object_of_path(path: &[u8]) -> Option<Digest> {
+    let mut parts = path.rsplit(|b| *b == b'/');
+    let name = parts.next()?;
+    let fanout = parts.next()?;
+    if fanout.len() != 2 || name.len() != 62 {
+        return None;
+    }
+    let mut hex = Vec::with_capacity(64);
+    hex.extend_from_slice(fanout);
+    hex.extend_from_slice(name);
+    Digest::parse(std::str::from_utf8(&hex).ok()?).ok()
+}
+
+/// A recording in progress; [`Recording::stop`] (or dropping it) ends it.
+pub struct Recording {
+    stop: OwnedFd,
+}
+
+impl Recording {
+    /// Starts recording the objects of `store` opened by other processes, in first-open order;
+    /// `done` gets them (at most [`MAX_PROFILE_ENTRIES`]) on a thread of its own when the
+    /// recording stops or its window ends. `None` if fanotify is unavailable (not root).
+    pub fn start(
+        store: &Store,
+        window: Duration,
+        done: impl FnOnce(Vec<Digest>) + Send + 'static,
+    ) -> Option<Self> {
+        let group = Fanotify::init(
+            InitFlags::FAN_CLASS_NOTIF | InitFlags::FAN_CLOEXEC | InitFlags::FAN_NONBLOCK,
+            EventFFlags::O_RDONLY | EventFFlags::O_LARGEFILE | EventFFlags::O_NOATIME,
+        )
+        .map_err(|e| tracing::debug!("no recording: fanotify_init: {e}"))
+        .ok()?;
+        let objects = store.open_area(velo_objects::Area::Objects).ok()?;
+        let names = velo_objects::fsutil::list_dir(objects.as_fd()).ok()?;
+        for name in names {
+            if name.len() != 2 {
+                continue;
+            }
+            if let Err(e) = group.mark(
+                MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_ONLYDIR,
+                MaskFlags::FAN_OPEN | MaskFlags::FAN_EVENT_ON_CHILD,
+                objects.as_fd(),
+                Some(name.as_os_str()),
+            ) {
+                tracing::debug!("no recording: fanotify_mark {name:?}: {e}");
+                return None;
+            }
+        }
+        let stop = rustix::event::eventfd(0, EventfdFlags::CLOEXEC).ok()?;
+        let stopped = stop.try_clone().ok()?;
+        std::thread::Builder::new()
+            .name("record".into())
+            .spawn(move || done(read_opens(&group, &stopped, window)))
+            .ok()?;
+        Some(Self { stop })
+    }
+
+    /// Ends the recording (its thread hands what it saw to `done`).
+    pub fn stop(self) {}
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        let _ = rustix::io::write(&self.stop, &1u64.to_ne_bytes());
+    }
+}
+
+/// Reads open events until `stop` is signalled or `window` has passed.
+fn read_opens(group: &Fanotify, stop: &OwnedFd, window: Duration) -> Vec<Digest> {
+    let me = std::process::id() as i32;
+    let end = Instant::now() + window;
+    let mut seen = std::collections::HashSet::new();
+    let mut order = Vec::new();
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() || order.len() >= MAX_PROFILE_ENTRIES {
+            break;
+        }
+        let mut fds = [
+            PollFd::new(group, PollFlags::IN),
+            PollFd::new(stop, PollFlags::IN),
+        ];
+        let timeout = rustix::event::Timespec::try_from(left).ok();
+        match rustix::event::poll(&mut fds, timeout.as_ref()) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(_) => break,
+        }
+        let stopping = !fds[1].revents().is_empty();
+        // Drain what is queued (also when stopping: those opens happened before the stop).
+        loop {
+            let events = match group.read_events() {
+                Ok(events) if !events.is_empty() => events,
+                _ => break,
+            };
+            for event in events {
+                if event.pid() == me {
+                    continue;
+                }
+                let Some(fd) = event.fd() else {
+                    tracing::debug!("recording: the event queue overflowed");
+                    continue;
+                };
+                let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+                if let Ok(path) = std::fs::read_link(&link)
+                    && let Some(digest) =
+                        object_of_path(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()))
+                    && seen.insert(digest)
+                {
+                    order.push(digest);
+                }
+            }
+        }
+        if stopping {
+            break;
+        }
+    }
+    order.truncate(MAX_PROFILE_ENTRIES);
+    order
+}
+
+/// Merges one recorded run into the profile of `image`: only objects of the image are kept
+/// (with their sizes from it). Best effort: a failure loses the run's profile, nothing else.
+pub fn merge_recorded(store: &Store, image: &Digest, opened: &[Digest]) {
+    if opened.is_empty() {
+        return;
+    }
+    let fs = match velo_image::inspect::load(store, image) {
+        Ok(fs) => fs,
+        Err(e) => {
+            tracing::debug!("profile of {image}: {e}");
+            return;
+        }
+    };
+    let sizes: HashMap<Digest, u64> = velo_image::inspect::objects(&fs).into_iter().collect();
+    let reads: Vec<(Digest, u64)> = opened
+        .iter()
+        .filter_map(|d| sizes.get(d).map(|s| (*d, *s)))
+        .collect();
+    if reads.is_empty() {
+        return;
+    }
+    let mut profile = store.read_profile(image).ok().flatten().unwrap_or_default();
+    profile.merge_run(&reads);
+    if let Err(e) = store.write_profile(image, &profile) {
+        tracing::warn!("profile of {image}: {e}");
+    }
+}
+
+/// Whether a run over `image` should be recorded: its profile (if any) has fewer than
+/// [`RECORD_RUNS`] runs.
+pub fn wants_recording(store: &Store, image: &Digest) -> bool {
+    match store.read_profile(image) {
+        Ok(Some(p)) => p.runs < RECORD_RUNS,
+        Ok(None) => true,
+        // A damaged profile is replaced by a fresh one.
+        Err(_) => true,
+    }
+}
+
+/// What a read-ahead did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PrefetchReport {
+    /// Objects the profile names.
+    pub profiled: usize,
+    /// Objects asked to be read in.
+    pub files: usize,
+    /// Their bytes in the page cache (4 KiB pages).
+    pub bytes: u64,
+    /// True if the profile's objects were cached already (nothing was read ahead).
+    pub cached: bool,
+    /// True if the budget cut the read-ahead short.
+    pub capped: bool,
+}
+
+/// Reads the objects of `image`'s profile ahead, in profile order, with `threads` threads,
+/// up to `budget` bytes of page cache. Returns when every read is queued (not done). No
+/// profile, an unreadable one or a zero budget: nothing happens.
+pub fn prefetch_profile(
+    store: &Store,
+    image: &Digest,
+    budget: u64,
+    threads: usize,
+) -> PrefetchReport {
+    let Ok(Some(profile)) = store.read_profile(image) else {
+        return PrefetchReport::default();
+    };
+    prefetch(store, &profile, budget, threads)
+}
+
+/// [`prefetch_profile`] of a profile in hand.
+pub fn prefetch(store: &Store, profile: &Profile, budget: u64, threads: usize) -> PrefetchReport {
+    let mut report = PrefetchReport {
+        profiled: profile.entries.len(),
+        ..Default::default()
+    };
+    if budget == 0 || profile.entries.is_empty() {
+        return report;
+    }
+    if profile_cached(store, profile) {
+        report.cached = true;
+        return report;
+    }
+    let next = AtomicUsize::new(0);
+    let bytes = AtomicU64::new(0);
+    let files = AtomicUsize::new(0);
+    let capped = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(entry) = profile.entries.get(i) else {
+                        return;
+                    };
+                    let cost = entry.size.div_ceil(4096) * 4096;
+                    let fits = bytes
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                            (b + cost <= budget).then_some(b + cost)
+                        })
+                        .is_ok();
+                    if !fits {
+                        capped.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                    let Ok(fd) = store.open_object(&entry.digest) else {
+                        continue;
+                    };
+                    let _ = rustix::fs::fadvise(&fd, 0, None, rustix::fs::Advice::WillNeed);
+                    files.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    report.files = files.into_inner();
+    report.capped = capped.into_inner();
+    report.bytes = bytes.into_inner();
+    report
+}
+
+/// Whether a few of the profile's objects, spread over it, are all in the page cache.
+fn profile_cached(store: &Store, profile: &Profile) -> bool {
+    let n = profile.entries.len();
+    let step = (n / CACHED_PROBES).max(1);
+    profile
+        .entries
+        .iter()
+        .step_by(step)
+        .take(CACHED_PROBES)
+        .filter(|e| e.size > 0)
+        .all(|e| {
+            store
+                .open_object(&e.digest)
+                .is_ok_and(|fd| crate::mount::is_cached(fd.as_fd()))
+        })
+}
+
+/// The read-ahead budget: `VELO_PREFETCH_BYTES` (bytes; 0 turns read-ahead off), else
+/// [`DEFAULT_PREFETCH_BYTES`]. A value that is not a number is an error naming it.
+pub fn budget_from_env() -> Result<u64, String> {
+    match std::env::var("VELO_PREFETCH_BYTES") {
+        Err(_) => Ok(DEFAULT_PREFETCH_BYTES),
+        Ok(v) => v.trim().parse::<u64>().map_err(|_| {
+            format!("VELO_PREFETCH_BYTES={v:?}: not a number of bytes (0 turns read-ahead off)")
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn object_paths_name_their_digest_and_nothing_else_does() {
+        let d = Digest::from_bytes([0xab; 32]);
+        let hex = d.to_hex();
+        let path = format!("/{}/{}", &hex[..2], &hex[2..]);
+        assert_eq!(object_of_path(path.as_bytes()), Some(d));
+        let full = format!("/var/lib/velo/objects/{}/{}", &hex[..2], &hex[2..]);
+        assert_eq!(object_of_path(full.as_bytes()), Some(d));
+        assert_eq!(object_of_path(b"/etc/passwd"), None);
+        assert_eq!(object_of_path(hex.as_bytes()), None);
+        let upper = format!("/{}/{}", &hex[..2].to_uppercase(), &hex[2..]);
+        assert_eq!(object_of_path(upper.as_bytes()), None);
+        let tmp = format!("/tmp/write-{}", &hex[2..]);
+        assert_eq!(object_of_path(tmp.as_bytes()), None);
+    }
+
+    proptest! {
+        #[test]
+        fn any_digest_round_trips_through_its_path(b in any::<[u8; 32]>(), prefix in "[a-z/]{0,20}") {
+            let d = Digest::from_bytes(b);
+            let path = format!("{prefix}/{}", d.object_rel_path());
+            prop_assert_eq!(object_of_path(path.as_bytes()), Some(d));
+        }
+
+        #[test]
+        fn any_bytes_parse_without_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = object_of_path(&bytes);
+        }
+    }
+}

@@ -1,0 +1,404 @@
+//! Access profiles: which of an image's objects commands read as they start, in first-read
+//! order, so that the next run (on this machine or, pushed with the image, on another) can have
+//! them read ahead before it asks.
+//!
+//! A profile lives beside its image, in `profiles/<image digest>`, and is never part of the
+//! image: it does not change the image's digest, and nothing trusts it for correctness — a
+//! wrong profile only reads the wrong files ahead. It is bounded ([`MAX_ENTRIES`],
+//! [`MAX_PROFILE_BYTES`]) and only ever names objects of its image (whoever writes one
+//! filters it against the image first).
+//!
+//! The text form is JSON: `{"version":1,"runs":N,"files":[["<digest>",size,hits],…]}` in
+//! read-ahead order. Parsing ([`Profile::parse`]) is a pure function of the bytes.
+
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+
+use rustix::fs::{Mode, OFlags};
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::error::{IoContext, Result, StoreError};
+use crate::fsutil::{self, OpenError, open_regular_beneath};
+use crate::store::{Area, Store};
+
+/// A profile names at most this many objects (the first ones a command reads).
+pub const MAX_ENTRIES: usize = 65_536;
+/// A profile file is at most this large (65,536 entries take ~5.5 MB).
+pub const MAX_PROFILE_BYTES: u64 = 8 << 20;
+/// The format version written and read.
+pub const PROFILE_VERSION: u32 = 1;
+
+/// One object a profile names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProfileEntry {
+    /// The object.
+    pub digest: Digest,
+    /// Its size in bytes.
+    pub size: u64,
+    /// In how many of the recorded runs it was read.
+    pub hits: u32,
+}
+
+/// The objects of one image that commands read first, in the order to read them ahead.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Profile {
+    /// How many runs were recorded into it.
+    pub runs: u32,
+    /// The objects, in read-ahead order, each once.
+    pub entries: Vec<ProfileEntry>,
+}
+
+/// Why a profile's bytes were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProfileError {
+    /// Larger than [`MAX_PROFILE_BYTES`].
+    #[error("{size} bytes, more than the {MAX_PROFILE_BYTES} a profile may have")]
+    TooLarge {
+        /// Its size.
+        size: u64,
+    },
+    /// Not a profile: bad JSON, wrong fields, a bad digest, an object twice, too many entries.
+    #[error("{0}")]
+    Malformed(String),
+    /// Written by a newer velo.
+    #[error("format version {0}; this velo reads version {PROFILE_VERSION}")]
+    Version(u32),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Wire {
+    version: u32,
+    runs: u32,
+    files: Vec<(String, u64, u32)>,
+}
+
+impl Profile {
+    /// A profile of one run: the objects it read, in first-read order (repeats are dropped).
+    pub fn of_run(reads: &[(Digest, u64)]) -> Self {
+        let mut p = Profile::default();
+        p.merge_run(reads);
+        p
+    }
+
+    /// Adds one run's reads (first-read order). Each object's place becomes the mean of its
+    /// relative places (0 = first, 1 = last) over the runs that read it, so the order follows
+    /// what most runs do; objects no run read twice sink below those every run reads only
+    /// when the profile must be cut to [`MAX_ENTRIES`].
+    pub fn merge_run(&mut self, reads: &[(Digest, u64)]) {
+        let mut seen = std::collections::HashSet::new();
+        let run: Vec<(Digest, u64)> = reads
+            .iter()
+            .copied()
+            .filter(|(d, _)| seen.insert(*d))
+            .collect();
+        if run.is_empty() {
+            return;
+        }
+        // (mean relative place, hits, size) per object.
+        let mut places: HashMap<Digest, (f64, u32, u64)> = HashMap::new();
+        let old = self.entries.len();
+        for (i, e) in self.entries.iter().enumerate() {
+            places.insert(e.digest, (relative(i, old), e.hits, e.size));
+        }
+        let new = run.len();
+        for (i, (digest, size)) in run.iter().enumerate() {
+            let at = relative(i, new);
+            places
+                .entry(*digest)
+                .and_modify(|(mean, hits, s)| {
+                    *mean = (*mean * f64::from(*hits) + at) / f64::from(*hits + 1);
+                    *hits += 1;
+                    *s = *size;
+                })
+                .or_insert((at, 1, *size));
+        }
+        let mut all: Vec<(Digest, (f64, u32, u64))> = places.into_iter().collect();
+        if all.len() > MAX_ENTRIES {
+            // Keep the objects most runs read, earliest first.
+            all.sort_by(|a, b| b.1.1.cmp(&a.1.1).then(a.1.0.total_cmp(&b.1.0)));
+            all.truncate(MAX_ENTRIES);
+        }
+        all.sort_by(|a, b| a.1.0.total_cmp(&b.1.0).then(a.0.cmp(&b.0)));
+        self.entries = all
+            .into_iter()
+            .map(|(digest, (_, hits, size))| ProfileEntry { digest, size, hits })
+            .collect();
+        self.runs = self.runs.saturating_add(1);
+    }
+
+    /// Keeps only the objects `keep` accepts (those of the profile's image), in order.
+    pub fn retain(&mut self, mut keep: impl FnMut(&Digest) -> bool) {
+        self.entries.retain(|e| keep(&e.digest));
+    }
+
+    /// The bytes of the objects it names.
+    pub fn bytes(&self) -> u64 {
+        self.entries.iter().map(|e| e.size).sum()
+    }
+
+    /// What reading all of them ahead takes in the page cache: each size rounded up to 4 KiB
+    /// pages.
+    pub fn cached_bytes(&self) -> u64 {
+        self.entries
+            .iter()
+            .map(|e| e.size.div_ceil(4096) * 4096)
+            .sum()
+    }
+
+    /// Parses a profile's bytes (pure; bounded by [`MAX_PROFILE_BYTES`] and [`MAX_ENTRIES`]).
+    pub fn parse(bytes: &[u8]) -> std::result::Result<Self, ProfileError> {
+        if bytes.len() as u64 > MAX_PROFILE_BYTES {
+            return Err(ProfileError::TooLarge {
+                size: bytes.len() as u64,
+            });
+        }
+        let wire: Wire =
+            serde_json::from_slice(bytes).map_err(|e| ProfileError::Malformed(e.to_string()))?;
+        if wire.version != PROFILE_VERSION {
+            return Err(ProfileError::Version(wire.version));
+        }
+        if wire.files.len() > MAX_ENTRIES {
+            return Err(ProfileError::Malformed(format!(
+                "{} files, more than the {MAX_ENTRIES} a profile may name",
+                wire.files.len()
+            )));
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut entries = Vec::with_capacity(wire.files.len());
+        for (hex, size, hits) in wire.files {
+            let digest = Digest::parse(&hex).map_err(|e| ProfileError::Malformed(e.to_string()))?;
+            if !seen.insert(digest) {
+                return Err(ProfileError::Malformed(format!(
+                    "object {hex} is named twice"
+                )));
+            }
+            entries.push(ProfileEntry { digest, size, hits });
+        }
+        Ok(Profile {
+            runs: wire.runs,
+            entries,
+        })
+    }
+
+    /// The text form [`Profile::parse`] reads.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let wire = Wire {
+            version: PROFILE_VERSION,
+            runs: self.runs,
+            files: self
+                .entries
+                .iter()
+                .map(|e| (e.digest.to_hex(), e.size, e.hits))
+                .collect(),
+        };
+        // Serializing strings and integers cannot fail.
+        serde_json::to_vec(&wire).unwrap_or_default()
+    }
+}
+
+/// `i`'s place among `n`, from 0 (first) to 1 (last).
+fn relative(i: usize, n: usize) -> f64 {
+    if n <= 1 {
+        0.0
+    } else {
+        i as f64 / (n - 1) as f64
+    }
+}
+
+impl Store {
+    /// The profile of `image`, if it has one. A profile that cannot be parsed is an error
+    /// naming its path ([`StoreError::CorruptProfile`]); callers that only read ahead treat
+    /// that as no profile.
+    pub fn read_profile(&self, image: &Digest) -> Result<Option<Profile>> {
+        let dir = self.open_area(Area::Profiles)?;
+        let name = image.to_hex();
+        let path = self.area_path(Area::Profiles).join(&name);
+        let (fd, st) = match open_regular_beneath(dir.as_fd(), &name, OFlags::RDONLY, Mode::empty())
+        {
+            Ok(opened) => opened,
+            Err(OpenError::Sys(rustix::io::Errno::NOENT)) => return Ok(None),
+            Err(e) => return Err(StoreError::from_open("open", &path, e)),
+        };
+        let bytes = fsutil::read_capped(fd.as_fd(), &st, MAX_PROFILE_BYTES)
+            .map_err(|e| StoreError::from_read("read", &path, e))?;
+        Profile::parse(&bytes)
+            .map(Some)
+            .map_err(|e| StoreError::CorruptProfile {
+                path,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Replaces the profile of `image` (atomically; not synced: a profile lost in a crash
+    /// is only a slower start).
+    pub fn write_profile(&self, image: &Digest, profile: &Profile) -> Result<()> {
+        let dir = self.open_area(Area::Profiles)?;
+        let name = image.to_hex();
+        let path = self.area_path(Area::Profiles).join(&name);
+        self.replace_file(dir.as_fd(), &name, &profile.to_bytes(), false, &path)
+    }
+
+    /// Removes the profile of `image`, if any.
+    pub fn remove_profile(&self, image: &Digest) -> Result<()> {
+        let dir = self.open_area(Area::Profiles)?;
+        let name = image.to_hex();
+        match rustix::fs::unlinkat(dir.as_fd(), name.as_str(), rustix::fs::AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(e).ctx("remove", self.area_path(Area::Profiles).join(&name)),
+        }
+    }
+
+    /// The images that have a profile (names that are not digests are skipped).
+    pub fn list_profiles(&self) -> Result<Vec<Digest>> {
+        let dir = self.open_area(Area::Profiles)?;
+        let names = fsutil::list_dir(dir.as_fd()).ctx("list", self.area_path(Area::Profiles))?;
+        Ok(names
+            .iter()
+            .filter_map(|n| n.to_str().and_then(|s| Digest::parse(s).ok()))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use proptest::prelude::*;
+
+    fn d(n: u8) -> Digest {
+        Digest::from_bytes([n; 32])
+    }
+
+    #[test]
+    fn one_run_keeps_first_read_order_without_repeats() {
+        let p = Profile::of_run(&[(d(3), 10), (d(1), 20), (d(3), 10), (d(2), 5)]);
+        let order: Vec<Digest> = p.entries.iter().map(|e| e.digest).collect();
+        assert_eq!(order, vec![d(3), d(1), d(2)]);
+        assert_eq!(p.runs, 1);
+        assert_eq!(p.bytes(), 35);
+        assert_eq!(p.cached_bytes(), 3 * 4096);
+    }
+
+    #[test]
+    fn merged_runs_follow_what_most_runs_do_and_count_hits() {
+        let mut p = Profile::of_run(&[(d(1), 1), (d(2), 1), (d(3), 1)]);
+        p.merge_run(&[(d(1), 1), (d(2), 1), (d(3), 1)]);
+        // A third run reads 3 first: it moves up, but not above 1 which all runs read first.
+        p.merge_run(&[(d(3), 1), (d(1), 1), (d(4), 1)]);
+        let order: Vec<Digest> = p.entries.iter().map(|e| e.digest).collect();
+        assert_eq!(order, vec![d(1), d(2), d(3), d(4)]);
+        assert_eq!(p.runs, 3);
+        let hits: Vec<u32> = p.entries.iter().map(|e| e.hits).collect();
+        assert_eq!(hits, vec![3, 2, 3, 1]);
+    }
+
+    #[test]
+    fn a_profile_over_the_cap_keeps_what_most_runs_read() {
+        let first: Vec<(Digest, u64)> = (0..MAX_ENTRIES as u32)
+            .map(|i| {
+                let mut b = [0u8; 32];
+                b[..4].copy_from_slice(&i.to_be_bytes());
+                (Digest::from_bytes(b), 1)
+            })
+            .collect();
+        let mut p = Profile::of_run(&first);
+        // The second run reads the first object and one new one: the new one (1 hit) goes in
+        // place of an object read once, never in place of the one read twice.
+        p.merge_run(&[(first[0].0, 1), (d(0xff), 1)]);
+        assert_eq!(p.entries.len(), MAX_ENTRIES);
+        assert!(
+            p.entries
+                .iter()
+                .any(|e| e.digest == first[0].0 && e.hits == 2)
+        );
+    }
+
+    #[test]
+    fn hostile_bytes_are_refused_by_name() {
+        let too_big = vec![b' '; MAX_PROFILE_BYTES as usize + 1];
+        assert!(matches!(
+            Profile::parse(&too_big),
+            Err(ProfileError::TooLarge { .. })
+        ));
+        let twice = format!(
+            r#"{{"version":1,"runs":1,"files":[["{0}",1,1],["{0}",1,1]]}}"#,
+            d(1).to_hex()
+        );
+        assert!(
+            Profile::parse(twice.as_bytes())
+                .unwrap_err()
+                .to_string()
+                .contains("named twice")
+        );
+        let newer = r#"{"version":2,"runs":1,"files":[]}"#;
+        assert_eq!(
+            Profile::parse(newer.as_bytes()),
+            Err(ProfileError::Version(2))
+        );
+        let bad = r#"{"version":1,"runs":1,"files":[["../../etc/passwd",1,1]]}"#;
+        assert!(matches!(
+            Profile::parse(bad.as_bytes()),
+            Err(ProfileError::Malformed(_))
+        ));
+        let extra = r#"{"version":1,"runs":1,"files":[],"exec":"rm -rf /"}"#;
+        assert!(Profile::parse(extra.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn the_store_keeps_one_profile_per_image_apart_from_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_create(dir.path().join("s")).unwrap();
+        let image = d(7);
+        assert_eq!(store.read_profile(&image).unwrap(), None);
+        let p = Profile::of_run(&[(d(1), 100), (d(2), 5000)]);
+        store.write_profile(&image, &p).unwrap();
+        assert_eq!(store.read_profile(&image).unwrap(), Some(p));
+        assert_eq!(store.list_profiles().unwrap(), vec![image]);
+        std::fs::write(store.area_path(Area::Profiles).join(image.to_hex()), b"{").unwrap();
+        let err = store.read_profile(&image).unwrap_err().to_string();
+        assert!(err.contains(&image.to_hex()), "{err}");
+        store.remove_profile(&image).unwrap();
+        assert_eq!(store.read_profile(&image).unwrap(), None);
+        store.remove_profile(&image).unwrap();
+    }
+
+    proptest! {
+        #[test]
+        fn any_profile_round_trips(
+            files in proptest::collection::btree_map(any::<[u8; 32]>(), (any::<u64>(), any::<u32>()), 0..50),
+            runs in any::<u32>(),
+        ) {
+            let p = Profile {
+                runs,
+                entries: files
+                    .into_iter()
+                    .map(|(b, (size, hits))| ProfileEntry { digest: Digest::from_bytes(b), size, hits })
+                    .collect(),
+            };
+            prop_assert_eq!(Profile::parse(&p.to_bytes()).unwrap(), p);
+        }
+
+        #[test]
+        fn parsing_any_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Profile::parse(&bytes);
+        }
+
+        #[test]
+        fn merging_keeps_every_object_once_and_within_the_cap(
+            runs in proptest::collection::vec(proptest::collection::vec((0u8..40, 0u64..10_000), 0..30), 1..6)
+        ) {
+            let mut p = Profile::default();
+            for run in &runs {
+                let reads: Vec<(Digest, u64)> = run.iter().map(|(n, s)| (d(*n), *s)).collect();
+                p.merge_run(&reads);
+            }
+            let distinct: std::collections::HashSet<u8> = runs.iter().flatten().map(|(n, _)| *n).collect();
+            prop_assert_eq!(p.entries.len(), distinct.len());
+            let hits: u32 = p.entries.iter().map(|e| e.hits).sum();
+            let expected: usize = runs.iter().map(|r| r.iter().map(|(n, _)| *n).collect::<std::collections::HashSet<_>>().len()).sum();
+            prop_assert_eq!(hits as usize, expected);
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! Access profiles: velo-mountd records which of an image's files a run reads first, merges
+//! runs, and reads a profiled image's files ahead when it lends the next mount of it.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod common;
+
+use std::fs;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::mountd::Mountd;
+use common::{Env, can_mount, describe};
+
+/// A project whose install writes four 16 KiB files of distinct bytes into `deps/lib/`.
+fn project(env: &Env) -> PathBuf {
+    let project = common::fixtures::custom_project(env.dir.path(), &env.path("proj"));
+    fs::write(
+        project.join("velo.toml"),
+        "[[deps]]\necosystem = \"custom\"\ndirs = [\"deps\"]\ninputs = [\"deps.lock\"]\n\
+         install = \"mkdir -p deps/lib && for f in a b c unused; do head -c 16384 /dev/urandom \
+         > deps/lib/$f; done\"\n",
+    )
+    .unwrap();
+    project
+}
+
+fn velo(env: &Env, mountd: &Mountd, project: &Path, args: &[&str]) -> Command {
+    let mut c = mountd.velo(&["--store", env.store.to_str().unwrap()]);
+    c.args(args)
+        .current_dir(project)
+        .env_remove("SUDO_UID")
+        .env_remove("SUDO_GID");
+    c
+}
+
+fn run(env: &Env, mountd: &Mountd, project: &Path, script: &str) {
+    let out = velo(env, mountd, project, &["run", "sh", "-c", script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "velo run {script}: {}",
+        describe(&out)
+    );
+}
+
+fn profile(env: &Env, mountd: &Mountd, project: &Path, image: &str) -> serde_json::Value {
+    let out = velo(
+        env,
+        mountd,
+        project,
+        &["--json", "inspect", image, "--profile"],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "inspect --profile: {}",
+        describe(&out)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Waits (the recording ends once the run has given its mount back; at most 60 s) until the
+/// profile has `runs` runs.
+fn profile_with_runs(
+    env: &Env,
+    mountd: &Mountd,
+    project: &Path,
+    image: &str,
+    runs: u64,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let p = profile(env, mountd, project, image);
+        if p["runs"] == runs {
+            return p;
+        }
+        assert!(Instant::now() < deadline, "no profile of {runs} runs: {p}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The files a profile names, in order, as (path, hits).
+fn files(p: &serde_json::Value) -> Vec<(String, u64)> {
+    p["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["paths"][0].as_str().unwrap().to_owned(),
+                e["hits"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The store path of the object behind `file` of the image (from its dumpfile).
+fn object_of(env: &Env, image: &str, file: &str) -> PathBuf {
+    let dump = env.ok(&["inspect", image, "--dump"]);
+    let line = dump
+        .lines()
+        .find(|l| l.split(' ').next() == Some(file))
+        .unwrap_or_else(|| panic!("{file} not in the image:\n{dump}"));
+    let payload = line.split(' ').nth(8).unwrap();
+    env.store.join("objects").join(payload)
+}
+
+/// Whether any page of `path` is in the page cache (`fincore`, which uses mincore(2): a
+/// check that reads nothing in).
+fn cached(path: &Path) -> bool {
+    let out = Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "fincore: {}", describe(&out));
+    String::from_utf8_lossy(&out.stdout).trim() != "0"
+}
+
+/// Drops `path`'s pages from the page cache (it is written and synced: clean pages go).
+fn evict(path: &Path) {
+    let f = fs::File::open(path).unwrap();
+    rustix::fs::fadvise(f.as_fd(), 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    assert!(!cached(path), "{} stayed cached", path.display());
+}
+
+#[test]
+fn runs_are_recorded_in_first_read_order_and_merged() {
+    if !can_mount("runs_are_recorded_in_first_read_order_and_merged") {
+        return;
+    }
+    let env = Env::new();
+    let project = project(&env);
+    let mountd = Mountd::start(&env);
+    // The first run builds (no mount is lent for a build's own install).
+    run(&env, &mountd, &project, "true");
+    let status: serde_json::Value = serde_json::from_slice(
+        &velo(&env, &mountd, &project, &["--json", "status"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let image = status[0]["image"].as_str().unwrap().to_owned();
+    let before = profile(&env, &mountd, &project, &image);
+    let first = before["runs"].as_u64().unwrap();
+
+    run(
+        &env,
+        &mountd,
+        &project,
+        "cat deps/lib/c deps/lib/a > /dev/null",
+    );
+    let p = profile_with_runs(&env, &mountd, &project, &image, first + 1);
+    let order: Vec<String> = files(&p).into_iter().map(|(f, _)| f).collect();
+    if first == 0 {
+        assert_eq!(order, ["lib/c", "lib/a"], "{p}");
+    }
+    assert!(!order.contains(&"lib/unused".to_owned()), "{p}");
+
+    // Another run reads b, then c: c was read by both runs, b by one.
+    run(
+        &env,
+        &mountd,
+        &project,
+        "cat deps/lib/b deps/lib/c > /dev/null",
+    );
+    let p = profile_with_runs(&env, &mountd, &project, &image, first + 2);
+    let got = files(&p);
+    assert!(got.contains(&("lib/b".to_owned(), 1)), "{p}");
+    assert!(got.iter().any(|(f, h)| f == "lib/c" && *h >= 2), "{p}");
+    assert!(!got.iter().any(|(f, _)| f == "lib/unused"), "{p}");
+    assert_eq!(p["files"], got.len());
+    assert_eq!(p["bytes"], 16384 * got.len() as u64);
+    mountd.stop();
+}
+
+#[test]
+fn a_profiled_image_has_its_hot_files_read_ahead_when_it_is_lent() {
+    if !can_mount("a_profiled_image_has_its_hot_files_read_ahead_when_it_is_lent") {
+        return;
+    }
+    let env = Env::new();
+    let project = project(&env);
+    let mountd = Mountd::start(&env);
+    run(&env, &mountd, &project, "true");
+    let status: serde_json::Value = serde_json::from_slice(
+        &velo(&env, &mountd, &project, &["--json", "status"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let image = status[0]["image"].as_str().unwrap().to_owned();
+    let runs = profile(&env, &mountd, &project, &image)["runs"]
+        .as_u64()
+        .unwrap();
+    run(
+        &env,
+        &mountd,
+        &project,
+        "cat deps/lib/a deps/lib/b > /dev/null",
+    );
+    profile_with_runs(&env, &mountd, &project, &image, runs + 1);
+
+    let [a, b, unused] = ["/lib/a", "/lib/b", "/lib/unused"].map(|f| object_of(&env, &image, f));
+    for o in [&a, &b, &unused] {
+        evict(o);
+    }
+    // A run that reads nothing: the service reads the profile's files ahead as it lends the
+    // mount, not the others.
+    run(&env, &mountd, &project, "true");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(cached(&a) && cached(&b)) {
+        assert!(
+            Instant::now() < deadline,
+            "the profiled files were not read ahead"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !cached(&unused),
+        "a file the profile does not name was read"
+    );
+    mountd.stop();
+}
