@@ -229,3 +229,58 @@ fn a_profiled_image_has_its_hot_files_read_ahead_when_it_is_lent() {
     );
     mountd.stop();
 }
+
+/// Root without velo-mountd records its runs itself (the profile is written before velo
+/// exits), reads a profile ahead as its command starts, and `velo mount` reads it ahead before
+/// it returns (an init container's app then starts warm).
+#[test]
+fn root_without_the_service_records_and_reads_ahead_and_so_does_velo_mount() {
+    if !can_mount("root_without_the_service_records_and_reads_ahead_and_so_does_velo_mount") {
+        return;
+    }
+    let env = Env::new();
+    let project = project(&env);
+    let direct = |args: &[&str]| {
+        let mut c = env.velo(args);
+        c.current_dir(&project)
+            .env("VELO_MOUNTD", "off")
+            .env_remove("SUDO_UID")
+            .env_remove("SUDO_GID");
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "velo {args:?}: {}", describe(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // The first run builds, then runs the command over the new image: recorded.
+    direct(&["run", "sh", "-c", "cat deps/lib/b > /dev/null"]);
+    let status: serde_json::Value = serde_json::from_str(&direct(&["--json", "status"])).unwrap();
+    let image = status[0]["image"].as_str().unwrap().to_owned();
+    let p: serde_json::Value =
+        serde_json::from_str(&direct(&["--json", "inspect", &image, "--profile"])).unwrap();
+    assert_eq!(p["runs"], 1, "{p}");
+    assert_eq!(files(&p), [("lib/b".to_owned(), 1)], "{p}");
+
+    let [b, unused] = ["/lib/b", "/lib/unused"].map(|f| object_of(&env, &image, f));
+    evict(&b);
+    evict(&unused);
+    direct(&["run", "true"]);
+    assert!(cached(&b), "velo run did not read the profiled file ahead");
+    assert!(
+        !cached(&unused),
+        "a file the profile does not name was read"
+    );
+
+    evict(&b);
+    let target = env.path("mnt");
+    let out = direct(&["mount", &image, target.to_str().unwrap()]);
+    let mounted = common::Mounted::adopt(&target, &env.store);
+    assert!(out.contains("read ahead 1 files"), "{out}");
+    assert!(
+        cached(&b),
+        "velo mount did not read the profiled file ahead"
+    );
+    assert!(
+        !cached(&unused),
+        "a file the profile does not name was read"
+    );
+    mounted.umount();
+}

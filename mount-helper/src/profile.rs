@@ -49,9 +49,11 @@ pub fn object_of_path(path: &[u8]) -> Option<Digest> {
     Digest::parse(std::str::from_utf8(&hex).ok()?).ok()
 }
 
-/// A recording in progress; [`Recording::stop`] (or dropping it) ends it.
+/// A recording in progress; dropping it ends it ([`Recording::finish`] also waits for what
+/// it hands on to be done).
 pub struct Recording {
     stop: OwnedFd,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Recording {
@@ -87,15 +89,23 @@ impl Recording {
         }
         let stop = rustix::event::eventfd(0, EventfdFlags::CLOEXEC).ok()?;
         let stopped = stop.try_clone().ok()?;
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("record".into())
             .spawn(move || done(read_opens(&group, &stopped, window)))
             .ok()?;
-        Some(Self { stop })
+        Some(Self {
+            stop,
+            thread: Some(thread),
+        })
     }
 
-    /// Ends the recording (its thread hands what it saw to `done`).
-    pub fn stop(self) {}
+    /// Ends the recording and waits until `done` has returned (for a process about to exit).
+    pub fn finish(mut self) {
+        let _ = rustix::io::write(&self.stop, &1u64.to_ne_bytes());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Drop for Recording {

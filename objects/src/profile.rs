@@ -231,6 +231,24 @@ impl Store {
             })
     }
 
+    /// What identifies the current version of `image`'s profile file (inode, change time,
+    /// size), for callers that keep profiles in memory; `None` if it has none.
+    pub fn profile_stamp(&self, image: &Digest) -> Option<(u64, i64, i64, u64)> {
+        let dir = self.open_area(Area::Profiles).ok()?;
+        let st = rustix::fs::statat(
+            dir.as_fd(),
+            image.to_hex().as_str(),
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .ok()?;
+        Some((
+            st.st_ino,
+            st.st_ctime,
+            st.st_ctime_nsec as i64,
+            st.st_size as u64,
+        ))
+    }
+
     /// Replaces the profile of `image` (atomically; not synced: a profile lost in a crash
     /// is only a slower start).
     pub fn write_profile(&self, image: &Digest, profile: &Profile) -> Result<()> {

@@ -624,6 +624,7 @@ pub(crate) fn in_child(work: impl FnOnce() -> i32) -> anyhow::Result<(i32, u32)>
 /// namespace, mounts every dir there, runs the command; then the mounts go and their
 /// discarded uppers with them.
 fn run_mounted(plan: &Plan, argv: &[OsString]) -> anyhow::Result<i32> {
+    let budget = velo_mount::profile::budget_from_env().map_err(anyhow::Error::msg)?;
     let started = std::time::Instant::now();
     let store = super::child::enter_and_mount(plan)?;
     for m in &plan.mounts {
@@ -634,19 +635,54 @@ fn run_mounted(plan: &Plan, argv: &[OsString]) -> anyhow::Result<i32> {
         plan.mounts.len(),
         started.elapsed().as_secs_f64() * 1e3
     );
+    // What the command reads first, for the images whose profiles want more runs (fanotify
+    // marks are in place before it starts; events are read on a thread).
+    let recordings: Vec<velo_mount::profile::Recording> = plan
+        .mounts
+        .iter()
+        .filter(|m| velo_mount::profile::wants_recording(&store, &m.image))
+        .filter_map(|m| {
+            let root = store.root().to_owned();
+            let image = m.image;
+            velo_mount::profile::Recording::start(
+                &store,
+                velo_mount::profile::RECORD_WINDOW,
+                move |opened| {
+                    if let Ok(store) = velo_objects::Store::open(&root) {
+                        velo_mount::profile::merge_recorded(&store, &image, &opened);
+                    }
+                },
+            )
+        })
+        .collect();
     let targets: Vec<PathBuf> = plan.mounts.iter().map(|m| m.target.clone()).collect();
     let status = start_command(argv, &plan.env, &plan.user, &targets, || {
         // The command is starting (exec and its runtime's start-up take a while): read the
-        // images' metadata ahead of its first lookups from here, not before it; after a
-        // reboot or a dropped cache also the store's object directories.
+        // images' metadata ahead of its first lookups from here, not before it, then the
+        // objects their profiles name; without a profile, after a reboot or a dropped cache,
+        // the store's object directories.
         let mut cold = false;
         for m in &plan.mounts {
             cold |= !velo_mount::prefetch_image(&store, &m.image);
         }
-        if cold {
+        let mut profiled = false;
+        for m in &plan.mounts {
+            let report = velo_mount::profile::prefetch_profile(
+                &store,
+                &m.image,
+                budget,
+                velo_mount::profile::PREFETCH_THREADS,
+            );
+            profiled |= report.profiled > 0;
+            tracing::info!("{}: read ahead {report:?}", m.target.display());
+        }
+        if cold && !profiled {
             store.prefetch_object_dirs();
         }
     });
+    for r in recordings {
+        r.finish();
+    }
     super::child::release(&store, plan);
     status
 }

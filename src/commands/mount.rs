@@ -67,7 +67,16 @@ pub fn mount(
         owner: None,
         prefetch: true,
     };
+    let budget = velo_mount::profile::budget_from_env().map_err(anyhow::Error::msg)?;
     let r = velo_mount::mount_image(&store, &req)?;
+    // The image's access profile, if it has one: what commands read first is read in now, so
+    // that the first command on the mount (an init container's app) starts warm.
+    let ahead = velo_mount::profile::prefetch_profile(
+        &store,
+        &digest,
+        budget,
+        velo_mount::profile::PREFETCH_THREADS,
+    );
     // The mount is made: a ref's last use that cannot be recorded only ages the ref for GC.
     if digest.to_hex() != image
         && let Err(e) = store.touch_ref_used(image)
@@ -76,6 +85,7 @@ pub fn mount(
     }
     if ctx.json {
         let mut v = serde_json::to_value(&r)?;
+        v["read_ahead"] = serde_json::to_value(&ahead)?;
         v["userspace_verified"] = serde_json::json!(checked.as_ref().map(|c| serde_json::json!({
             "objects": c.objects, "bytes": c.bytes, "seconds": c.seconds
         })));
@@ -100,6 +110,18 @@ pub fn mount(
             r.image,
             r.target.display()
         ));
+        if ahead.files > 0 {
+            ctx.say(format!(
+                "  read ahead {} files ({}) its access profile names{}",
+                ahead.files,
+                output::bytes(ahead.bytes),
+                if ahead.capped {
+                    " (cut short by VELO_PREFETCH_BYTES)"
+                } else {
+                    ""
+                }
+            ));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

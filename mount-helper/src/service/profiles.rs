@@ -20,13 +20,19 @@ pub(crate) struct Profiles {
 struct Inner {
     root: PathBuf,
     budget: u64,
-    /// Profiles read (`None`: the image has none), dropped when a recording changes one.
-    cache: Mutex<HashMap<Digest, Option<Arc<Profile>>>>,
+    /// Profiles read, with the stamp of the file they were read from (see
+    /// [`Store::profile_stamp`]: a profile written by anyone else — a root `velo pull` — is
+    /// seen at the next lend).
+    cache: Mutex<HashMap<Digest, Cached>>,
     /// Images a run is being recorded over (one run at a time per image).
     recording: Mutex<HashSet<Digest>>,
     /// Images being read ahead (one read-ahead at a time per image).
     reading: Mutex<HashSet<Digest>>,
 }
+
+type Stamp = Option<(u64, i64, i64, u64)>;
+/// A profile in memory (`None`: the image has none) and the stamp it was read at.
+type Cached = (Stamp, Option<Arc<Profile>>);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -48,7 +54,10 @@ impl Profiles {
 
     /// The profile of `image`, if it has a readable one.
     pub(crate) fn get(&self, store: &Store, image: &Digest) -> Option<Arc<Profile>> {
-        if let Some(p) = lock(&self.inner.cache).get(image) {
+        let stamp = store.profile_stamp(image);
+        if let Some((s, p)) = lock(&self.inner.cache).get(image)
+            && *s == stamp
+        {
             return p.clone();
         }
         let p = match store.read_profile(image) {
@@ -58,7 +67,7 @@ impl Profiles {
                 None
             }
         };
-        lock(&self.inner.cache).insert(*image, p.clone());
+        lock(&self.inner.cache).insert(*image, (stamp, p.clone()));
         p
     }
 
