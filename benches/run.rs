@@ -30,7 +30,13 @@
 //! (`VELO_SOCKET`), as it would on a machine that runs the service; the service is stopped
 //! before the ext4 is unmounted.
 //!
-//! `VELO_BENCH_ONLY=d` (any of `abcd`) runs only those sections. It measures and prints; it
+//! * (e) access profiles: a cold `velo run` of the imports whose image has a profile (the files
+//!   it reads first, read ahead by velo-mountd) against native cold (at most 0.8×), the same
+//!   with no profile yet (recorded), with none (as before profiles) and with another command's
+//!   profile (not measurably slower), warm (within 3%), the read-ahead's memory (at most the
+//!   profile's bytes + 10%), and `velo run true` against `unshare -m true` (at most 2×).
+//!
+//! `VELO_BENCH_ONLY=d` (any of `abcde`) runs only those sections. It measures and prints; it
 //! never fails on timing. Every mount and loop device it makes, the
 //! service and the user are behind guards that undo them on drop, and the end checks that no
 //! mount or loop device is left.
@@ -43,6 +49,8 @@ mod as_user;
 mod import;
 #[path = "run/mountd.rs"]
 mod mountd;
+#[path = "run/profiles.rs"]
+mod profiles;
 #[path = "run/setup.rs"]
 mod setup;
 // Shared with the other benchmarks; not every helper is used here.
@@ -181,7 +189,7 @@ fn main() {
 
     let runs = Runs::get();
     // `VELO_BENCH_ONLY=abc` or `=d`: the sections to run (default: all).
-    let only = std::env::var("VELO_BENCH_ONLY").unwrap_or_else(|_| "abcd".into());
+    let only = std::env::var("VELO_BENCH_ONLY").unwrap_or_else(|_| "abcde".into());
     let mut verdicts = Vec::new();
     if only.contains('a') {
         verdicts.extend(place(&env, &node, &python, &runs));
@@ -219,6 +227,22 @@ fn main() {
             &python,
             &runs,
         ));
+    }
+
+    if only.contains('e') {
+        verdicts.extend(profiles::run_true(&env, &node.tree, runs.velo_true));
+        for (tree, lang) in [(&node.tree, Lang::Node), (&python.tree, Lang::Python)] {
+            let i = Runs::of(lang);
+            verdicts.extend(profiles::cold_start(
+                &env,
+                &ext4,
+                &mountd,
+                tree,
+                lang,
+                runs.cold[i],
+                runs.warm[i],
+            ));
+        }
     }
 
     println!("\nsummary");

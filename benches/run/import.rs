@@ -66,18 +66,60 @@ impl Lang {
     /// imports alone (the interpreter's own start-up is not in the figure).
     pub fn argv(self) -> Vec<OsString> {
         match self {
-            Lang::Node => vec!["node".into(), "-e".into(), node_program().into()],
+            Lang::Node => self.argv_of(NODE_MODULES),
+            Lang::Python => self.argv_of(PYTHON_MODULES),
+        }
+    }
+
+    /// Other modules than [`Lang::argv`] imports (many of their dependencies differ), for a
+    /// command that reads another part of the tree.
+    pub fn other_modules(self) -> &'static [&'static str] {
+        match self {
+            Lang::Node => NODE_OTHER_MODULES,
+            Lang::Python => PYTHON_OTHER_MODULES,
+        }
+    }
+
+    /// The command line that imports `modules` and prints its times (see [`Lang::argv`]).
+    pub fn argv_of(self, modules: &[&str]) -> Vec<OsString> {
+        match self {
+            Lang::Node => vec!["node".into(), "-e".into(), node_program(modules).into()],
             Lang::Python => vec![
                 ".venv/bin/python".into(),
                 "-c".into(),
-                python_program().into(),
+                python_program(modules).into(),
             ],
         }
     }
 }
 
-fn node_program() -> String {
-    let list = NODE_MODULES
+/// Node modules of the workload that [`NODE_MODULES`] does not import.
+const NODE_OTHER_MODULES: &[&str] = &[
+    "jsdom",
+    "postcss",
+    "terser",
+    "rollup",
+    "webpack-dev-server",
+    "workbox-build",
+    "html-webpack-plugin",
+    "core-js",
+];
+
+/// Python modules of the workload that [`PYTHON_MODULES`] does not import.
+const PYTHON_OTHER_MODULES: &[&str] = &[
+    "flask",
+    "sqlalchemy",
+    "boto3",
+    "IPython",
+    "bs4",
+    "requests",
+    "tornado",
+    "pydantic",
+    "yaml",
+];
+
+fn node_program(modules: &[&str]) -> String {
+    let list = modules
         .iter()
         .map(|m| format!("'{m}'"))
         .collect::<Vec<_>>()
@@ -90,7 +132,7 @@ fn node_program() -> String {
     )
 }
 
-fn python_program() -> String {
+fn python_program(modules: &[&str]) -> String {
     format!(
         "import time, resource\n\
          def cpu():\n    r = resource.getrusage(resource.RUSAGE_SELF)\n    return r.ru_utime + r.ru_stime, r.ru_stime\n\
@@ -98,7 +140,7 @@ fn python_program() -> String {
          import {}\n\
          c1, s1 = cpu()\n\
          print((time.perf_counter() - t0) * 1e3, (c1 - c0) * 1e3, (s1 - s0) * 1e3)",
-        PYTHON_MODULES.join(", ")
+        modules.join(", ")
     )
 }
 

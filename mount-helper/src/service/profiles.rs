@@ -72,9 +72,10 @@ impl Profiles {
     }
 
     /// Starts reading the profile of `image` ahead on a thread (if it has one, the budget is
-    /// not zero and no read-ahead of it is under way). Returns whether it has a profile.
+    /// not zero and no read-ahead of it is under way). Returns whether it has a profile that
+    /// names any object.
     pub(crate) fn read_ahead(&self, store: &Store, image: &Digest) -> bool {
-        let Some(profile) = self.get(store, image) else {
+        let Some(profile) = self.get(store, image).filter(|p| !p.entries.is_empty()) else {
             return false;
         };
         if self.inner.budget == 0 || !lock(&self.inner.reading).insert(*image) {
