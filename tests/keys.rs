@@ -1032,3 +1032,129 @@ fn a_seeded_entry_starts_from_the_previous_tree_as_root_and_as_a_user() {
     let log = fs::read_to_string(project.join("installs.log")).unwrap();
     assert_eq!(log.lines().count(), 2, "{log}");
 }
+
+/// `velo ARGS…` in the case's project: its stdout and stderr, failing the test if it fails.
+fn outputs(case: &Case, vars: &[(&str, &str)], args: &[&str]) -> (String, String) {
+    let out = case.velo(vars, args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "velo {args:?} with {vars:?} failed:\n{}",
+        describe(&out)
+    );
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A uv project that is itself a package (the in-tree tiny backend, so it builds offline),
+/// depending on nothing; locked. uv installs it into the venv as an editable.
+fn uv_package_case(test: &str) -> Option<Case> {
+    let tool = tool_dir(test, "uv")?;
+    let mut case = Case::new();
+    case.with_tool_dir(&tool);
+    case.set("UV_PYTHON_DOWNLOADS", "never");
+    case.set("UV_OFFLINE", "1");
+    case.write("tiny_backend.py", fixtures::TINY_BACKEND);
+    case.write("vrproj/__init__.py", "NAME = 'vrproj'\n");
+    case.write(
+        "pyproject.toml",
+        "[build-system]\nrequires = []\nbuild-backend = \"tiny_backend\"\nbackend-path = [\".\"]\n\n\
+         [project]\nname = \"vrproj\"\nversion = \"0.1\"\nrequires-python = \">=3.11\"\n\
+         dependencies = []\n",
+    );
+    in_project(&case, "uv", &["lock"]);
+    Some(case)
+}
+
+/// uv: `uv run` through velo after a content-neutral touch of pyproject.toml (its ctime
+/// changes, as on a fresh clone) does not reinstall the project — not once, and not on every
+/// run (a reinstall lands in the run's upper, dropped at exit) — while the tree is reused.
+#[test]
+fn uv_run_after_a_touch_of_pyproject_does_not_reinstall_the_project() {
+    let test = "uv_run_after_a_touch_of_pyproject_does_not_reinstall_the_project";
+    if !can_mount(test) {
+        return;
+    }
+    let Some(case) = uv_package_case(test) else {
+        return;
+    };
+    case.init(&[], "built");
+    let uv_run = [
+        "run",
+        "uv",
+        "run",
+        "python",
+        "-c",
+        "import vrproj; print(vrproj.NAME)",
+    ];
+    let (out, _) = outputs(&case, &[], &uv_run);
+    assert_eq!(out, "vrproj\n");
+    let pyproject = case.project.join("pyproject.toml");
+    let text = fs::read(&pyproject).unwrap();
+    fs::write(&pyproject, &text).unwrap(); // the same bytes: a new ctime and mtime
+    for run in ["first", "second"] {
+        let (out, err) = outputs(&case, &[], &uv_run);
+        assert_eq!(out, "vrproj\n", "{run} run");
+        for said in ["Installed", "Uninstalled", "Building", "Built"] {
+            assert!(
+                !err.contains(said),
+                "{run} run after a touch of pyproject.toml: uv reinstalled the project:\n{err}"
+            );
+        }
+    }
+    assert_eq!(case.installs().len(), 1, "the tree is reused");
+    // A change uv must see still reaches it: a new version is installed by `uv run` (into
+    // the run's upper: the tree is keyed by pyproject.toml and rebuilt by the next run).
+    fs::write(
+        &pyproject,
+        String::from_utf8_lossy(&text).replace("version = \"0.1\"", "version = \"0.2\""),
+    )
+    .unwrap();
+    in_project(&case, "uv", &["lock"]);
+    case.rebuilds(&[], "a new version in pyproject.toml");
+}
+
+/// uv: a build through velo installs into a tmpfs, another filesystem than uv's cache, and
+/// says nothing a plain install would not — no "Failed to hardlink files" — unless the user
+/// chose hardlinks themselves (`UV_LINK_MODE=hardlink`), which velo leaves in force.
+#[test]
+fn a_uv_build_warns_about_hardlinks_only_if_the_user_chose_them() {
+    let test = "a_uv_build_warns_about_hardlinks_only_if_the_user_chose_them";
+    if !can_mount(test) {
+        return;
+    }
+    let Some(tool) = tool_dir(test, "uv") else {
+        return;
+    };
+    let mut case = Case::new();
+    case.with_tool_dir(&tool);
+    let wheel = fixtures::wheel(case.env.dir.path());
+    case.set("UV_PYTHON_DOWNLOADS", "never");
+    case.set("UV_OFFLINE", "1");
+    case.write(
+        "pyproject.toml",
+        &format!(
+            "[project]\nname = \"u\"\nversion = \"0.1\"\nrequires-python = \">=3.8\"\n\
+             dependencies = [\"vrgreet\"]\n[tool.uv]\npackage = false\n\
+             [tool.uv.sources]\nvrgreet = {{ path = \"{}\" }}\n",
+            wheel.display()
+        ),
+    );
+    in_project(&case, "uv", &["lock"]);
+    case.init(&[], "built");
+    let (_, err) = outputs(&case, &[], &["run", "true"]);
+    assert_eq!(case.installs().len(), 1, "built");
+    assert!(err.contains("vrgreet"), "the install's own output: {err}");
+    assert!(
+        !err.contains("Failed to hardlink"),
+        "uv's hardlink warning on a build through velo:\n{err}"
+    );
+    let vars = [("UV_LINK_MODE", "hardlink")];
+    let (_, err) = outputs(&case, &vars, &["run", "true"]);
+    assert_eq!(case.installs().len(), 2, "UV_LINK_MODE keys the tree");
+    assert!(
+        err.contains("Failed to hardlink"),
+        "the user's UV_LINK_MODE=hardlink was not left in force:\n{err}"
+    );
+}

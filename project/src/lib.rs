@@ -17,6 +17,7 @@ pub mod seed;
 pub mod tools;
 pub mod user;
 pub mod userns;
+pub mod uv;
 
 use std::path::{Path, PathBuf};
 
