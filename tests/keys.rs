@@ -1033,6 +1033,20 @@ fn a_seeded_entry_starts_from_the_previous_tree_as_root_and_as_a_user() {
     assert_eq!(log.lines().count(), 2, "{log}");
 }
 
+/// A dir holding only `tool` (a symlink to `target`), for PATH: a tool installed in a venv of
+/// its own comes without that venv's `python3` shadowing the machine's. `None` (and a SKIPPED
+/// line) if `target` is not installed.
+fn lone_tool(test: &str, case: &Case, tool: &str, target: &str) -> Option<PathBuf> {
+    if !Path::new(target).is_file() {
+        eprintln!("SKIPPED {test}: {target} is not installed (scripts/install-deps installs it)");
+        return None;
+    }
+    let dir = case.env.path(&format!("tool-{tool}"));
+    fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::symlink(target, dir.join(tool)).unwrap();
+    Some(dir)
+}
+
 /// `velo ARGS…` in the case's project: its stdout and stderr, failing the test if it fails.
 fn outputs(case: &Case, vars: &[(&str, &str)], args: &[&str]) -> (String, String) {
     let out = case.velo(vars, args).output().unwrap();
@@ -1157,4 +1171,66 @@ fn a_uv_build_warns_about_hardlinks_only_if_the_user_chose_them() {
         err.contains("Failed to hardlink"),
         "the user's UV_LINK_MODE=hardlink was not left in force:\n{err}"
     );
+}
+
+/// Poetry: a cold build through velo says nothing a plain `poetry install` into a fresh
+/// checkout would not (velo's empty mount point is no "broken" venv), and poetry's user
+/// config (`~/.config/pypoetry/config.toml`) keys the venv — `virtualenvs.options.no-pip`
+/// there builds a venv without pip; without it, the first venv again.
+#[test]
+fn a_poetry_build_says_what_a_plain_install_says_and_its_user_config_keys_the_venv() {
+    let test = "a_poetry_build_says_what_a_plain_install_says_and_its_user_config_keys_the_venv";
+    if !can_mount(test) {
+        return;
+    }
+    let mut case = Case::new();
+    let Some(tool) = lone_tool(test, &case, "poetry", "/opt/velo-tools/poetry/bin/poetry") else {
+        return;
+    };
+    case.with_tool_dir(&tool);
+    let wheel = fixtures::wheel(case.env.dir.path());
+    case.write(
+        "pyproject.toml",
+        &format!(
+            "[tool.poetry]\npackage-mode = false\n\n[tool.poetry.dependencies]\n\
+             python = \">=3.8\"\nvrgreet = {{ path = \"{}\" }}\n",
+            wheel.display()
+        ),
+    );
+    in_project(&case, "poetry", &["lock", "--no-interaction"]);
+    // (`poetry lock` makes a venv to resolve with: a fresh checkout has none.)
+    let _ = fs::remove_dir_all(case.project.join(".venv"));
+    case.init(&[], "built");
+    let (_, err) = outputs(&case, &[], &["run", "true"]);
+    assert_eq!(case.installs().len(), 1, "built");
+    assert!(err.contains("Installing vrgreet"), "poetry's output: {err}");
+    for not_said in ["seems to be broken", "Recreating"] {
+        assert!(
+            !err.contains(not_said),
+            "a cold build through velo says {not_said:?}, a plain install does not:\n{err}"
+        );
+    }
+    assert!(
+        err.contains(&format!(
+            "Creating virtualenv non-package-mode in {}",
+            case.project.join(".venv").display()
+        )),
+        "{err}"
+    );
+    let pip = |case: &Case| {
+        case.sh(
+            &[],
+            "test -d .venv/lib/python3*/site-packages/pip && echo pip || echo none",
+        )
+    };
+    assert_eq!(pip(&case), "pip\n");
+    case.write(
+        "~/.config/pypoetry/config.toml",
+        "[virtualenvs.options]\nno-pip = true\n",
+    );
+    case.rebuilds(&[], "virtualenvs.options.no-pip in poetry's user config");
+    assert_eq!(pip(&case), "none\n");
+    fs::remove_file(case.home.join(".config/pypoetry/config.toml")).unwrap();
+    case.reuses(&[], "poetry's user config gone again");
+    assert_eq!(pip(&case), "pip\n");
 }

@@ -167,6 +167,7 @@ fn run_as_root(
             env_remove: super::key::install_env(project, unit, &user).1,
         };
         let build = Build {
+            ecosystem: unit.ecosystem.clone(),
             install: unit.install.clone(),
             dirs: unit_dirs
                 .iter()
