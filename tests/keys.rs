@@ -1234,3 +1234,59 @@ fn a_poetry_build_says_what_a_plain_install_says_and_its_user_config_keys_the_ve
     case.reuses(&[], "poetry's user config gone again");
     assert_eq!(pip(&case), "pip\n");
 }
+
+/// Yarn Berry (`.yarnrc.yml`, `nodeLinker: node-modules`): the user's `~/.yarnrc.yml` keys
+/// the tree — `enableScripts: true` there builds a tree where the dependency's postinstall
+/// ran; without it, the first tree again.
+#[test]
+fn yarn_berrys_user_rc_keys_the_tree() {
+    let test = "yarn_berrys_user_rc_keys_the_tree";
+    if !can_mount(test) {
+        return;
+    }
+    let mut case = Case::new();
+    let Some(tool) = lone_tool(
+        test,
+        &case,
+        "yarn",
+        "/opt/velo-tools/yarn-berry/node_modules/@yarnpkg/cli-dist/bin/yarn.js",
+    ) else {
+        return;
+    };
+    case.with_tool_dir(&tool);
+    case.set("YARN_ENABLE_TELEMETRY", "0");
+    let math = fixtures::npm_tarball(
+        case.env.dir.path(),
+        &case.env.path("npm-cache"),
+        "vr-math",
+        "1.0.0",
+        r#""scripts":{"postinstall":"node -e \"require('fs').writeFileSync('built.txt','')\""}"#,
+        &[("index.js", "exports.add = (a, b) => a + b;\n")],
+    );
+    case.write(
+        "package.json",
+        &format!(
+            r#"{{"name":"p","version":"1.0.0","private":true,"dependencies":{{"vr-math":"file:{}"}}}}"#,
+            math.display()
+        ),
+    );
+    case.write(".yarnrc.yml", "nodeLinker: node-modules\n");
+    in_project(&case, "yarn", &["install"]);
+    fs::remove_dir_all(case.project.join("node_modules")).unwrap();
+    case.init(&[], "built");
+    let toml = fs::read_to_string(case.project.join("velo.toml")).unwrap();
+    assert!(toml.contains("yarn install --immutable"), "{toml}");
+    let ran = |case: &Case| {
+        case.sh(
+            &[],
+            "test -f node_modules/vr-math/built.txt && echo ran || echo not",
+        )
+    };
+    assert_eq!(ran(&case), "not\n");
+    case.write("~/.yarnrc.yml", "enableScripts: true\n");
+    case.rebuilds(&[], "enableScripts: true in ~/.yarnrc.yml");
+    assert_eq!(ran(&case), "ran\n");
+    fs::remove_file(case.home.join(".yarnrc.yml")).unwrap();
+    case.reuses(&[], "~/.yarnrc.yml gone again");
+    assert_eq!(ran(&case), "not\n");
+}
