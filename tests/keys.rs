@@ -1036,12 +1036,12 @@ fn a_seeded_entry_starts_from_the_previous_tree_as_root_and_as_a_user() {
 /// A dir holding only `tool` (a symlink to `target`), for PATH: a tool installed in a venv of
 /// its own comes without that venv's `python3` shadowing the machine's. `None` (and a SKIPPED
 /// line) if `target` is not installed.
-fn lone_tool(test: &str, case: &Case, tool: &str, target: &str) -> Option<PathBuf> {
+fn lone_tool(test: &str, env: &Env, tool: &str, target: &str) -> Option<PathBuf> {
     if !Path::new(target).is_file() {
         eprintln!("SKIPPED {test}: {target} is not installed (scripts/install-deps installs it)");
         return None;
     }
-    let dir = case.env.path(&format!("tool-{tool}"));
+    let dir = env.path(&format!("tool-{tool}"));
     fs::create_dir_all(&dir).unwrap();
     std::os::unix::fs::symlink(target, dir.join(tool)).unwrap();
     Some(dir)
@@ -1129,6 +1129,98 @@ fn uv_run_after_a_touch_of_pyproject_does_not_reinstall_the_project() {
     case.rebuilds(&[], "a new version in pyproject.toml");
 }
 
+/// uv, as an ordinary user through velo-mountd (the run's overlay is one the service lends):
+/// after a content-neutral touch of pyproject.toml, `uv run` through velo does not reinstall
+/// the project, twice in a row.
+#[test]
+fn uv_run_as_a_user_after_a_touch_of_pyproject_does_not_reinstall_the_project() {
+    use common::mountd::{Mountd, TestUser};
+    use std::os::unix::fs::PermissionsExt;
+    let test = "uv_run_as_a_user_after_a_touch_of_pyproject_does_not_reinstall_the_project";
+    if !can_mount(test) {
+        return;
+    }
+    let Some(uv) = tool_dir(test, "uv") else {
+        return;
+    };
+    // The user may not read root's Pythons (pyenv's live under /root): the system's.
+    let python = Path::new("/usr/bin/python3");
+    if !python.is_file() {
+        eprintln!("SKIPPED {test}: no /usr/bin/python3 for the user");
+        return;
+    }
+    let env = Env::new();
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let tool = lone_tool(test, &env, "uv", uv.join("uv").to_str().unwrap()).unwrap();
+    let mountd = Mountd::start(&env);
+    let user = TestUser::create("uvrec", env.dir.path());
+    let project = env.path("proj");
+    for (rel, text) in [
+        ("tiny_backend.py", fixtures::TINY_BACKEND),
+        ("vrproj/__init__.py", "NAME = 'vrproj'\n"),
+        (
+            "pyproject.toml",
+            "[build-system]\nrequires = []\nbuild-backend = \"tiny_backend\"\n\
+             backend-path = [\".\"]\n\n[project]\nname = \"vrproj\"\nversion = \"0.1\"\n\
+             requires-python = \">=3.11\"\ndependencies = []\n",
+        ),
+    ] {
+        fs::create_dir_all(project.join(rel).parent().unwrap()).unwrap();
+        fs::write(project.join(rel), text).unwrap();
+    }
+    let path = format!("{}:/usr/bin:/bin", tool.display());
+    let vars = [
+        ("PATH", path.as_str()),
+        ("UV_PYTHON", "/usr/bin/python3"),
+        ("UV_PYTHON_DOWNLOADS", "never"),
+        ("UV_OFFLINE", "1"),
+    ];
+    let out = Command::new("uv")
+        .arg("lock")
+        .current_dir(&project)
+        .env_clear()
+        .envs(vars)
+        .env("UV_CACHE_DIR", env.path("uv-cache"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "uv lock: {}", describe(&out));
+    user.own(&project);
+    let velo = |args: &[&str]| {
+        let out = user
+            .velo(&mountd, &project, args)
+            .envs(vars)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "velo {args:?}:\n{}", describe(&out));
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    velo(&["init"]);
+    let uv_run = [
+        "run",
+        "uv",
+        "run",
+        "python",
+        "-c",
+        "import vrproj; print(vrproj.NAME)",
+    ];
+    assert_eq!(velo(&uv_run).0, "vrproj\n");
+    let pyproject = project.join("pyproject.toml");
+    fs::write(&pyproject, fs::read(&pyproject).unwrap()).unwrap(); // same bytes, new ctime
+    for run in ["first", "second"] {
+        let (out, err) = velo(&uv_run);
+        assert_eq!(out, "vrproj\n", "{run} run");
+        for said in ["Installed", "Uninstalled", "Building", "Built"] {
+            assert!(
+                !err.contains(said),
+                "{run} run after a touch of pyproject.toml: uv reinstalled the project:\n{err}"
+            );
+        }
+    }
+}
+
 /// uv: a build through velo installs into a tmpfs, another filesystem than uv's cache, and
 /// says nothing a plain install would not — no "Failed to hardlink files" — unless the user
 /// chose hardlinks themselves (`UV_LINK_MODE=hardlink`), which velo leaves in force.
@@ -1184,7 +1276,12 @@ fn a_poetry_build_says_what_a_plain_install_says_and_its_user_config_keys_the_ve
         return;
     }
     let mut case = Case::new();
-    let Some(tool) = lone_tool(test, &case, "poetry", "/opt/velo-tools/poetry/bin/poetry") else {
+    let Some(tool) = lone_tool(
+        test,
+        &case.env,
+        "poetry",
+        "/opt/velo-tools/poetry/bin/poetry",
+    ) else {
         return;
     };
     case.with_tool_dir(&tool);
@@ -1247,7 +1344,7 @@ fn yarn_berrys_user_rc_keys_the_tree() {
     let mut case = Case::new();
     let Some(tool) = lone_tool(
         test,
-        &case,
+        &case.env,
         "yarn",
         "/opt/velo-tools/yarn-berry/node_modules/@yarnpkg/cli-dist/bin/yarn.js",
     ) else {
