@@ -115,34 +115,65 @@ const DEFAULT_CACHE_KEY_DIR: &str = "src";
 
 /// True if the project's `pyproject.toml` sets its own `[tool.uv] cache-keys` (then velo
 /// leaves uv's records alone: it cannot know what they cover).
-fn own_cache_keys(text: &str) -> bool {
-    match toml::from_str::<toml::Table>(text) {
-        Ok(doc) => doc
-            .get("tool")
-            .and_then(|t| t.get("uv"))
-            .and_then(toml::Value::as_table)
-            .is_some_and(|t| t.contains_key("cache-keys")),
-        Err(_) => true,
+fn own_cache_keys(doc: &toml::Table) -> bool {
+    doc.get("tool")
+        .and_then(|t| t.get("uv"))
+        .and_then(toml::Value::as_table)
+        .is_some_and(|t| t.contains_key("cache-keys"))
+}
+
+/// How the dist-info dirs of the project named in `[project] name` start: the name
+/// normalized as wheels spell it (lowercase, each run of `-`, `_`, `.` one `_`), then `-`.
+fn dist_info_prefix(doc: &toml::Table) -> Option<String> {
+    let name = doc.get("project")?.get("name")?.as_str()?;
+    let mut out = String::with_capacity(name.len() + 1);
+    for c in name.chars() {
+        if matches!(c, '-' | '_' | '.') {
+            if !out.ends_with('_') {
+                out.push('_');
+            }
+        } else {
+            out.push(c.to_ascii_lowercase());
+        }
     }
+    out.push('-');
+    Some(out)
+}
+
+/// The uv cache records velo makes agree in a run: see [`cache_record_venvs`].
+#[derive(Debug, Default)]
+pub struct CacheRecords {
+    /// The venvs.
+    venvs: Vec<PathBuf>,
+    /// How the project's dist-info dir is named (`None`: any dist-info installed from the
+    /// project dir, as its `direct_url.json` says; only read when the name is not known).
+    prefix: Option<String>,
 }
 
 /// The venvs of `dirs` whose uv cache records velo may make agree with the project's files
 /// (see the module's docs): the dirs of uv entries whose key covers every file of uv's
 /// default cache keys (`pyproject.toml` is an input; `setup.py` and `setup.cfg` key every uv
 /// tree), in projects that do not set their own `cache-keys`.
-pub fn cache_record_venvs(project: &Path, config: &Config, dirs: &[ManagedDir]) -> Vec<PathBuf> {
+pub fn cache_record_venvs(project: &Path, config: &Config, dirs: &[ManagedDir]) -> CacheRecords {
     let covered = |u: &Unit| u.ecosystem == "uv" && u.inputs.iter().any(|i| i == "pyproject.toml");
     if !config.units.iter().any(covered) {
-        return Vec::new();
+        return CacheRecords::default();
     }
-    match std::fs::read_to_string(project.join("pyproject.toml")) {
-        Ok(text) if !own_cache_keys(&text) => {}
-        _ => return Vec::new(),
+    let doc = match std::fs::read_to_string(project.join("pyproject.toml"))
+        .ok()
+        .and_then(|text| toml::from_str::<toml::Table>(&text).ok())
+    {
+        Some(doc) if !own_cache_keys(&doc) => doc,
+        _ => return CacheRecords::default(),
+    };
+    CacheRecords {
+        venvs: dirs
+            .iter()
+            .filter(|d| config.units.get(d.unit).is_some_and(covered))
+            .map(|d| d.path.clone())
+            .collect(),
+        prefix: dist_info_prefix(&doc),
     }
-    dirs.iter()
-        .filter(|d| config.units.get(d.unit).is_some_and(covered))
-        .map(|d| d.path.clone())
-        .collect()
 }
 
 /// A `SystemTime` as serde writes it (and uv reads it): seconds and nanoseconds since the
@@ -299,18 +330,18 @@ fn installed_from(direct_url: &str, project: &Path) -> bool {
 }
 
 /// In the run's namespace, with the venvs mounted (their upper writable, dropped at exit),
-/// before the command starts: makes the uv cache record of the project installed in each of
-/// `venvs` agree with the project's files now (see the module's docs). Never fails the run:
+/// before the command starts: makes the uv cache record of the project installed in each
+/// venv of `records` agree with the project's files now (see the module's docs). Never fails the run:
 /// a record it cannot fix is left to uv, which reinstalls as it would.
-pub fn agree_cache_records(project: &Path, venvs: &[PathBuf]) {
-    for venv in venvs {
-        if let Err(e) = agree_in(project, venv) {
+pub fn agree_cache_records(project: &Path, records: &CacheRecords) {
+    for venv in &records.venvs {
+        if let Err(e) = agree_in(project, venv, records.prefix.as_deref()) {
             tracing::info!("{}: uv's cache record left as it is ({e})", venv.display());
         }
     }
 }
 
-fn agree_in(project: &Path, venv: &Path) -> anyhow::Result<()> {
+fn agree_in(project: &Path, venv: &Path, prefix: Option<&str>) -> anyhow::Result<()> {
     use anyhow::Context;
     use std::io::Write;
     let root = rustix::fs::open(
@@ -327,9 +358,11 @@ fn agree_in(project: &Path, venv: &Path) -> anyhow::Result<()> {
         let Ok(site) = open_beneath(root.as_fd(), &rel, OFlags::RDONLY | OFlags::DIRECTORY) else {
             continue;
         };
+        // (Only the project's own dist-info is read where its name is known: a warm run
+        // reads no other package's files.)
         for info in names(&site)
             .into_iter()
-            .filter(|n| n.ends_with(".dist-info"))
+            .filter(|n| n.ends_with(".dist-info") && prefix.is_none_or(|p| n.starts_with(p)))
         {
             let Some(url) = read_small(site.as_fd(), &format!("{info}/direct_url.json")) else {
                 continue;
@@ -447,8 +480,14 @@ mod tests {
             other[k] = v;
             assert_eq!(agreed_record(&other, p), None, "{k}");
         }
-        assert!(own_cache_keys("[tool.uv]\ncache-keys = [\"x\"]\n"));
-        assert!(!own_cache_keys("[tool.uv]\npackage = true\n"));
+        let doc = |t: &str| toml::from_str::<toml::Table>(t).expect("toml");
+        assert!(own_cache_keys(&doc("[tool.uv]\ncache-keys = [\"x\"]\n")));
+        assert!(!own_cache_keys(&doc("[tool.uv]\npackage = true\n")));
+        assert_eq!(
+            dist_info_prefix(&doc("[project]\nname = \"My.Cool--Pkg\"\n")).as_deref(),
+            Some("my_cool_pkg-")
+        );
+        assert_eq!(dist_info_prefix(&doc("[tool.poetry]\n")), None);
     }
 
     #[test]
