@@ -1032,3 +1032,358 @@ fn a_seeded_entry_starts_from_the_previous_tree_as_root_and_as_a_user() {
     let log = fs::read_to_string(project.join("installs.log")).unwrap();
     assert_eq!(log.lines().count(), 2, "{log}");
 }
+
+/// A dir holding only `tool` (a symlink to `target`), for PATH: a tool installed in a venv of
+/// its own comes without that venv's `python3` shadowing the machine's. `None` (and a SKIPPED
+/// line) if `target` is not installed.
+fn lone_tool(test: &str, env: &Env, tool: &str, target: &str) -> Option<PathBuf> {
+    if !Path::new(target).is_file() {
+        eprintln!("SKIPPED {test}: {target} is not installed (scripts/install-deps installs it)");
+        return None;
+    }
+    let dir = env.path(&format!("tool-{tool}"));
+    fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::symlink(target, dir.join(tool)).unwrap();
+    Some(dir)
+}
+
+/// `velo ARGS…` in the case's project: its stdout and stderr, failing the test if it fails.
+fn outputs(case: &Case, vars: &[(&str, &str)], args: &[&str]) -> (String, String) {
+    let out = case.velo(vars, args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "velo {args:?} with {vars:?} failed:\n{}",
+        describe(&out)
+    );
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A uv project that is itself a package (the in-tree tiny backend, so it builds offline),
+/// depending on nothing; locked. uv installs it into the venv as an editable.
+fn uv_package_case(test: &str) -> Option<Case> {
+    let tool = tool_dir(test, "uv")?;
+    let mut case = Case::new();
+    case.with_tool_dir(&tool);
+    case.set("UV_PYTHON_DOWNLOADS", "never");
+    case.set("UV_OFFLINE", "1");
+    case.write("tiny_backend.py", fixtures::TINY_BACKEND);
+    case.write("vrproj/__init__.py", "NAME = 'vrproj'\n");
+    case.write(
+        "pyproject.toml",
+        "[build-system]\nrequires = []\nbuild-backend = \"tiny_backend\"\nbackend-path = [\".\"]\n\n\
+         [project]\nname = \"vrproj\"\nversion = \"0.1\"\nrequires-python = \">=3.11\"\n\
+         dependencies = []\n",
+    );
+    in_project(&case, "uv", &["lock"]);
+    Some(case)
+}
+
+/// uv: `uv run` through velo after a content-neutral touch of pyproject.toml (its ctime
+/// changes, as on a fresh clone) does not reinstall the project — not once, and not on every
+/// run (a reinstall lands in the run's upper, dropped at exit) — while the tree is reused.
+#[test]
+fn uv_run_after_a_touch_of_pyproject_does_not_reinstall_the_project() {
+    let test = "uv_run_after_a_touch_of_pyproject_does_not_reinstall_the_project";
+    if !can_mount(test) {
+        return;
+    }
+    let Some(case) = uv_package_case(test) else {
+        return;
+    };
+    case.init(&[], "built");
+    let uv_run = [
+        "run",
+        "uv",
+        "run",
+        "python",
+        "-c",
+        "import vrproj; print(vrproj.NAME)",
+    ];
+    let (out, _) = outputs(&case, &[], &uv_run);
+    assert_eq!(out, "vrproj\n");
+    let pyproject = case.project.join("pyproject.toml");
+    let text = fs::read(&pyproject).unwrap();
+    fs::write(&pyproject, &text).unwrap(); // the same bytes: a new ctime and mtime
+    for run in ["first", "second"] {
+        let (out, err) = outputs(&case, &[], &uv_run);
+        assert_eq!(out, "vrproj\n", "{run} run");
+        for said in ["Installed", "Uninstalled", "Building", "Built"] {
+            assert!(
+                !err.contains(said),
+                "{run} run after a touch of pyproject.toml: uv reinstalled the project:\n{err}"
+            );
+        }
+    }
+    assert_eq!(case.installs().len(), 1, "the tree is reused");
+    // A change uv must see still reaches it: a new version is installed by `uv run` (into
+    // the run's upper: the tree is keyed by pyproject.toml and rebuilt by the next run).
+    fs::write(
+        &pyproject,
+        String::from_utf8_lossy(&text).replace("version = \"0.1\"", "version = \"0.2\""),
+    )
+    .unwrap();
+    in_project(&case, "uv", &["lock"]);
+    case.rebuilds(&[], "a new version in pyproject.toml");
+}
+
+/// uv, as an ordinary user through velo-mountd (the run's overlay is one the service lends):
+/// after a content-neutral touch of pyproject.toml, `uv run` through velo does not reinstall
+/// the project, twice in a row.
+#[test]
+fn uv_run_as_a_user_after_a_touch_of_pyproject_does_not_reinstall_the_project() {
+    use common::mountd::{Mountd, TestUser};
+    use std::os::unix::fs::PermissionsExt;
+    let test = "uv_run_as_a_user_after_a_touch_of_pyproject_does_not_reinstall_the_project";
+    if !can_mount(test) {
+        return;
+    }
+    let Some(uv) = tool_dir(test, "uv") else {
+        return;
+    };
+    // The user may not read root's Pythons (pyenv's live under /root): the system's.
+    let python = Path::new("/usr/bin/python3");
+    if !python.is_file() {
+        eprintln!("SKIPPED {test}: no /usr/bin/python3 for the user");
+        return;
+    }
+    let env = Env::new();
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let tool = lone_tool(test, &env, "uv", uv.join("uv").to_str().unwrap()).unwrap();
+    let mountd = Mountd::start(&env);
+    let user = TestUser::create("uvrec", env.dir.path());
+    let project = env.path("proj");
+    for (rel, text) in [
+        ("tiny_backend.py", fixtures::TINY_BACKEND),
+        ("vrproj/__init__.py", "NAME = 'vrproj'\n"),
+        (
+            "pyproject.toml",
+            "[build-system]\nrequires = []\nbuild-backend = \"tiny_backend\"\n\
+             backend-path = [\".\"]\n\n[project]\nname = \"vrproj\"\nversion = \"0.1\"\n\
+             requires-python = \">=3.11\"\ndependencies = []\n",
+        ),
+    ] {
+        fs::create_dir_all(project.join(rel).parent().unwrap()).unwrap();
+        fs::write(project.join(rel), text).unwrap();
+    }
+    let path = format!("{}:/usr/bin:/bin", tool.display());
+    let vars = [
+        ("PATH", path.as_str()),
+        ("UV_PYTHON", "/usr/bin/python3"),
+        ("UV_PYTHON_DOWNLOADS", "never"),
+        ("UV_OFFLINE", "1"),
+    ];
+    let out = Command::new("uv")
+        .arg("lock")
+        .current_dir(&project)
+        .env_clear()
+        .envs(vars)
+        .env("UV_CACHE_DIR", env.path("uv-cache"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "uv lock: {}", describe(&out));
+    user.own(&project);
+    let velo = |args: &[&str]| {
+        let out = user
+            .velo(&mountd, &project, args)
+            .envs(vars)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "velo {args:?}:\n{}", describe(&out));
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    velo(&["init"]);
+    let uv_run = [
+        "run",
+        "uv",
+        "run",
+        "python",
+        "-c",
+        "import vrproj; print(vrproj.NAME)",
+    ];
+    assert_eq!(velo(&uv_run).0, "vrproj\n");
+    let pyproject = project.join("pyproject.toml");
+    fs::write(&pyproject, fs::read(&pyproject).unwrap()).unwrap(); // same bytes, new ctime
+    for run in ["first", "second"] {
+        let (out, err) = velo(&uv_run);
+        assert_eq!(out, "vrproj\n", "{run} run");
+        for said in ["Installed", "Uninstalled", "Building", "Built"] {
+            assert!(
+                !err.contains(said),
+                "{run} run after a touch of pyproject.toml: uv reinstalled the project:\n{err}"
+            );
+        }
+    }
+}
+
+/// uv: a build through velo installs into a tmpfs, another filesystem than uv's cache, and
+/// says nothing a plain install would not — no "Failed to hardlink files" — unless the user
+/// chose hardlinks themselves (`UV_LINK_MODE=hardlink`), which velo leaves in force.
+#[test]
+fn a_uv_build_warns_about_hardlinks_only_if_the_user_chose_them() {
+    let test = "a_uv_build_warns_about_hardlinks_only_if_the_user_chose_them";
+    if !can_mount(test) {
+        return;
+    }
+    let Some(tool) = tool_dir(test, "uv") else {
+        return;
+    };
+    let mut case = Case::new();
+    case.with_tool_dir(&tool);
+    let wheel = fixtures::wheel(case.env.dir.path());
+    case.set("UV_PYTHON_DOWNLOADS", "never");
+    case.set("UV_OFFLINE", "1");
+    case.write(
+        "pyproject.toml",
+        &format!(
+            "[project]\nname = \"u\"\nversion = \"0.1\"\nrequires-python = \">=3.8\"\n\
+             dependencies = [\"vrgreet\"]\n[tool.uv]\npackage = false\n\
+             [tool.uv.sources]\nvrgreet = {{ path = \"{}\" }}\n",
+            wheel.display()
+        ),
+    );
+    in_project(&case, "uv", &["lock"]);
+    case.init(&[], "built");
+    let (_, err) = outputs(&case, &[], &["run", "true"]);
+    assert_eq!(case.installs().len(), 1, "built");
+    assert!(err.contains("vrgreet"), "the install's own output: {err}");
+    assert!(
+        !err.contains("Failed to hardlink"),
+        "uv's hardlink warning on a build through velo:\n{err}"
+    );
+    let vars = [("UV_LINK_MODE", "hardlink")];
+    let (_, err) = outputs(&case, &vars, &["run", "true"]);
+    assert_eq!(case.installs().len(), 2, "UV_LINK_MODE keys the tree");
+    assert!(
+        err.contains("Failed to hardlink"),
+        "the user's UV_LINK_MODE=hardlink was not left in force:\n{err}"
+    );
+}
+
+/// Poetry: a cold build through velo says nothing a plain `poetry install` into a fresh
+/// checkout would not (velo's empty mount point is no "broken" venv), and poetry's user
+/// config (`~/.config/pypoetry/config.toml`) keys the venv — `virtualenvs.options.no-pip`
+/// there builds a venv without pip; without it, the first venv again.
+#[test]
+fn a_poetry_build_says_what_a_plain_install_says_and_its_user_config_keys_the_venv() {
+    let test = "a_poetry_build_says_what_a_plain_install_says_and_its_user_config_keys_the_venv";
+    if !can_mount(test) {
+        return;
+    }
+    let mut case = Case::new();
+    let Some(tool) = lone_tool(
+        test,
+        &case.env,
+        "poetry",
+        "/opt/velo-tools/poetry/bin/poetry",
+    ) else {
+        return;
+    };
+    case.with_tool_dir(&tool);
+    let wheel = fixtures::wheel(case.env.dir.path());
+    case.write(
+        "pyproject.toml",
+        &format!(
+            "[tool.poetry]\npackage-mode = false\n\n[tool.poetry.dependencies]\n\
+             python = \">=3.8\"\nvrgreet = {{ path = \"{}\" }}\n",
+            wheel.display()
+        ),
+    );
+    in_project(&case, "poetry", &["lock", "--no-interaction"]);
+    // (`poetry lock` makes a venv to resolve with: a fresh checkout has none.)
+    let _ = fs::remove_dir_all(case.project.join(".venv"));
+    case.init(&[], "built");
+    let (_, err) = outputs(&case, &[], &["run", "true"]);
+    assert_eq!(case.installs().len(), 1, "built");
+    assert!(err.contains("Installing vrgreet"), "poetry's output: {err}");
+    for not_said in ["seems to be broken", "Recreating"] {
+        assert!(
+            !err.contains(not_said),
+            "a cold build through velo says {not_said:?}, a plain install does not:\n{err}"
+        );
+    }
+    assert!(
+        err.contains(&format!(
+            "Creating virtualenv non-package-mode in {}",
+            case.project.join(".venv").display()
+        )),
+        "{err}"
+    );
+    let pip = |case: &Case| {
+        case.sh(
+            &[],
+            "test -d .venv/lib/python3*/site-packages/pip && echo pip || echo none",
+        )
+    };
+    assert_eq!(pip(&case), "pip\n");
+    case.write(
+        "~/.config/pypoetry/config.toml",
+        "[virtualenvs.options]\nno-pip = true\n",
+    );
+    case.rebuilds(&[], "virtualenvs.options.no-pip in poetry's user config");
+    assert_eq!(pip(&case), "none\n");
+    fs::remove_file(case.home.join(".config/pypoetry/config.toml")).unwrap();
+    case.reuses(&[], "poetry's user config gone again");
+    assert_eq!(pip(&case), "pip\n");
+}
+
+/// Yarn Berry (`.yarnrc.yml`, `nodeLinker: node-modules`): the user's `~/.yarnrc.yml` keys
+/// the tree — `enableScripts: true` there builds a tree where the dependency's postinstall
+/// ran; without it, the first tree again.
+#[test]
+fn yarn_berrys_user_rc_keys_the_tree() {
+    let test = "yarn_berrys_user_rc_keys_the_tree";
+    if !can_mount(test) {
+        return;
+    }
+    let mut case = Case::new();
+    let Some(tool) = lone_tool(
+        test,
+        &case.env,
+        "yarn",
+        "/opt/velo-tools/yarn-berry/node_modules/@yarnpkg/cli-dist/bin/yarn.js",
+    ) else {
+        return;
+    };
+    case.with_tool_dir(&tool);
+    case.set("YARN_ENABLE_TELEMETRY", "0");
+    let math = fixtures::npm_tarball(
+        case.env.dir.path(),
+        &case.env.path("npm-cache"),
+        "vr-math",
+        "1.0.0",
+        r#""scripts":{"postinstall":"node -e \"require('fs').writeFileSync('built.txt','')\""}"#,
+        &[("index.js", "exports.add = (a, b) => a + b;\n")],
+    );
+    case.write(
+        "package.json",
+        &format!(
+            r#"{{"name":"p","version":"1.0.0","private":true,"dependencies":{{"vr-math":"file:{}"}}}}"#,
+            math.display()
+        ),
+    );
+    case.write(".yarnrc.yml", "nodeLinker: node-modules\n");
+    in_project(&case, "yarn", &["install"]);
+    fs::remove_dir_all(case.project.join("node_modules")).unwrap();
+    case.init(&[], "built");
+    let toml = fs::read_to_string(case.project.join("velo.toml")).unwrap();
+    assert!(toml.contains("yarn install --immutable"), "{toml}");
+    let ran = |case: &Case| {
+        case.sh(
+            &[],
+            "test -f node_modules/vr-math/built.txt && echo ran || echo not",
+        )
+    };
+    assert_eq!(ran(&case), "not\n");
+    case.write("~/.yarnrc.yml", "enableScripts: true\n");
+    case.rebuilds(&[], "enableScripts: true in ~/.yarnrc.yml");
+    assert_eq!(ran(&case), "ran\n");
+    fs::remove_file(case.home.join(".yarnrc.yml")).unwrap();
+    case.reuses(&[], "~/.yarnrc.yml gone again");
+    assert_eq!(ran(&case), "not\n");
+}

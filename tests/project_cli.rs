@@ -408,3 +408,80 @@ fn the_users_cargo_config_is_in_force_in_velo_run() {
         describe(&out)
     );
 }
+
+/// `velo ls` and `velo status` name a dependency tree by the project and dir it was made for,
+/// not only by its key — as root (the store's own listing) and as an ordinary user (through
+/// velo-mountd) — in text and in `--json` alike. Two projects sharing a key (the same
+/// lockfile) are both named.
+#[test]
+fn ls_and_status_name_the_project_and_dir_of_each_deps_ref() {
+    use common::mountd::{Mountd, TestUser};
+    if !can_mount("ls_and_status_name_the_project_and_dir_of_each_deps_ref") {
+        return;
+    }
+    let env = Env::new();
+    let project = fixtures::custom_project(env.dir.path(), &env.path("proj"));
+    let other = fixtures::custom_project(env.dir.path(), &env.path("other"));
+    ok(&env, &project, &["run", "true"]);
+    ok(&env, &other, &["run", "true"]);
+    let want = serde_json::json!([
+        {"project": path_str(&project), "dir": "deps"},
+        {"project": path_str(&other), "dir": "deps"},
+    ]);
+
+    let ls: serde_json::Value =
+        serde_json::from_str(&ok(&env, &project, &["--json", "ls"])).unwrap();
+    let refs = ls["refs"].as_array().unwrap();
+    assert_eq!(refs.len(), 1, "{ls}");
+    assert_eq!(refs[0]["belongs_to"], want, "{ls}");
+    let text = ok(&env, &project, &["ls"]);
+    assert!(
+        text.contains(&format!(
+            "<- {} (deps), {} (deps)",
+            path_str(&project),
+            path_str(&other)
+        )),
+        "{text}"
+    );
+
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&env, &project, &["--json", "status"])).unwrap();
+    assert_eq!(status[0]["project"], path_str(&project), "{status}");
+    assert_eq!(status[0]["dir"], "deps", "{status}");
+    let text = ok(&env, &project, &["status"]);
+    assert!(
+        text.starts_with(&format!("project {}\ndeps ", path_str(&project))),
+        "{text}"
+    );
+
+    // An ordinary user, through velo-mountd: their own refs, named the same way.
+    let mountd = Mountd::start(&env);
+    let user = TestUser::create("names", env.dir.path());
+    let theirs = fixtures::custom_project(env.dir.path(), &env.path("theirs"));
+    user.own(&theirs);
+    let run = |args: &[&str]| {
+        let out = user.velo(&mountd, &theirs, args).output().unwrap();
+        assert!(out.status.success(), "velo {args:?}:\n{}", describe(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(&["run", "true"]);
+    let ls: serde_json::Value = serde_json::from_str(&run(&["--json", "ls"])).unwrap();
+    let refs = ls["refs"].as_array().unwrap();
+    assert_eq!(refs.len(), 1, "{ls}");
+    assert_eq!(
+        refs[0]["belongs_to"],
+        serde_json::json!([{"project": path_str(&theirs), "dir": "deps"}]),
+        "{ls}"
+    );
+    assert!(
+        refs[0]["name"].as_str().unwrap().starts_with("deps/"),
+        "{ls}"
+    );
+    let text = run(&["ls"]);
+    assert!(
+        text.contains(&format!("<- {} (deps)", path_str(&theirs))),
+        "{text}"
+    );
+    let status: serde_json::Value = serde_json::from_str(&run(&["--json", "status"])).unwrap();
+    assert_eq!(status[0]["project"], path_str(&theirs), "{status}");
+}

@@ -175,6 +175,80 @@ pub(crate) fn mount_empty(target: &Path, empty: Empty<'_>) -> anyhow::Result<()>
     })
 }
 
+/// Runs an install (`cmd`, not yet started) with its output on velo's stderr (stdout belongs
+/// to the command velo runs next), and waits for it.
+///
+/// Poetry's is passed on line by line with one difference: velo made each of `dirs` an empty
+/// dir for the install, which poetry calls "broken" before it creates the venv there ("The
+/// virtual environment found in DIR seems to be broken." / "Recreating virtualenv NAME in
+/// DIR"); a plain install into a fresh checkout, where the dir does not exist, says "Creating
+/// virtualenv NAME in DIR" — so that is what the build says. (Poetry checks the dir before it
+/// creates anything, and the install must write at the real path, where velo's empty mount
+/// is.)
+pub(crate) fn run_install(
+    mut cmd: std::process::Command,
+    ecosystem: &str,
+    dirs: &[&Path],
+) -> std::io::Result<std::process::ExitStatus> {
+    use std::io::{BufRead, Write};
+    let err = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned();
+    if ecosystem != "poetry" {
+        if let Ok(err) = err {
+            cmd.stdout(err);
+        }
+        return cmd.status();
+    }
+    let (reader, writer) = std::io::pipe()?;
+    cmd.stdout(writer.try_clone()?).stderr(writer);
+    let mut child = cmd.spawn()?;
+    drop(cmd); // its copies of the pipe's write end: the read below ends when the install's do
+    let mut out = std::io::stderr().lock();
+    for line in std::io::BufReader::new(reader).split(b'\n') {
+        let Ok(line) = line else { break };
+        if let Some(line) = poetry_line(line, dirs) {
+            let _ = out.write_all(&line).and_then(|()| out.write_all(b"\n"));
+        }
+    }
+    drop(out);
+    child.wait()
+}
+
+/// A line of poetry's output as a plain install would have printed it (see [`run_install`]);
+/// `None`: not printed.
+fn poetry_line(line: Vec<u8>, dirs: &[&Path]) -> Option<Vec<u8>> {
+    // Colours, where poetry was told to use them, do not hide the words.
+    let mut plain = Vec::with_capacity(line.len());
+    let mut i = 0;
+    while i < line.len() {
+        if line[i] == 0x1b && line.get(i + 1) == Some(&b'[') {
+            i += 2;
+            while i < line.len() && !line[i].is_ascii_alphabetic() {
+                i += 1;
+            }
+            i += 1;
+            continue;
+        }
+        plain.push(line[i]);
+        i += 1;
+    }
+    let plain = String::from_utf8_lossy(&plain);
+    let plain = plain.trim_end_matches('\r');
+    for dir in dirs {
+        let dir = dir.display();
+        if plain == format!("The virtual environment found in {dir} seems to be broken.") {
+            return None;
+        }
+        if plain.starts_with("Recreating virtualenv ") && plain.ends_with(&format!(" in {dir}")) {
+            let at = line.windows(10).position(|w| w == b"Recreating")?;
+            let mut fixed = line[..at].to_vec();
+            fixed.extend_from_slice(b"Creating");
+            fixed.extend_from_slice(&line[at + 10..]);
+            return Some(fixed);
+        }
+    }
+    Some(line)
+}
+
 /// True if the filesystem at `path` has (almost) no blocks or inodes left.
 fn nearly_full(path: &Path) -> bool {
     rustix::fs::statvfs(path).is_ok_and(|s| {
@@ -264,12 +338,9 @@ fn build_child_inner(b: &UserBuild<'_>, place: &Place<'_>) -> anyhow::Result<i32
     for k in b.env_remove {
         cmd.env_remove(k);
     }
-    // The install's output goes to stderr: stdout belongs to the command velo runs next.
-    if let Ok(err) = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
-        cmd.stdout(err);
-    }
-    let status = cmd
-        .status()
+    let ecosystem = b.dirs.first().map_or("", |d| d.ecosystem.as_str());
+    let targets: Vec<&Path> = b.dirs.iter().map(|d| d.path.as_path()).collect();
+    let status = run_install(cmd, ecosystem, &targets)
         .with_context(|| format!("start the install `{}`", b.install))?;
     if !status.success() {
         eprintln!(
@@ -330,6 +401,31 @@ fn build_child_inner(b: &UserBuild<'_>, place: &Place<'_>) -> anyhow::Result<i32
 mod tests {
     use super::*;
     use crate::memory::MIN_BUDGET;
+
+    #[test]
+    fn poetry_says_what_it_says_on_a_fresh_checkout() {
+        let dir = Path::new("/p/.venv");
+        let line = |s: &str| poetry_line(s.as_bytes().to_vec(), &[dir]);
+        assert_eq!(
+            line("The virtual environment found in /p/.venv seems to be broken."),
+            None
+        );
+        assert_eq!(
+            line("Recreating virtualenv app in /p/.venv"),
+            Some(b"Creating virtualenv app in /p/.venv".to_vec())
+        );
+        assert_eq!(
+            line("\x1b[39mRecreating virtualenv \x1b[36mapp\x1b[39m in /p/.venv\x1b[0m"),
+            Some(b"\x1b[39mCreating virtualenv \x1b[36mapp\x1b[39m in /p/.venv\x1b[0m".to_vec())
+        );
+        for other in [
+            "The virtual environment found in /q/.venv seems to be broken.",
+            "Recreating virtualenv app in /p/.venv2",
+            "  - Installing vrgreet (1.2.3)",
+        ] {
+            assert_eq!(line(other), Some(other.as_bytes().to_vec()), "{other}");
+        }
+    }
 
     #[test]
     fn a_build_goes_to_memory_when_there_is_room_and_as_told() {

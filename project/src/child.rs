@@ -45,6 +45,9 @@ pub struct PlannedMount {
 /// ref.
 #[derive(Debug, Clone)]
 pub struct Build {
+    /// The ecosystem of the entry (how its install's output is passed on:
+    /// [`crate::build::run_install`]).
+    pub ecosystem: String,
     /// The install command (`sh -c`).
     pub install: String,
     /// Each dir the install fills.
@@ -218,13 +221,9 @@ fn build_inner(plan: &Plan, build: &Build) -> anyhow::Result<i32> {
     for k in &plan.env_remove {
         cmd.env_remove(k);
     }
-    // The install's output goes to stderr: stdout belongs to the command velo runs next.
-    if let Ok(err) = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
-        cmd.stdout(err);
-    }
     plan.user.apply(&mut cmd);
-    let status = cmd
-        .status()
+    let targets: Vec<&std::path::Path> = build.dirs.iter().map(|d| d.target.as_path()).collect();
+    let status = crate::build::run_install(cmd, &build.ecosystem, &targets)
         .with_context(|| format!("start the install `{}`", build.install))?;
     if !status.success() {
         eprintln!(

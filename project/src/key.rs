@@ -504,6 +504,17 @@ pub fn gather(
             read_text(p)
         }));
     }
+    if unit.ecosystem == "uv" {
+        // uv reinstalls the project when these change (its default cache keys, with
+        // pyproject.toml, an input); velo tells uv they did not when their contents key the
+        // tree (see `crate::uv`).
+        for name in ["setup.py", "setup.cfg"] {
+            derived.push(inputs::ConfigFile {
+                role: format!("uv project {name}"),
+                path: project.join(name),
+            });
+        }
+    }
     for f in derived {
         let digest = cache.derived_digest(&f.path);
         files.push((f.role, digest));

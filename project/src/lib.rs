@@ -3,6 +3,7 @@
 //! A project's dependency dirs, keyed by its lockfiles, built once and then mounted in
 //! milliseconds. The CLI (`src/`) only parses arguments and prints; the flows live here.
 
+pub mod belongs;
 pub mod build;
 pub mod cargo_config;
 pub mod child;
@@ -17,6 +18,7 @@ pub mod seed;
 pub mod tools;
 pub mod user;
 pub mod userns;
+pub mod uv;
 
 use std::path::{Path, PathBuf};
 
@@ -43,7 +45,8 @@ pub struct ManagedDir {
 }
 
 /// Resolves every managed dir of `config` (keys computed from the project's current state),
-/// with the key cache at `cache_at`.
+/// with the key cache at `cache_at`, and records which project dir each ref belongs to (see
+/// [`belongs`]).
 pub fn resolve(
     cache_at: &CacheAt<'_>,
     project: &Path,
@@ -67,6 +70,7 @@ pub fn resolve(
         }
     }
     cache.save(cache_at);
+    belongs::record(cache_at, project, &out);
     Ok(out)
 }
 

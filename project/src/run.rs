@@ -109,6 +109,8 @@ fn run_as_root(
     let store = Store::open_or_create(store_path)?;
     let dirs = resolve(&CacheAt::Store(&store), project, config, &user)?;
     log_dirs(project, config, &dirs);
+    let venvs = crate::uv::cache_record_venvs(project, config, &dirs);
+    let before_command = || crate::uv::agree_cache_records(project, &venvs);
 
     // Build what is missing, one entry of velo.toml at a time, each key once across processes.
     for (i, unit) in config.units.iter().enumerate() {
@@ -161,10 +163,11 @@ fn run_as_root(
             project: project.to_owned(),
             user: user.clone(),
             mounts: Vec::new(),
-            env: unit_env(unit, project).into_iter().collect(),
+            env: crate::uv::build_env(unit, project, &user),
             env_remove: super::key::install_env(project, unit, &user).1,
         };
         let build = Build {
+            ecosystem: unit.ecosystem.clone(),
             install: unit.install.clone(),
             dirs: unit_dirs
                 .iter()
@@ -219,6 +222,7 @@ fn run_as_root(
             &env,
             &user,
             &enter,
+            &before_command,
         );
     }
 
@@ -256,7 +260,7 @@ fn run_as_root(
         env_remove: Vec::new(),
     };
     drop(store); // reopened inside the namespace
-    run_mounted(&plan, argv)
+    run_mounted(&plan, argv, &before_command)
 }
 
 /// A connection to velo-mountd if one serves `store` (root may use it for its mounts).
@@ -306,6 +310,8 @@ fn run_as_user(
     let cache = crate::user_cache_dir()?;
     let dirs = resolve(&CacheAt::Dir(cache.clone()), project, config, &user)?;
     log_dirs(project, config, &dirs);
+    let venvs = crate::uv::cache_record_venvs(project, config, &dirs);
+    let before_command = || crate::uv::agree_cache_records(project, &venvs);
     for d in &dirs {
         std::fs::create_dir_all(&d.path).with_context(|| format!("create {}", d.path.display()))?;
     }
@@ -334,6 +340,7 @@ fn run_as_user(
         &env,
         &user,
         &enter,
+        &before_command,
     )
 }
 
@@ -391,8 +398,8 @@ fn build_missing_as_user(
                 unit.install
             );
         }
-        let env: BTreeMap<String, String> = unit_env(unit, project).into_iter().collect();
         let user = super::user::User::invoking(None)?;
+        let env = crate::uv::build_env(unit, project, &user);
         let at = CacheAt::Dir(cache.to_owned());
         build::build_as_user(&build::UserBuild {
             socket,
@@ -516,8 +523,9 @@ fn mount_all(
     Ok(Some(mounts))
 }
 
-/// Enters a namespace of this process's own (`enter`), attaches the mounts there, runs the
-/// command, and hands the mounts back.
+/// Enters a namespace of this process's own (`enter`), attaches the mounts there, runs
+/// `before_command` (uv's cache records: see [`crate::uv`]) and the command, and hands the
+/// mounts back.
 #[allow(clippy::too_many_arguments)]
 fn attach_and_run(
     client: Client,
@@ -528,6 +536,7 @@ fn attach_and_run(
     env: &BTreeMap<String, String>,
     user: &User,
     enter: &dyn Fn() -> anyhow::Result<()>,
+    before_command: &dyn Fn(),
 ) -> anyhow::Result<i32> {
     enter()?;
     for (d, m) in dirs.iter().zip(&mounts) {
@@ -535,6 +544,7 @@ fn attach_and_run(
             .with_context(|| format!("attach the mount at {}", d.path.display()))?;
     }
     drop(mounts);
+    before_command();
     let targets: Vec<PathBuf> = dirs.iter().map(|d| d.path.clone()).collect();
     let status = start_command(argv, env, user, &targets, || {});
     for t in targets.iter().rev() {
@@ -621,12 +631,13 @@ pub(crate) fn in_child(work: impl FnOnce() -> i32) -> anyhow::Result<(i32, u32)>
 }
 
 /// The direct path (root, no service): this process (single-threaded) enters a private mount
-/// namespace, mounts every dir there, runs the command; then the mounts go and their
-/// discarded uppers with them.
-fn run_mounted(plan: &Plan, argv: &[OsString]) -> anyhow::Result<i32> {
+/// namespace, mounts every dir there, runs `before_command` and the command; then the mounts
+/// go and their discarded uppers with them.
+fn run_mounted(plan: &Plan, argv: &[OsString], before_command: &dyn Fn()) -> anyhow::Result<i32> {
     let budget = velo_mount::profile::budget_from_env().map_err(anyhow::Error::msg)?;
     let started = std::time::Instant::now();
     let store = super::child::enter_and_mount(plan)?;
+    before_command();
     for m in &plan.mounts {
         tracing::info!("{}: image {}", m.target.display(), m.image);
     }

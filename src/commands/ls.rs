@@ -10,12 +10,33 @@ use velo_objects::{Digest, Store};
 
 use super::Ctx;
 use crate::output;
+use velo_project::belongs::{self, Belongs};
+use velo_project::key::CacheAt;
 
 #[derive(Serialize)]
 struct RefRow {
     name: String,
     digest: Option<Digest>,
     error: Option<String>,
+    /// The project dirs a dependency ref was made for (see `velo_project::belongs`).
+    belongs_to: Vec<Belongs>,
+}
+
+/// A ref as velo-mountd lists it to a user, and the project dirs it was made for.
+#[derive(Serialize)]
+struct ServiceRefRow {
+    #[serde(flatten)]
+    entry: velo_mount::protocol::RefEntry,
+    belongs_to: Vec<Belongs>,
+}
+
+/// `  <- /p (node_modules)` after a ref that belongs to project dirs.
+fn belongs_suffix(list: &[Belongs]) -> String {
+    if list.is_empty() {
+        String::new()
+    } else {
+        format!("  <- {}", belongs::describe(list))
+    }
 }
 
 #[derive(Serialize)]
@@ -49,19 +70,43 @@ pub fn ls(ctx: &Ctx) -> anyhow::Result<ExitCode> {
         let refs = client.refs()?;
         let store = client.hello().store.clone();
         client.done();
+        let mut record = velo_project::user_cache_dir()
+            .map(|d| belongs::load(&CacheAt::Dir(d)))
+            .unwrap_or_default();
+        let refs: Vec<ServiceRefRow> = refs
+            .into_iter()
+            .map(|entry| ServiceRefRow {
+                belongs_to: if entry.published {
+                    Vec::new()
+                } else {
+                    record.remove(&entry.name).unwrap_or_default()
+                },
+                entry,
+            })
+            .collect();
         if ctx.json {
             output::json(&serde_json::json!({ "store": store, "refs": refs }))?;
         } else {
             ctx.say(format!("store {} (through velo-mountd)", store.display()));
             ctx.say("refs:");
             for r in &refs {
-                let published = if r.published { "  (published)" } else { "" };
-                ctx.say(format!("  {:<40} {}{published}", r.name, r.image));
+                let published = if r.entry.published {
+                    "  (published)"
+                } else {
+                    ""
+                };
+                ctx.say(format!(
+                    "  {:<40} {}{published}{}",
+                    r.entry.name,
+                    r.entry.image,
+                    belongs_suffix(&r.belongs_to)
+                ));
             }
         }
         return Ok(ExitCode::SUCCESS);
     }
     let store = Store::open(&ctx.store)?;
+    let mut record = belongs::load(&CacheAt::Store(&store));
     let mut refs_of: BTreeMap<Digest, Vec<String>> = BTreeMap::new();
     let refs: Vec<RefRow> = store
         .list_refs()?
@@ -70,12 +115,14 @@ pub fn ls(ctx: &Ctx) -> anyhow::Result<ExitCode> {
             Ok(d) => {
                 refs_of.entry(d).or_default().push(name.clone());
                 RefRow {
+                    belongs_to: record.remove(&name).unwrap_or_default(),
                     name,
                     digest: Some(d),
                     error: None,
                 }
             }
             Err(e) => RefRow {
+                belongs_to: record.remove(&name).unwrap_or_default(),
                 name,
                 digest: None,
                 error: Some(e.to_string()),
@@ -134,7 +181,12 @@ pub fn ls(ctx: &Ctx) -> anyhow::Result<ExitCode> {
     }
     for r in &listing.refs {
         match (&r.digest, &r.error) {
-            (Some(d), _) => ctx.say(format!("  {:<40} {}", r.name, d)),
+            (Some(d), _) => ctx.say(format!(
+                "  {:<40} {}{}",
+                r.name,
+                d,
+                belongs_suffix(&r.belongs_to)
+            )),
             (None, Some(e)) => ctx.say(format!("  {:<40} BROKEN: {e}", r.name)),
             _ => {}
         }

@@ -62,6 +62,7 @@ pub fn run(
 
 #[derive(Serialize)]
 struct StatusRow {
+    project: String,
     ecosystem: String,
     dir: String,
     key: String,
@@ -87,6 +88,7 @@ pub fn status(ctx: &Ctx) -> anyhow::Result<ExitCode> {
     if ctx.json {
         output::json(&rows)?;
     } else {
+        outln!("project {}", project.display());
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -109,10 +111,10 @@ pub fn status(ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 .map(|b| format!("; persisted writes {}", output::bytes(b)))
                 .unwrap_or_default();
             outln!(
-                "{:<28} {:<6} key {}  {state}{persisted}",
+                "{:<28} {:<6} {}  {state}{persisted}",
                 r.dir,
                 r.ecosystem,
-                r.key
+                r.ref_name
             );
         }
     }
@@ -157,6 +159,7 @@ fn status_of_store(
                     .and_then(|_| s.tenant_upper_bytes(&tenant).ok())
             }),
             image,
+            project: project.display().to_string(),
             ecosystem: d.ecosystem,
             dir: d.dir,
             key: d.key,
@@ -187,6 +190,7 @@ fn status_through_service(
             bytes: r.bytes,
             persisted_bytes: r.persisted_bytes,
             image: r.image,
+            project: project.display().to_string(),
             ecosystem: d.ecosystem,
             dir: d.dir,
             key: d.key,
