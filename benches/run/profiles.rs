@@ -26,6 +26,8 @@ use crate::sys::{self, LoopExt4, drop_caches, run, timed};
 
 /// Runs the service records before a profile is settled (`velo_mount::profile::RECORD_RUNS`).
 const RECORD_RUNS: u64 = 3;
+/// Runs after which a profile that names nothing is settled (`RECORD_RUNS_EMPTY`).
+const RECORD_RUNS_EMPTY: u64 = 10;
 /// Cold `velo run` at most this fraction of the native cold time.
 const COLD_TARGET: f64 = 0.8;
 /// Warm `velo run` at most this many percent over native.
@@ -112,8 +114,12 @@ fn wait_for_runs(path: &Path, runs: u64) -> Vec<u8> {
     while runs_of(path) < runs {
         assert!(
             Instant::now() < deadline,
-            "velo-mountd wrote no profile of {runs} runs at {}",
-            path.display()
+            "velo-mountd wrote no profile of {runs} runs at {} (its log: {})",
+            path.display(),
+            path.ancestors()
+                .nth(4)
+                .map(|run| run.join("velo-mountd.log").display().to_string())
+                .unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -137,12 +143,9 @@ fn record(env: &Env, tree: &Tree, lang: Lang) -> Profiles {
     }
     let main = std::fs::read(&path).expect("read the profile");
     remove(&path);
-    run(&mut env.velo_run(
-        &tree.velo_project,
-        lang.argv_of(lang.other_modules()),
-    ));
+    run(&mut env.velo_run(&tree.velo_project, lang.argv_of(lang.other_modules())));
     let other = with_runs(&wait_for_runs(&path, 1), RECORD_RUNS);
-    let empty = format!(r#"{{"version":1,"runs":{RECORD_RUNS},"files":[]}}"#).into_bytes();
+    let empty = format!(r#"{{"version":1,"runs":{RECORD_RUNS_EMPTY},"files":[]}}"#).into_bytes();
     write_atomic(&path, &main);
     Profiles {
         path,
@@ -180,36 +183,51 @@ fn describe_profile(env: &Env, tree: &Tree, what: &str, bytes: &[u8]) -> u64 {
     cached
 }
 
-/// `Cached:` of /proc/meminfo, in bytes.
-fn page_cache_bytes() -> u64 {
-    let text = std::fs::read_to_string("/proc/meminfo").expect("read /proc/meminfo");
-    text.lines()
-        .find_map(|l| l.strip_prefix("Cached:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .expect("Cached: in /proc/meminfo")
+/// Every object file in the store.
+fn store_objects(env: &Env) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for dir in std::fs::read_dir(env.store.join("objects")).expect("list objects/") {
+        let dir = dir.expect("list objects/").path();
+        for f in std::fs::read_dir(&dir).expect("list a fan-out dir") {
+            out.push(f.expect("list a fan-out dir").path());
+        }
+    }
+    out
 }
 
-/// How much the page cache grows over a cold `velo run true` and the read-ahead it starts
-/// (until the cache has not grown by more than 1 MiB for a second).
-fn cache_growth(env: &Env, tree: &Tree) -> u64 {
+/// Bytes of `files` in the page cache (`fincore`: mincore(2), which reads nothing in).
+fn resident(files: &[PathBuf]) -> u64 {
+    files
+        .chunks(2000)
+        .map(|chunk| {
+            let out = run(crate::sys::cmd(
+                "fincore",
+                ["--bytes", "--noheadings", "--output", "RES"],
+            )
+            .args(chunk));
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| l.trim().parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+/// The store's objects in the page cache after a cold `velo run true` and the read-ahead it
+/// starts (once two looks a second apart agree).
+fn objects_cached_after_true(env: &Env, tree: &Tree, objects: &[PathBuf]) -> u64 {
     drop_caches();
-    let before = page_cache_bytes();
     run(&mut env.velo_run(&tree.velo_project, ["true"]));
-    let mut last = page_cache_bytes();
-    let mut still = 0;
+    let mut last = resident(objects);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while still < 10 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = page_cache_bytes();
-        if now.abs_diff(last) < 1 << 20 {
-            still += 1;
-        } else {
-            still = 0;
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = resident(objects);
+        if now == last || Instant::now() > deadline {
+            return now;
         }
         last = now;
     }
-    last.saturating_sub(before)
 }
 
 /// (e) for one language.
@@ -231,7 +249,10 @@ pub fn cold_start(
     describe_profile(
         env,
         tree,
-        &format!("profile of another command ({})", lang.other_modules().join(", ")),
+        &format!(
+            "profile of another command ({})",
+            lang.other_modules().join(", ")
+        ),
         &profiles.other,
     );
 
@@ -279,9 +300,13 @@ pub fn cold_start(
         }
     }
     profiles.set(State::Profile);
-    println!("  cold (sync; echo 3 > /proc/sys/vm/drop_caches before every run), imports timed inside the process:");
+    println!(
+        "  cold (sync; echo 3 > /proc/sys/vm/drop_caches before every run), imports timed inside the process:"
+    );
     import::print_sides(&sides.iter().collect::<Vec<_>>());
-    println!("  the same runs, whole processes (velo's mount and the runtime's start-up included):");
+    println!(
+        "  the same runs, whole processes (velo's mount and the runtime's start-up included):"
+    );
     print_table(&whole.iter().collect::<Vec<_>>());
 
     // Warm: the profile in place (as every run after the first three).
@@ -309,15 +334,18 @@ pub fn cold_start(
     println!("  warm:");
     import::print_sides(&[&warm[0], &warm[1]]);
 
-    // Memory: the page cache a cold `velo run true` fills, with and without the profile.
+    // Memory: the store's objects in the page cache after a cold `velo run true` (which
+    // reads none), with and without the profile.
+    let objects = store_objects(env);
     profiles.set(State::AsBefore);
-    let without = cache_growth(env, tree);
+    let without = objects_cached_after_true(env, tree, &objects);
     profiles.set(State::Profile);
-    let with = cache_growth(env, tree);
+    let with = objects_cached_after_true(env, tree, &objects);
     let read_ahead = with.saturating_sub(without);
     println!(
-        "  page cache filled by a cold `velo run true` and what it starts: {:.1} MiB with the \
-         profile, {:.1} MiB as before: the read-ahead took {:.1} MiB for a profile of {:.1} MiB",
+        "  the store's objects in the page cache after a cold `velo run true` (which reads \
+         none of them): {:.1} MiB with the profile, {:.1} MiB as before: the read-ahead took \
+         {:.1} MiB for a profile of {:.1} MiB",
         with as f64 / 1048576.0,
         without as f64 / 1048576.0,
         read_ahead as f64 / 1048576.0,

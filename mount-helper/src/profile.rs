@@ -27,11 +27,17 @@ use velo_objects::{Digest, MAX_PROFILE_ENTRIES, Profile, Store};
 pub const RECORD_WINDOW: Duration = Duration::from_secs(20);
 /// An image's profile takes this many runs; later runs are not recorded.
 pub const RECORD_RUNS: u32 = 3;
+/// Runs that read none of the image's objects (`velo run true`) are recorded up to this many
+/// times, so that a profile is not settled empty by a few of them.
+pub const RECORD_RUNS_EMPTY: u32 = 10;
 /// Read-ahead threads: opening an object waits on a directory and an inode block, so several
 /// at once keep the disk's queue full.
 pub const PREFETCH_THREADS: usize = 16;
 /// The default read-ahead budget, in bytes of page cache.
 pub const DEFAULT_PREFETCH_BYTES: u64 = 1 << 30;
+/// Bytes asked for per `fadvise(WILLNEED)`: the kernel reads at most its read-ahead window
+/// (`read_ahead_kb`, or the device's largest request) per call.
+const READ_AHEAD_CHUNK: u64 = 1 << 20;
 /// How many of a profile's objects are checked for being cached before reading it ahead.
 const CACHED_PROBES: usize = 4;
 
@@ -168,16 +174,16 @@ fn read_opens(group: &Fanotify, stop: &OwnedFd, window: Duration) -> Vec<Digest>
 }
 
 /// Merges one recorded run into the profile of `image`: only objects of the image are kept
-/// (with their sizes from it). Best effort: a failure loses the run's profile, nothing else.
-pub fn merge_recorded(store: &Store, image: &Digest, opened: &[Digest]) {
-    if opened.is_empty() {
-        return;
-    }
+/// (with their sizes from it). A run that read none of them counts as a run (a command that
+/// reads nothing from its tree should not be recorded forever) up to [`RECORD_RUNS_EMPTY`].
+/// Returns the profile's runs now. Best effort: a failure loses the run's profile, nothing
+/// else.
+pub fn merge_recorded(store: &Store, image: &Digest, opened: &[Digest]) -> Option<u32> {
     let fs = match velo_image::inspect::load(store, image) {
         Ok(fs) => fs,
         Err(e) => {
             tracing::debug!("profile of {image}: {e}");
-            return;
+            return None;
         }
     };
     let sizes: HashMap<Digest, u64> = velo_image::inspect::objects(&fs).into_iter().collect();
@@ -185,25 +191,35 @@ pub fn merge_recorded(store: &Store, image: &Digest, opened: &[Digest]) {
         .iter()
         .filter_map(|d| sizes.get(d).map(|s| (*d, *s)))
         .collect();
-    if reads.is_empty() {
-        return;
-    }
     let mut profile = store.read_profile(image).ok().flatten().unwrap_or_default();
-    profile.merge_run(&reads);
-    if let Err(e) = store.write_profile(image, &profile) {
-        tracing::warn!("profile of {image}: {e}");
+    if reads.is_empty() {
+        profile.runs = profile.runs.saturating_add(1);
+    } else {
+        profile.merge_run(&reads);
+    }
+    match store.write_profile(image, &profile) {
+        Ok(()) => Some(profile.runs),
+        Err(e) => {
+            tracing::warn!("profile of {image}: {e}");
+            None
+        }
     }
 }
 
-/// Whether a run over `image` should be recorded: its profile (if any) has fewer than
-/// [`RECORD_RUNS`] runs.
-pub fn wants_recording(store: &Store, image: &Digest) -> bool {
-    match store.read_profile(image) {
-        Ok(Some(p)) => p.runs < RECORD_RUNS,
-        Ok(None) => true,
-        // A damaged profile is replaced by a fresh one.
-        Err(_) => true,
+/// Whether a run over `image` should be recorded, given its profile (if any): one with fewer
+/// than [`RECORD_RUNS`] runs, or one that names nothing yet and has fewer than
+/// [`RECORD_RUNS_EMPTY`].
+pub fn wants_recording_of(profile: Option<&Profile>) -> bool {
+    match profile {
+        None => true,
+        Some(p) if p.entries.is_empty() => p.runs < RECORD_RUNS_EMPTY,
+        Some(p) => p.runs < RECORD_RUNS,
     }
+}
+
+/// [`wants_recording_of`] the profile in the store (a damaged one is replaced).
+pub fn wants_recording(store: &Store, image: &Digest) -> bool {
+    wants_recording_of(store.read_profile(image).ok().flatten().as_ref())
 }
 
 /// What a read-ahead did.
@@ -274,7 +290,17 @@ pub fn prefetch(store: &Store, profile: &Profile, budget: u64, threads: usize) -
                     let Ok(fd) = store.open_object(&entry.digest) else {
                         continue;
                     };
-                    let _ = rustix::fs::fadvise(&fd, 0, None, rustix::fs::Advice::WillNeed);
+                    // One WILLNEED reads at most the device's read-ahead window (a few
+                    // MiB): ask chunk by chunk.
+                    let mut offset = 0;
+                    while offset < entry.size {
+                        let advice = rustix::fs::Advice::WillNeed;
+                        let chunk = std::num::NonZeroU64::new(READ_AHEAD_CHUNK);
+                        if rustix::fs::fadvise(&fd, offset, chunk, advice).is_err() {
+                            break;
+                        }
+                        offset += READ_AHEAD_CHUNK;
+                    }
                     files.fetch_add(1, Ordering::Relaxed);
                 }
             });

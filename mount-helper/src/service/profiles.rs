@@ -28,6 +28,8 @@ struct Inner {
     recording: Mutex<HashSet<Digest>>,
     /// Images being read ahead (one read-ahead at a time per image).
     reading: Mutex<HashSet<Digest>>,
+    /// Held while a recorded run is merged into a profile (read, merge, replace).
+    merging: Mutex<()>,
 }
 
 type Stamp = Option<(u64, i64, i64, u64)>;
@@ -48,6 +50,7 @@ impl Profiles {
                 cache: Mutex::new(HashMap::new()),
                 recording: Mutex::new(HashSet::new()),
                 reading: Mutex::new(HashSet::new()),
+                merging: Mutex::new(()),
             }),
         }
     }
@@ -103,18 +106,24 @@ impl Profiles {
     /// recorded; the recording ends when the returned value is dropped (the run gave its mount
     /// back) or after [`RECORD_WINDOW`].
     pub(crate) fn record(&self, store: &Store, image: &Digest) -> Option<Recording> {
-        let runs = self.get(store, image).map_or(0, |p| p.runs);
-        if runs >= profile::RECORD_RUNS || !lock(&self.inner.recording).insert(*image) {
+        let wanted = profile::wants_recording_of(self.get(store, image).as_deref());
+        if !wanted || !lock(&self.inner.recording).insert(*image) {
             return None;
         }
         let inner = self.inner.clone();
         let image = *image;
         let recording = Recording::start(store, RECORD_WINDOW, move |opened| {
+            // The next run may be recorded from now on; merges take turns.
+            lock(&inner.recording).remove(&image);
+            let _merging = lock(&inner.merging);
             if let Ok(store) = Store::open(&inner.root) {
-                profile::merge_recorded(&store, &image, &opened);
+                let runs = profile::merge_recorded(&store, &image, &opened);
+                tracing::info!(
+                    "recorded a run over {image}: it opened {} objects; the profile has {runs:?} runs",
+                    opened.len()
+                );
             }
             lock(&inner.cache).remove(&image);
-            lock(&inner.recording).remove(&image);
         });
         if recording.is_none() {
             lock(&self.inner.recording).remove(&image);
