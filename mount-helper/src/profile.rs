@@ -265,6 +265,16 @@ pub fn prefetch(store: &Store, profile: &Profile, budget: u64, threads: usize) -
         report.cached = true;
         return report;
     }
+    read_ahead(store, profile, budget, threads)
+}
+
+/// Asks for every object of `profile` in order, within `budget` (the part of [`prefetch`]
+/// after its check for a cached profile).
+fn read_ahead(store: &Store, profile: &Profile, budget: u64, threads: usize) -> PrefetchReport {
+    let mut report = PrefetchReport {
+        profiled: profile.entries.len(),
+        ..Default::default()
+    };
     let next = AtomicUsize::new(0);
     let bytes = AtomicU64::new(0);
     let files = AtomicUsize::new(0);
@@ -360,6 +370,75 @@ mod tests {
         assert_eq!(object_of_path(upper.as_bytes()), None);
         let tmp = format!("/tmp/write-{}", &hex[2..]);
         assert_eq!(object_of_path(tmp.as_bytes()), None);
+    }
+
+    fn store_with_objects(n: usize) -> (tempfile::TempDir, Store, Profile) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_create(dir.path().join("s")).unwrap();
+        let reads: Vec<(Digest, u64)> = (0..n)
+            .map(|i| {
+                let data = vec![i as u8; 5000];
+                let d = store
+                    .store_bytes(velo_objects::Kind::Object, &data)
+                    .unwrap()
+                    .digest;
+                (d, 5000)
+            })
+            .collect();
+        (dir, store, Profile::of_run(&reads))
+    }
+
+    #[test]
+    fn read_ahead_stops_at_its_budget_in_profile_order() {
+        let (_dir, store, profile) = store_with_objects(6);
+        // Each 5,000-byte object takes two pages: a budget of 5 pages fits two of them.
+        let r = read_ahead(&store, &profile, 5 * 4096, 1);
+        assert_eq!(
+            (r.profiled, r.files, r.bytes, r.capped),
+            (6, 2, 4 * 4096, true)
+        );
+        let r = prefetch(&store, &profile, 0, 4);
+        assert_eq!((r.files, r.bytes), (0, 0));
+        let r = read_ahead(&store, &profile, u64::MAX, 4);
+        assert_eq!((r.files, r.bytes, r.capped), (6, 6 * 2 * 4096, false));
+    }
+
+    #[test]
+    fn a_missing_object_is_skipped_not_fatal() {
+        let (_dir, store, mut profile) = store_with_objects(2);
+        profile.entries.insert(
+            0,
+            velo_objects::ProfileEntry {
+                digest: Digest::from_bytes([9; 32]),
+                size: 10,
+                hits: 1,
+            },
+        );
+        let r = read_ahead(&store, &profile, u64::MAX, 2);
+        assert_eq!((r.profiled, r.files), (3, 2));
+    }
+
+    #[test]
+    fn profiles_are_recorded_until_settled() {
+        assert!(wants_recording_of(None));
+        let one = Profile::of_run(&[(Digest::from_bytes([1; 32]), 1)]);
+        assert!(wants_recording_of(Some(&one)));
+        let settled = Profile {
+            runs: RECORD_RUNS,
+            ..one.clone()
+        };
+        assert!(!wants_recording_of(Some(&settled)));
+        // Runs that read nothing: recorded longer, then settled too.
+        let empty = Profile {
+            runs: RECORD_RUNS,
+            entries: Vec::new(),
+        };
+        assert!(wants_recording_of(Some(&empty)));
+        let empty_settled = Profile {
+            runs: RECORD_RUNS_EMPTY,
+            entries: Vec::new(),
+        };
+        assert!(!wants_recording_of(Some(&empty_settled)));
     }
 
     proptest! {

@@ -32,6 +32,9 @@ struct Inner {
     merging: Mutex<()>,
 }
 
+/// Runs recorded at once (over different images).
+const MAX_RECORDINGS: usize = 4;
+
 type Stamp = Option<(u64, i64, i64, u64)>;
 /// A profile in memory (`None`: the image has none) and the stamp it was read at.
 type Cached = (Stamp, Option<Arc<Profile>>);
@@ -107,8 +110,12 @@ impl Profiles {
     /// back) or after [`RECORD_WINDOW`].
     pub(crate) fn record(&self, store: &Store, image: &Digest) -> Option<Recording> {
         let wanted = profile::wants_recording_of(self.get(store, image).as_deref());
-        if !wanted || !lock(&self.inner.recording).insert(*image) {
-            return None;
+        {
+            let mut recording = lock(&self.inner.recording);
+            // Each recording adds an event to every object open while it lasts: a few at once.
+            if !wanted || recording.len() >= MAX_RECORDINGS || !recording.insert(*image) {
+                return None;
+            }
         }
         let inner = self.inner.clone();
         let image = *image;
