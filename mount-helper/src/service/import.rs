@@ -290,7 +290,8 @@ fn take_profile(
     };
     match &outcome {
         ProfileOutcome::Dropped { reason } => tracing::warn!(
-            "velo-mountd: the access profile uid {} sent with image {image} was dropped              ({reason}); the image is stored without it",
+            "velo-mountd: the access profile uid {} sent with image {image} was dropped \
+             ({reason}); the image is stored without it",
             caller.uid
         ),
         ProfileOutcome::Stored { .. } => shared.profiles.forget(image),
