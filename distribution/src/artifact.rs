@@ -6,6 +6,7 @@
 //!   config        application/vnd.velo.index.v1+json     the index (below)
 //!   layers[0]     application/vnd.velo.image.v1+erofs    the composefs EROFS image, as stored
 //!   layers[1..]   application/vnd.velo.pack.v1+zstd      objects, concatenated, zstd-compressed
+//!   layers[last]  application/vnd.velo.profile.v1+json   optional: the image's access profile
 //!   annotations   dev.velo.image (its fs-verity digest), dev.velo.ref (the ref pushed)
 //! ```
 //!
@@ -25,6 +26,9 @@ pub const INDEX_MEDIA_TYPE: &str = "application/vnd.velo.index.v1+json";
 pub const IMAGE_MEDIA_TYPE: &str = "application/vnd.velo.image.v1+erofs";
 /// Media type of a pack of objects.
 pub const PACK_MEDIA_TYPE: &str = "application/vnd.velo.pack.v1+zstd";
+/// Media type of the optional last layer: the image's access profile (the JSON text of
+/// `velo_objects::Profile`), which is not part of the image and not in the index.
+pub const PROFILE_MEDIA_TYPE: &str = "application/vnd.velo.profile.v1+json";
 /// Media type of the manifest itself.
 pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 /// Annotation holding the image's fs-verity digest.

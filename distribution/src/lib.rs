@@ -7,6 +7,10 @@
 //!   resumes where it stopped. Each request is retried on its own when it fails transiently
 //!   ([`retry`]), so a flaky registry costs retries of single requests, not whole transfers.
 //! * [`export`] / [`import`]: the same as one stream in a file, for CI caches.
+//! * Both carry the image's access profile (read-ahead hints) beside it, never in it: a layer
+//!   of its own in the artifact, a trailer in the stream. One that arrives is parsed bounded
+//!   and cut to the image's objects; a bad one is dropped with a warning, never failing the
+//!   transfer.
 //!
 //! Nothing from elsewhere is trusted: every object's fs-verity digest is checked as it arrives
 //! (a wrong byte is an error and is never stored), and an image is parsed in userspace and
@@ -19,6 +23,7 @@ mod cache;
 mod error;
 mod ingest;
 pub mod pack;
+mod profile;
 mod pull;
 mod push;
 pub mod registry;
@@ -27,6 +32,7 @@ mod stream;
 
 pub use address::OciAddress;
 pub use error::{DistError, Result};
+pub use profile::ProfileSent;
 pub use pull::{PullOptions, PullReport, pull};
 pub use push::{PushOptions, PushReport, push};
 pub use retry::RetryPolicy;

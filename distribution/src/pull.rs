@@ -8,7 +8,9 @@ use std::time::Instant;
 use futures_util::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use velo_image::inspect;
-use velo_objects::{Area, Digest, Kind, Store, validate_ref_name};
+use velo_objects::{
+    Area, Digest, Kind, MAX_PROFILE_BYTES, ProfileOutcome, Store, validate_ref_name,
+};
 
 use crate::address::OciAddress;
 use crate::artifact::{self, BlobEntry, Index};
@@ -72,6 +74,9 @@ pub struct PullReport {
     pub new_image: bool,
     /// Requests made again after a transient failure (a 5xx, a 429, a broken connection).
     pub retries: u64,
+    /// What became of the access profile that came with the image (a bad one is dropped,
+    /// never failing the pull).
+    pub profile: ProfileOutcome,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
@@ -160,7 +165,7 @@ async fn pull_async(
     let index: Index = serde_json::from_slice(&index_bytes)
         .map_err(|e| bad(format!("the index is malformed: {e}")))?;
     index.validate().map_err(bad)?;
-    check_layers(&manifest, &index).map_err(bad)?;
+    let profile_layer = check_layers(&manifest, &index).map_err(bad)?;
     let digest = index.image.digest;
     if let Some(want) = opts.expect
         && want != digest
@@ -179,12 +184,13 @@ async fn pull_async(
         object_bytes: 0,
         objects_fetched: 0,
         objects_present: 0,
-        blobs: index.blobs.len() as u64 + 2,
+        blobs: index.blobs.len() as u64 + 2 + u64::from(profile_layer.is_some()),
         blobs_fetched: 1,
         blobs_skipped: 0,
         bytes_received: (manifest_bytes.len() + index_bytes.len()) as u64,
         new_image: false,
         retries: 0,
+        profile: ProfileOutcome::None,
         seconds: 0.0,
     };
 
@@ -284,15 +290,64 @@ async fn pull_async(
     }
     let refs: Vec<(&str, Digest)> = opts.ref_name.iter().map(|n| (n.as_str(), digest)).collect();
     session.commit(&refs)?;
+
+    // The profile, once the image is stored: whatever becomes of it, the pull succeeded.
+    if let Some(layer) = profile_layer {
+        let source = format!("{url} (blob {})", layer.digest);
+        report.profile = if !artifact::is_sha256_digest(&layer.digest) {
+            crate::profile::dropped(
+                &digest,
+                url.as_str(),
+                format!("its layer's digest {:?} is malformed", layer.digest),
+            )
+        } else if layer.size > MAX_PROFILE_BYTES {
+            crate::profile::dropped(
+                &digest,
+                &source,
+                format!(
+                    "its layer is {} bytes, more than the {MAX_PROFILE_BYTES} a profile may have",
+                    layer.size
+                ),
+            )
+        } else {
+            match registry
+                .pull_bytes(
+                    &layer.digest,
+                    layer.size,
+                    MAX_PROFILE_BYTES,
+                    "access profile",
+                )
+                .await
+            {
+                Ok(bytes) => {
+                    report.blobs_fetched += 1;
+                    report.bytes_received += bytes.len() as u64;
+                    let sizes: HashMap<Digest, u64> = needed.iter().copied().collect();
+                    crate::profile::incoming(&store, &digest, &bytes, &sizes, &source)
+                }
+                Err(e) => crate::profile::dropped(&digest, &source, e.to_string()),
+            }
+        };
+    }
     report.retries = registry.retries();
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }
 
-/// The manifest's layers must be the index's image and blobs, in order.
-fn check_layers(manifest: &Manifest, index: &Index) -> Result<(), String> {
-    let Some((image, packs)) = manifest.layers.split_first() else {
+/// The manifest's layers must be the index's image and blobs, in order, and optionally an
+/// access profile last (returned).
+fn check_layers<'m>(
+    manifest: &'m Manifest,
+    index: &Index,
+) -> Result<Option<&'m Descriptor>, String> {
+    let Some((image, rest)) = manifest.layers.split_first() else {
         return Err("the manifest has no image layer".into());
+    };
+    let (packs, profile) = match rest.split_last() {
+        Some((last, packs)) if last.media_type == artifact::PROFILE_MEDIA_TYPE => {
+            (packs, Some(last))
+        }
+        _ => (rest, None),
     };
     if image.media_type != artifact::IMAGE_MEDIA_TYPE
         || image.digest != index.image.blob
@@ -318,7 +373,7 @@ fn check_layers(manifest: &Manifest, index: &Index) -> Result<(), String> {
             ));
         }
     }
-    Ok(())
+    Ok(profile)
 }
 
 /// Downloads one blob into a staging file, then stores the objects of it that are missing.

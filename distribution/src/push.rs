@@ -59,6 +59,8 @@ pub struct PushReport {
     pub bytes_skipped: u64,
     /// Requests made again after a transient failure (a 5xx, a 429, a broken connection).
     pub retries: u64,
+    /// The image's access profile, sent beside it (a layer of its own), if the store has one.
+    pub profile: Option<crate::ProfileSent>,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
@@ -113,6 +115,7 @@ async fn push_async(
             });
         }
     }
+    let profile = crate::profile::outgoing(&store, &digest, &objects);
     let plan = pack::plan(&objects, opts.pack_target);
     let object_bytes: u64 = objects.iter().map(|(_, s)| s).sum();
     progress.start(
@@ -144,6 +147,7 @@ async fn push_async(
         bytes_sent: 0,
         bytes_skipped: 0,
         retries: 0,
+        profile: None,
         seconds: 0.0,
     };
     let mut count = |s: &Sent| match s {
@@ -166,6 +170,17 @@ async fn push_async(
     count(&sent);
     progress.advance(image_size, 0);
 
+    // The profile: a blob of its own, never part of the image or the index.
+    let mut profile_layer = None;
+    if let Some(p) = &profile {
+        let bytes = p.to_bytes();
+        let blob = artifact::sha256_digest(&bytes);
+        let size = bytes.len() as u64;
+        let sent = push_small(&registry, bytes, &blob, "the access profile").await?;
+        count(&sent);
+        profile_layer = Some((blob, size));
+    }
+
     let blobs: Vec<BlobEntry> = results.into_iter().map(|(b, _)| b).collect();
     let index = Index {
         format: artifact::INDEX_FORMAT.into(),
@@ -187,7 +202,13 @@ async fn push_async(
     let sent = push_small(&registry, index_bytes, &index_blob, "the index").await?;
     count(&sent);
 
-    let manifest = manifest_json(&index, &index_blob, index_size, ref_name.as_deref());
+    let manifest = manifest_json(
+        &index,
+        &index_blob,
+        index_size,
+        ref_name.as_deref(),
+        profile_layer.as_ref().map(|(b, s)| (b.as_str(), *s)),
+    );
     if manifest.len() > artifact::MAX_MANIFEST_BYTES {
         return Err(DistError::BadArtifact {
             url: dest.to_string(),
@@ -198,6 +219,14 @@ async fn push_async(
             ),
         });
     }
+    if let (Some(p), Some((_, size))) = (&profile, &profile_layer) {
+        report.blobs += 1;
+        report.profile = Some(crate::ProfileSent {
+            runs: p.runs,
+            files: p.entries.len() as u64,
+            bytes: *size,
+        });
+    }
     report.bytes_sent += manifest.len() as u64;
     report.manifest = registry.push_manifest(manifest).await?;
     report.retries = registry.retries();
@@ -205,12 +234,14 @@ async fn push_async(
     Ok(report)
 }
 
-/// The manifest: the index as config, the image, then the packs.
+/// The manifest: the index as config, the image, then the packs, then the profile if any
+/// (`profile`: its blob and size).
 fn manifest_json(
     index: &Index,
     index_blob: &str,
     index_size: u64,
     ref_name: Option<&str>,
+    profile: Option<(&str, u64)>,
 ) -> Vec<u8> {
     let mut layers = vec![serde_json::json!({
         "mediaType": artifact::IMAGE_MEDIA_TYPE,
@@ -223,6 +254,14 @@ fn manifest_json(
             "mediaType": artifact::PACK_MEDIA_TYPE,
             "digest": b.digest,
             "size": b.size,
+        }));
+    }
+    if let Some((blob, size)) = profile {
+        layers.push(serde_json::json!({
+            "mediaType": artifact::PROFILE_MEDIA_TYPE,
+            "digest": blob,
+            "size": size,
+            "annotations": { artifact::ANNOTATION_IMAGE: index.image.digest.to_hex() },
         }));
     }
     let mut annotations = serde_json::Map::new();

@@ -4,10 +4,16 @@
 //! ```text
 //! "VELO-EXPORT\n" u32-le version (1)               uncompressed, so `head -c 12` tells what it is
 //! zstd stream of:
-//!   u64-le n, then n bytes of header JSON          {"image": {"digest", "size"}, "ref", "objects": [[digest, size]…]}
+//!   u64-le n, then n bytes of header JSON          {"image": {"digest", "size"}, "ref", "objects": [[digest, size]…], "profile": p}
 //!   the image's bytes
 //!   each object's bytes, in the header's order
+//!   p bytes: the image's access profile            only if the header has "profile"
 //! ```
+//!
+//! The access profile is an optional trailer, so the format keeps version 1 both ways: an
+//! older velo ignores the header field it does not know and stops reading after the last
+//! object; a file without a profile imports as before. A profile that is too large, does not
+//! parse or names no object of the image is dropped with a warning, never failing the import.
 //!
 //! An import allocates as bytes arrive, never from a size the file claims: the header is parsed
 //! as it streams (no string in it may be longer than a real one, no object may be listed
@@ -21,7 +27,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use velo_image::inspect;
-use velo_objects::{Digest, Kind, Store, validate_ref_name};
+use velo_objects::{Digest, Kind, MAX_PROFILE_BYTES, ProfileOutcome, Store, validate_ref_name};
 
 use crate::error::{DistError, Result};
 use crate::{Progress, ingest, pack};
@@ -36,6 +42,9 @@ struct Header {
     ref_name: Option<String>,
     #[serde(deserialize_with = "distinct_objects")]
     objects: Vec<(Digest, u64)>,
+    /// Bytes of the access profile that follows the objects, if there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    profile: Option<u64>,
 }
 
 /// Longest string accepted in a header: digests have 64 characters, ref names at most 240.
@@ -154,6 +163,8 @@ pub struct ExportReport {
     pub object_bytes: u64,
     /// Bytes of the file.
     pub bytes_written: u64,
+    /// The image's access profile, written after the objects, if the store has one.
+    pub profile: Option<crate::ProfileSent>,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
@@ -178,6 +189,9 @@ pub struct ImportReport {
     pub bytes_read: u64,
     /// True if the image itself was new to the store.
     pub new_image: bool,
+    /// What became of the access profile in the file (a bad one is dropped, never failing
+    /// the import).
+    pub profile: ProfileOutcome,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
@@ -223,6 +237,8 @@ pub fn export(
     let objects = inspect::objects_in_path_order(&fs);
     let object_bytes: u64 = objects.iter().map(|(_, s)| s).sum();
     progress.start(object_bytes, objects.len() as u64);
+    let profile = crate::profile::outgoing(store, &digest, &objects);
+    let profile_bytes = profile.as_ref().map(velo_objects::Profile::to_bytes);
     let header = Header {
         image: HeaderImage {
             digest,
@@ -230,6 +246,7 @@ pub fn export(
         },
         ref_name: ref_name.clone(),
         objects: objects.clone(),
+        profile: profile_bytes.as_ref().map(|b| b.len() as u64),
     };
     let to_stdout = file.as_os_str() == "-";
     let (out, tmp): (Box<dyn Write>, Option<tempfile::NamedTempFile>) = if to_stdout {
@@ -286,6 +303,9 @@ pub fn export(
         }
         progress.advance(*size, 1);
     }
+    if let Some(bytes) = &profile_bytes {
+        enc.write_all(bytes).map_err(werr)?;
+    }
     enc.finish().map_err(werr)?;
     counted.flush().map_err(werr)?;
     let bytes_written = counted.n;
@@ -304,6 +324,11 @@ pub fn export(
         objects: objects.len() as u64,
         object_bytes,
         bytes_written,
+        profile: profile.zip(profile_bytes).map(|(p, b)| crate::ProfileSent {
+            runs: p.runs,
+            files: p.entries.len() as u64,
+            bytes: b.len() as u64,
+        }),
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -447,6 +472,7 @@ pub fn import(
         objects_present: 0,
         bytes_read: 0,
         new_image: false,
+        profile: ProfileOutcome::None,
         seconds: 0.0,
     };
     for (i, (d, s)) in header.objects.iter().enumerate() {
@@ -465,6 +491,22 @@ pub fn import(
         }
         progress.advance(*s, 1);
     }
+    // The profile trailer: read (at most MAX_PROFILE_BYTES) before the ref is written, taken
+    // in after; a bad one is dropped, the image imports all the same.
+    let profile_source = format!("{name} (its profile trailer)");
+    let profile: Option<std::result::Result<Vec<u8>, String>> = header.profile.map(|len| {
+        if len > MAX_PROFILE_BYTES {
+            return Err(format!(
+                "it is {len} bytes, more than the {MAX_PROFILE_BYTES} a profile may have"
+            ));
+        }
+        let mut bytes = Vec::new();
+        match (&mut dec).take(len).read_to_end(&mut bytes) {
+            Ok(n) if n as u64 == len => Ok(bytes),
+            Ok(n) => Err(format!("only {n} of its {len} bytes are in the file")),
+            Err(e) => Err(format!("it does not decompress: {e}")),
+        }
+    });
     let stored = pending.publish()?;
     report.new_image = stored.new;
     let ref_name = if no_ref {
@@ -475,6 +517,15 @@ pub fn import(
     let refs: Vec<(&str, Digest)> = ref_name.iter().map(|n| (n.as_str(), digest)).collect();
     session.commit(&refs)?;
     drop(dec);
+    report.profile = match profile {
+        None => ProfileOutcome::None,
+        Some(Err(reason)) => crate::profile::dropped(&digest, &profile_source, reason),
+        Some(Ok(bytes)) => {
+            let sizes: std::collections::HashMap<Digest, u64> =
+                header.objects.iter().copied().collect();
+            crate::profile::incoming(store, &digest, &bytes, &sizes, &profile_source)
+        }
+    };
     report.ref_name = ref_name;
     report.bytes_read = counted.n;
     report.seconds = started.elapsed().as_secs_f64();

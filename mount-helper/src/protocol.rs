@@ -6,8 +6,10 @@
 //!
 //! ```text
 //! client                                    service
-//! {"import":{"name":…,"image":D,"size":N}}\0
+//! {"import":{"name":…,"image":D,"size":N,"profile":P}}\0
 //! N bytes: the EROFS image (velo's writer)
+//! P bytes: the image's access profile            ("profile" only if the service said
+//!                                                 "profiles" at hello)
 //!                                           {"need":{"count":K}}\0
 //!                                           K × 32 bytes: the digests of the objects to send
 //! each needed object's bytes, in that order
@@ -82,6 +84,11 @@ pub enum Request {
         image: Digest,
         /// Their length.
         size: u64,
+        /// Bytes of the image's access profile that follow the image (the service said
+        /// `profiles` at hello). Hostile input like the rest: a bad profile is dropped, never
+        /// failing the import.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        profile: Option<u64>,
     },
     /// A detached mount of the image a ref names, answered with [`Response::Mounted`] and the
     /// mount's fd.
@@ -96,11 +103,15 @@ pub enum Request {
     /// The refs the caller may read.
     Refs,
     /// The image a ref the caller may read names, and all its objects: answered with
-    /// [`Response::Exporting`], then the image's bytes, then for each object (in path order)
-    /// its digest (32 bytes), its size (u64, little-endian) and its bytes.
+    /// [`Response::Exporting`], then the image's bytes, then (if asked for and there is one)
+    /// its access profile's bytes, then for each object (in path order) its digest (32
+    /// bytes), its size (u64, little-endian) and its bytes.
     Export {
         /// The ref, as the caller names it.
         name: String,
+        /// Also send the image's access profile (the service said `profiles` at hello).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        profile: bool,
     },
     /// Removes one of the caller's own refs.
     RemoveRef {
@@ -150,6 +161,10 @@ pub enum Response {
         /// What the caller's refs hold against it now (if asked).
         #[serde(default)]
         used: Option<u64>,
+        /// The service takes access profiles with imports and sends them with exports
+        /// (absent from a service older than that: clients then send and ask for none).
+        #[serde(default)]
+        profiles: bool,
     },
     /// The answer to [`Request::Resolve`].
     Resolved {
@@ -180,6 +195,9 @@ pub enum Response {
         size: u64,
         /// How many objects follow it.
         objects: u64,
+        /// Bytes of the image's access profile between the image and the objects (0: none).
+        #[serde(default)]
+        profile: u64,
     },
     /// The objects the service needs: `count` × 32 bytes of digests follow.
     Need {
@@ -243,6 +261,13 @@ pub struct ImportSummary {
     pub devices_removed: u64,
     /// Extended attributes removed.
     pub xattrs_removed: u64,
+    /// What became of the access profile sent with the image.
+    #[serde(default = "no_profile")]
+    pub profile: velo_objects::ProfileOutcome,
+}
+
+fn no_profile() -> velo_objects::ProfileOutcome {
+    velo_objects::ProfileOutcome::None
 }
 
 /// One ref the caller may read.
@@ -351,7 +376,7 @@ pub fn parse_request(bytes: &[u8]) -> Result<Request, ProtocolError> {
                 check_persist_id(id)?;
             }
         }
-        Request::RemoveRef { name } | Request::Export { name } => name_ok(name)?,
+        Request::RemoveRef { name } | Request::Export { name, .. } => name_ok(name)?,
         Request::Hello { .. } | Request::Done | Request::Refs | Request::Status | Request::Stop => {
         }
     }
@@ -635,6 +660,13 @@ mod tests {
                 name: Some("deps/x".into()),
                 image: digest(1),
                 size: 4096,
+                profile: None,
+            },
+            Request::Import {
+                name: None,
+                image: digest(1),
+                size: 4096,
+                profile: Some(77),
             },
             Request::Mount {
                 name: "a/b".into(),
@@ -647,7 +679,14 @@ mod tests {
             Request::Done,
             Request::Refs,
             Request::RemoveRef { name: "a".into() },
-            Request::Export { name: "a/b".into() },
+            Request::Export {
+                name: "a/b".into(),
+                profile: false,
+            },
+            Request::Export {
+                name: "a/b".into(),
+                profile: true,
+            },
             Request::Status,
             Request::Stop,
         ];
@@ -703,6 +742,40 @@ mod tests {
         assert!(parse_response(newer).is_ok());
     }
 
+    /// Profiles travel only between a client and a service that both know them: what a
+    /// client sends without one is what an older client sent, and an older service's hello
+    /// (without `profiles`) tells a newer client to send and ask for none.
+    #[test]
+    fn profiles_are_an_extension_older_peers_do_not_see() {
+        let plain = Request::Import {
+            name: None,
+            image: digest(1),
+            size: 9,
+            profile: None,
+        };
+        let wire = String::from_utf8(encode(&plain)).expect("utf-8");
+        assert!(!wire.contains("profile"), "{wire}");
+        let export = Request::Export {
+            name: "a".into(),
+            profile: false,
+        };
+        assert_eq!(encode(&export), b"{\"export\":{\"name\":\"a\"}}\0");
+        let older =
+            br#"{"hello":{"version":1,"uid":5,"gid":5,"store":"/s","verity":"off","quota":null}}"#;
+        assert!(matches!(
+            parse_response(older),
+            Ok(Response::Hello {
+                profiles: false,
+                ..
+            })
+        ));
+        let older = br#"{"exporting":{"image":"0000000000000000000000000000000000000000000000000000000000000000","size":1,"objects":0}}"#;
+        assert!(matches!(
+            parse_response(older),
+            Ok(Response::Exporting { profile: 0, .. })
+        ));
+    }
+
     /// A conversation over a real socket pair: messages, raw bytes between them, and an fd.
     #[test]
     fn conn_carries_messages_raw_bytes_and_fds() {
@@ -714,6 +787,7 @@ mod tests {
                 name: None,
                 image: digest(2),
                 size: 3,
+                profile: None,
             })
             .expect("send");
         client.send_raw(b"xyz").expect("raw");

@@ -55,6 +55,7 @@ pub use mounts::{
 };
 pub use profile::{
     MAX_ENTRIES as MAX_PROFILE_ENTRIES, MAX_PROFILE_BYTES, Profile, ProfileEntry, ProfileError,
+    ProfileOutcome,
 };
 pub use refs::{MAX_REF_LEN, validate_ref_name};
 pub use session::{Recovery, WriteSession};

@@ -49,6 +49,35 @@ pub struct Profile {
     pub entries: Vec<ProfileEntry>,
 }
 
+/// What became of a profile that came with an image (pull, import, an import through
+/// velo-mountd). A profile is only ever a hint: whatever became of it, the image is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "outcome")]
+pub enum ProfileOutcome {
+    /// None came with the image.
+    None,
+    /// It is now the image's profile.
+    Stored {
+        /// Runs it was recorded over.
+        runs: u32,
+        /// Objects it names (of the image).
+        files: u64,
+    },
+    /// The store's own profile of the image, recorded over more runs, was kept.
+    KeptLocal {
+        /// Runs the store's profile was recorded over.
+        runs: u32,
+        /// Objects it names.
+        files: u64,
+    },
+    /// It was refused (too large, malformed, naming no object of the image, or it could
+    /// not be read or stored); the image was stored all the same.
+    Dropped {
+        /// Why.
+        reason: String,
+    },
+}
+
 /// Why a profile's bytes were refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProfileError {
@@ -131,6 +160,30 @@ impl Profile {
     /// Keeps only the objects `keep` accepts (those of the profile's image), in order.
     pub fn retain(&mut self, mut keep: impl FnMut(&Digest) -> bool) {
         self.entries.retain(|e| keep(&e.digest));
+    }
+
+    /// A profile that came from elsewhere (a registry, an export file, a client): parsed
+    /// ([`Profile::parse`], so bounded), then cut to the objects of its image (`objects`:
+    /// digest → size, from the image itself), each with the image's size for it. A profile
+    /// that names none of them is refused: it would read nothing ahead.
+    pub fn from_untrusted(
+        bytes: &[u8],
+        objects: &HashMap<Digest, u64>,
+    ) -> std::result::Result<Self, ProfileError> {
+        let mut p = Profile::parse(bytes)?;
+        let named = p.entries.len();
+        p.retain(|d| objects.contains_key(d));
+        if p.entries.is_empty() {
+            return Err(ProfileError::Malformed(format!(
+                "none of the {named} objects it names is an object of the image"
+            )));
+        }
+        for e in &mut p.entries {
+            if let Some(size) = objects.get(&e.digest) {
+                e.size = *size;
+            }
+        }
+        Ok(p)
     }
 
     /// The bytes of the objects it names.
@@ -258,6 +311,26 @@ impl Store {
         self.replace_file(dir.as_fd(), &name, &profile.to_bytes(), false, &path)
     }
 
+    /// Takes in a profile of `image` that came from elsewhere (checked with
+    /// [`Profile::from_untrusted`]): a profile the store already has for the image that was
+    /// recorded over more runs is kept, otherwise `profile` replaces it.
+    pub fn adopt_profile(&self, image: &Digest, profile: &Profile) -> Result<ProfileOutcome> {
+        // A local profile that cannot be read is no better than none.
+        if let Ok(Some(local)) = self.read_profile(image)
+            && local.runs > profile.runs
+        {
+            return Ok(ProfileOutcome::KeptLocal {
+                runs: local.runs,
+                files: local.entries.len() as u64,
+            });
+        }
+        self.write_profile(image, profile)?;
+        Ok(ProfileOutcome::Stored {
+            runs: profile.runs,
+            files: profile.entries.len() as u64,
+        })
+    }
+
     /// Removes the profile of `image`, if any.
     pub fn remove_profile(&self, image: &Digest) -> Result<()> {
         let dir = self.open_area(Area::Profiles)?;
@@ -380,6 +453,48 @@ mod tests {
         store.remove_profile(&image).unwrap();
         assert_eq!(store.read_profile(&image).unwrap(), None);
         store.remove_profile(&image).unwrap();
+    }
+
+    #[test]
+    fn an_untrusted_profile_keeps_only_the_images_objects_at_their_sizes() {
+        let image: HashMap<Digest, u64> = [(d(1), 100), (d(2), 200)].into();
+        let claimed = Profile::of_run(&[(d(9), 1 << 40), (d(2), 1 << 40), (d(1), 5)]);
+        let p = Profile::from_untrusted(&claimed.to_bytes(), &image).unwrap();
+        let kept: Vec<(Digest, u64)> = p.entries.iter().map(|e| (e.digest, e.size)).collect();
+        assert_eq!(kept, vec![(d(2), 200), (d(1), 100)]);
+        let foreign = Profile::of_run(&[(d(9), 1)]);
+        let err = Profile::from_untrusted(&foreign.to_bytes(), &image).unwrap_err();
+        assert!(err.to_string().contains("none of the 1 objects"), "{err}");
+        assert!(Profile::from_untrusted(b"{", &image).is_err());
+    }
+
+    #[test]
+    fn adopting_keeps_a_local_profile_of_more_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_create(dir.path().join("s")).unwrap();
+        let image = d(7);
+        let mut local = Profile::of_run(&[(d(1), 1)]);
+        local.merge_run(&[(d(2), 1)]);
+        let pulled = Profile::of_run(&[(d(3), 1)]);
+        // None yet: the pulled one is stored.
+        assert_eq!(
+            store.adopt_profile(&image, &pulled).unwrap(),
+            ProfileOutcome::Stored { runs: 1, files: 1 }
+        );
+        store.write_profile(&image, &local).unwrap();
+        assert_eq!(
+            store.adopt_profile(&image, &pulled).unwrap(),
+            ProfileOutcome::KeptLocal { runs: 2, files: 2 }
+        );
+        assert_eq!(store.read_profile(&image).unwrap(), Some(local.clone()));
+        // As many runs or more: the pulled one replaces it.
+        let mut more = pulled.clone();
+        more.merge_run(&[(d(4), 1)]);
+        assert!(matches!(
+            store.adopt_profile(&image, &more).unwrap(),
+            ProfileOutcome::Stored { runs: 2, .. }
+        ));
+        assert_eq!(store.read_profile(&image).unwrap(), Some(more));
     }
 
     proptest! {

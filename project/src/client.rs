@@ -86,6 +86,8 @@ pub struct Hello {
     pub quota: Option<u64>,
     /// What the caller's refs hold now (if asked: [`Client::connect_with_usage`]).
     pub used: Option<u64>,
+    /// The service takes and sends access profiles with imports and exports.
+    pub profiles: bool,
 }
 
 /// A mount the service handed out.
@@ -153,6 +155,7 @@ impl Client {
                 verity: String::new(),
                 quota: None,
                 used: None,
+                profiles: false,
             },
         };
         match client.ask(&Request::Hello {
@@ -165,6 +168,7 @@ impl Client {
                 verity,
                 quota,
                 used,
+                profiles,
                 ..
             } => {
                 client.hello = Hello {
@@ -173,6 +177,7 @@ impl Client {
                     verity,
                     quota,
                     used,
+                    profiles,
                 };
                 Ok(client)
             }
@@ -253,28 +258,37 @@ impl Client {
             &snapshot.digest,
             &snapshot.image,
             &snapshot.objects,
+            None,
             sent,
         )
     }
 
     /// [`Client::import`] of an image (`digest`, `image` its bytes) whose objects are in the
-    /// files `objects` names.
+    /// files `objects` names, with the bytes of its access profile (sent only to a service
+    /// that takes them).
     pub fn import_parts(
         &mut self,
         name: Option<&str>,
         digest: &Digest,
         image: &[u8],
         objects: &[velo_image::UnstoredObject],
+        profile: Option<&[u8]>,
         sent: &dyn Fn(u64),
     ) -> Result<ImportSummary, ClientError> {
+        let profile = profile.filter(|_| self.hello.profiles);
         self.conn
             .send(&Request::Import {
                 name: name.map(str::to_owned),
                 image: *digest,
                 size: image.len() as u64,
+                profile: profile.map(|p| p.len() as u64),
             })
             .map_err(|e| self.proto(e))?;
-        if let Err(e) = self.conn.send_raw(image) {
+        let sent_bytes = self
+            .conn
+            .send_raw(image)
+            .and_then(|()| self.conn.send_raw(profile.unwrap_or_default()));
+        if let Err(e) = sent_bytes {
             // The service may have refused the request and closed while the image was on its
             // way: its reason is the better error.
             return Err(match self.answer() {
@@ -385,21 +399,25 @@ impl Client {
     }
 
     /// Copies the image `name` names and all its objects into `store` (a store of the
-    /// caller's own), checking every byte against its digest as it arrives. Returns the image.
+    /// caller's own), checking every byte against its digest as it arrives, and its access
+    /// profile if the service sends one (one that does not parse is left out). Returns the
+    /// image.
     pub fn export_into(
         &mut self,
         name: &str,
         store: &velo_objects::Store,
         progress: &dyn Fn(u64),
     ) -> Result<Digest, ClientError> {
-        let (image, size, count) = match self.ask(&Request::Export {
+        let (image, size, count, profile) = match self.ask(&Request::Export {
             name: name.to_owned(),
+            profile: self.hello.profiles,
         })? {
             Response::Exporting {
                 image,
                 size,
                 objects,
-            } => (image, size, objects),
+                profile,
+            } => (image, size, objects, profile),
             other => return Err(unexpected("export", other)),
         };
         let stored = |e: velo_objects::StoreError| ClientError::Unexpected {
@@ -415,6 +433,24 @@ impl Client {
                 &format!("image {image} from velo-mountd"),
             )
             .map_err(stored)?;
+        if profile > 0 {
+            use std::io::Read;
+            // Read whole (the stream stays in step), kept only if it is a profile.
+            let mut bytes = Vec::new();
+            self.conn
+                .raw(profile)
+                .take(velo_objects::MAX_PROFILE_BYTES)
+                .read_to_end(&mut bytes)
+                .map_err(|e| self.proto(ProtocolError::Io(e.to_string())))?;
+            std::io::copy(
+                &mut self.conn.raw(profile - bytes.len() as u64),
+                &mut std::io::sink(),
+            )
+            .map_err(|e| self.proto(ProtocolError::Io(e.to_string())))?;
+            if let Ok(p) = velo_objects::Profile::parse(&bytes) {
+                store.write_profile(&image, &p).map_err(stored)?;
+            }
+        }
         let session = store.begin_write().map_err(stored)?;
         for i in 0..count {
             let mut head = [0u8; 40];

@@ -134,6 +134,7 @@ pub fn push(
             retries(r.retries),
             r.manifest
         ));
+        say_sent_profile(ctx, r.profile.as_ref());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -185,11 +186,13 @@ pub fn pull(
             ));
         }
         r.ref_name = stored.name;
+        r.profile = stored.profile;
     }
     if ctx.json {
         output::json(&r)?;
     } else {
         ctx.say(format!("{}", r.image));
+        say_profile(ctx, &r.profile);
         ctx.say(format!(
             "  {} objects ({}): {} fetched, {} already here; {} of {} blobs downloaded ({}); {:.2} s{}{}",
             r.objects,
@@ -208,6 +211,34 @@ pub fn pull(
         ));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What became of the access profile that came with an image (a dropped one was also a
+/// warning).
+fn say_profile(ctx: &Ctx, outcome: &velo_objects::ProfileOutcome) {
+    use velo_objects::ProfileOutcome as O;
+    match outcome {
+        O::None => {}
+        O::Stored { runs, files } => ctx.say(format!(
+            "  access profile: {files} files read ahead on the first run ({runs} runs recorded)"
+        )),
+        O::KeptLocal { runs, .. } => ctx.say(format!(
+            "  access profile: this store's own, of {runs} runs, is kept"
+        )),
+        O::Dropped { reason } => ctx.say(format!("  access profile: dropped ({reason})")),
+    }
+}
+
+/// The access profile a push or export sent beside the image.
+fn say_sent_profile(ctx: &Ctx, sent: Option<&velo_distribution::ProfileSent>) {
+    if let Some(p) = sent {
+        ctx.say(format!(
+            "  with its access profile: {} files, {} runs ({})",
+            p.files,
+            p.runs,
+            output::bytes(p.bytes)
+        ));
+    }
 }
 
 /// " (N retries)" when requests had to be made again.
@@ -247,6 +278,7 @@ pub fn export(ctx: &Ctx, image: &str, file: &Path) -> anyhow::Result<ExitCode> {
             output::bytes(r.bytes_written),
             r.seconds
         ));
+        say_sent_profile(ctx, r.profile.as_ref());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -280,11 +312,13 @@ pub fn import(
             })?;
         r.image = stored.image;
         r.ref_name = stored.name;
+        r.profile = stored.profile;
     }
     if ctx.json {
         output::json(&r)?;
     } else {
         ctx.say(format!("{}", r.image));
+        say_profile(ctx, &r.profile);
         ctx.say(format!(
             "  {} objects: {} new, {} already here; {:.2} s{}",
             r.objects,
@@ -353,8 +387,21 @@ fn to_service(
             size,
         })
         .collect();
+    // The access profile the transfer brought (the service checks it again).
+    let profile = store
+        .read_profile(image)
+        .ok()
+        .flatten()
+        .map(|p| p.to_bytes());
     let mut client = ctx.client()?;
-    let r = client.import_parts(ref_name, image, &bytes, &objects, &|_| {})?;
+    let r = client.import_parts(
+        ref_name,
+        image,
+        &bytes,
+        &objects,
+        profile.as_deref(),
+        &|_| {},
+    )?;
     client.done();
     Ok(r)
 }

@@ -10,6 +10,7 @@ happened as one JSON document per line on stdout for the Rust test to assert on.
     raw_client.py --socket S raw [--no-hello] [--fill N] [--shut-wr] [DATA]
     raw_client.py --socket S import --image F [--digest HEX] [--size N] [--name REF]
                                     [--objects DIR] [--cut-image N] [--cut-object N]
+                                    [--profile F]
     raw_client.py --socket S mount NAME --writes W --target DIR [--read REL]... [--write REL]
                                     [--clear-nosuid] [--run JSON]... [--hold]
     raw_client.py --socket S host-attach NAME --writes W --target DIR [--hold]
@@ -272,8 +273,14 @@ def cmd_import(a):
     conn, hello = connect_hello(a.socket, 5.0)
     result["hello"] = hello
     req = {"import": {"name": a.name, "image": digest, "size": size}}
+    profile = None
+    if a.profile is not None:
+        profile = open(a.profile, "rb").read()
+        req["import"]["profile"] = len(profile)
     conn.send_msg(req)
     body = image if a.cut_image is None else image[: a.cut_image]
+    if profile is not None and a.cut_image is None:
+        body += profile
     try:
         conn.send(body)
         if a.cut_image is not None:
@@ -621,6 +628,7 @@ def main():
     s.add_argument("--objects")
     s.add_argument("--cut-image", type=int)
     s.add_argument("--cut-object", type=int)
+    s.add_argument("--profile")
     s.set_defaults(func=cmd_import)
 
     for name, func in (("mount", cmd_mount), ("host-attach", cmd_host_attach)):

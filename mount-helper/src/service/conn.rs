@@ -57,9 +57,12 @@ pub fn handle(shared: &Shared, stream: UnixStream, caller: Caller) {
                 summary,
                 persist,
             } => resolve(shared, &caller, &name, summary, persist.as_deref()),
-            Request::Import { name, image, size } => {
-                import::import(shared, &mut conn, &caller, name, image, size)
-            }
+            Request::Import {
+                name,
+                image,
+                size,
+                profile,
+            } => import::import(shared, &mut conn, &caller, name, image, size, profile),
             Request::Mount { name, writes } => match mount(shared, &caller, &name, &writes) {
                 Ok((fd, response, overlay)) => {
                     lent.extend(overlay);
@@ -84,10 +87,12 @@ pub fn handle(shared: &Shared, stream: UnixStream, caller: Caller) {
                 .map(|refs| Response::Refs { refs })
                 .map_err(Failure::store),
             Request::RemoveRef { name } => remove_ref(shared, &caller, &name),
-            Request::Export { name } => match export(shared, &conn, &caller, &name) {
-                Ok(()) => continue,
-                Err(f) => Err(f),
-            },
+            Request::Export { name, profile } => {
+                match export(shared, &conn, &caller, &name, profile) {
+                    Ok(()) => continue,
+                    Err(f) => Err(f),
+                }
+            }
             Request::Status if caller.is_root() => Ok(Response::Status {
                 images: shared.lock_overlays().status(),
             }),
@@ -149,6 +154,7 @@ fn hello(shared: &Shared, caller: &Caller, usage: bool) -> Response {
             shared.config.user_quota
         },
         used,
+        profiles: true,
     }
 }
 
@@ -196,10 +202,17 @@ fn resolve(
     })
 }
 
-/// Streams the image `name` names and all its objects (see [`Request::Export`]). The image
-/// is read checked against its name; each object is sent as the store holds it (the client
-/// checks every byte it gets, as it would from a registry).
-fn export(shared: &Shared, conn: &Conn, caller: &Caller, name: &str) -> Result<(), Failure> {
+/// Streams the image `name` names and all its objects (see [`Request::Export`]), and its
+/// access profile if `with_profile` (cut to the image's objects; none if it cannot be read).
+/// The image is read checked against its name; each object is sent as the store holds it
+/// (the client checks every byte it gets, as it would from a registry).
+fn export(
+    shared: &Shared,
+    conn: &Conn,
+    caller: &Caller,
+    name: &str,
+    with_profile: bool,
+) -> Result<(), Failure> {
     let store = &shared.store;
     let Some((image, _)) = namespace::resolve(store, caller, name).map_err(Failure::store)? else {
         return Err(Failure::new(
@@ -212,14 +225,26 @@ fn export(shared: &Shared, conn: &Conn, caller: &Caller, name: &str) -> Result<(
     let fs = velo_image::read_image(&bytes, &image.to_hex())
         .map_err(|e| Failure::new(ErrorKind::Corrupt, e.to_string()))?;
     let objects = velo_image::inspect::objects_in_path_order(&fs);
+    let profile = with_profile
+        .then(|| shared.profiles.get(store, &image))
+        .flatten()
+        .and_then(|p| {
+            let mut p = (*p).clone();
+            let of_image: std::collections::HashSet<&velo_objects::Digest> =
+                objects.iter().map(|(d, _)| d).collect();
+            p.retain(|d| of_image.contains(d));
+            (!p.entries.is_empty()).then(|| p.to_bytes())
+        })
+        .unwrap_or_default();
     conn.send(&Response::Exporting {
         image,
         size: bytes.len() as u64,
         objects: objects.len() as u64,
+        profile: profile.len() as u64,
     })
     .map_err(Failure::io)?;
     // From here on the client reads raw bytes: a failure can only cut the stream short.
-    if let Err(why) = send_export(store, conn, &bytes, &objects) {
+    if let Err(why) = send_export(store, conn, &bytes, &profile, &objects) {
         tracing::warn!(
             "velo-mountd: export of {image} to uid {} cut short: {why}",
             caller.uid
@@ -233,9 +258,11 @@ fn send_export(
     store: &velo_objects::Store,
     conn: &Conn,
     image: &[u8],
+    profile: &[u8],
     objects: &[(velo_objects::Digest, u64)],
 ) -> Result<(), String> {
     conn.send_raw(image).map_err(|e| e.to_string())?;
+    conn.send_raw(profile).map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; 1 << 20];
     for (d, size) in objects {
         let mut head = [0u8; 40];

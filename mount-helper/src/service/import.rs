@@ -3,12 +3,12 @@
 //! then the objects it needs, each checked against its digest as it arrives, all staged
 //! until the last one is there. A refused or broken import stores nothing.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::sync::{Arc, Mutex};
 
 use velo_objects::verity::VerityHasher;
-use velo_objects::{Digest, Kind, Store, StoreError};
+use velo_objects::{Digest, Kind, MAX_PROFILE_BYTES, Profile, ProfileOutcome, Store, StoreError};
 
 use super::namespace::{self, Caller};
 use super::quota::{self, Ledger};
@@ -65,8 +65,8 @@ fn visible_objects(
         .collect())
 }
 
-/// Serves one import: `name`, `image` and `size` come from the request; the image's bytes
-/// and then the objects follow on `conn`.
+/// Serves one import: `name`, `image`, `size` and `profile` come from the request; the
+/// image's bytes, then the profile's, and then the objects follow on `conn`.
 pub fn import(
     shared: &Shared,
     conn: &mut Conn,
@@ -74,6 +74,7 @@ pub fn import(
     name: Option<String>,
     image: Digest,
     size: u64,
+    profile: Option<u64>,
 ) -> Result<Response, Failure> {
     let limit = if caller.is_root() {
         velo_image::inspect::MAX_IMAGE_BYTES
@@ -111,6 +112,9 @@ pub fn import(
             ),
         ));
     }
+    // The profile's bytes: kept only up to MAX_PROFILE_BYTES (more are read and thrown away,
+    // keeping the stream in step); judged once the image is stored.
+    let profile = profile.map(|len| receive_profile(conn, len)).transpose()?;
     let found = VerityHasher::digest(&bytes);
     if found != image {
         return Err(Failure::new(
@@ -195,6 +199,10 @@ pub fn import(
         .collect();
     session.commit(&refs).map_err(Failure::store)?;
     drop(session);
+    let profile = match profile {
+        None => ProfileOutcome::None,
+        Some(received) => take_profile(shared, caller, &stored_image, &objects, received),
+    };
     tracing::debug!(
         "velo-mountd: import for uid {}: {} objects, {} sent; image checked and rewritten at \
          {checked:?}, objects received {received:?}, published {published:?}, committed {:?}",
@@ -221,7 +229,75 @@ pub fn import(
         setid_cleared: mapped.set_id_cleared,
         devices_removed: mapped.devices_removed,
         xattrs_removed: mapped.xattrs_dropped_total(),
+        profile,
     }))
+}
+
+/// Reads the `len` bytes of an access profile that follow the image: `Ok(Err(why))` when it
+/// is larger than [`MAX_PROFILE_BYTES`] (its bytes are read and dropped, never kept).
+fn receive_profile(conn: &mut Conn, len: u64) -> Result<Result<Vec<u8>, String>, Failure> {
+    let broken = |e: std::io::Error| {
+        Failure::new(
+            ErrorKind::Corrupt,
+            format!("the access profile did not arrive: {e}"),
+        )
+    };
+    let short = |n: u64| {
+        Failure::new(
+            ErrorKind::Corrupt,
+            format!("the stream ended after {n} of the access profile's {len} bytes"),
+        )
+    };
+    if len > MAX_PROFILE_BYTES {
+        let n = std::io::copy(&mut conn.raw(len), &mut std::io::sink()).map_err(broken)?;
+        if n != len {
+            return Err(short(n));
+        }
+        return Ok(Err(format!(
+            "{len} bytes, more than the {MAX_PROFILE_BYTES} a profile may have"
+        )));
+    }
+    let mut bytes = Vec::new();
+    conn.raw(len).read_to_end(&mut bytes).map_err(broken)?;
+    if bytes.len() as u64 != len {
+        return Err(short(bytes.len() as u64));
+    }
+    Ok(Ok(bytes))
+}
+
+/// Takes in the access profile a client sent with `image` (stored as `image`, whose objects
+/// are `objects`): hostile input, so parsed bounded and cut to the image's objects; kept only
+/// if the store's own profile of the image has no more runs. A bad one is dropped with a
+/// warning: the import has succeeded either way.
+fn take_profile(
+    shared: &Shared,
+    caller: &Caller,
+    image: &Digest,
+    objects: &[(Digest, u64)],
+    received: Result<Vec<u8>, String>,
+) -> ProfileOutcome {
+    let sizes: HashMap<Digest, u64> = objects.iter().copied().collect();
+    let outcome = match received
+        .and_then(|bytes| Profile::from_untrusted(&bytes, &sizes).map_err(|e| e.to_string()))
+    {
+        Ok(p) => match shared.store.adopt_profile(image, &p) {
+            Ok(o) => o,
+            Err(e) => ProfileOutcome::Dropped {
+                reason: format!("it could not be stored: {e}"),
+            },
+        },
+        Err(reason) => ProfileOutcome::Dropped { reason },
+    };
+    match &outcome {
+        ProfileOutcome::Dropped { reason } => tracing::warn!(
+            "velo-mountd: the access profile uid {} sent with image {image} was dropped \
+             ({reason}); the image is stored without it",
+            caller.uid
+        ),
+        ProfileOutcome::Stored { .. } => shared.profiles.forget(image),
+        _ => {}
+    }
+    outcome
 }
 
 /// Objects up to this size are read whole and checked by a worker while the next ones

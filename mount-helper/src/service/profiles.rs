@@ -77,6 +77,11 @@ impl Profiles {
         p
     }
 
+    /// Forgets what it read of `image`'s profile (one was just written for it).
+    pub(crate) fn forget(&self, image: &Digest) {
+        lock(&self.inner.cache).remove(image);
+    }
+
     /// Starts reading the profile of `image` ahead on a thread (if it has one, the budget is
     /// not zero and no read-ahead of it is under way). Returns whether it has a profile that
     /// names any object.
