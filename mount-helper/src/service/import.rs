@@ -280,12 +280,22 @@ fn take_profile(
     let outcome = match received
         .and_then(|bytes| Profile::from_untrusted(&bytes, &sizes).map_err(|e| e.to_string()))
     {
-        Ok(p) => match shared.store.adopt_profile(image, &p) {
-            Ok(o) => o,
-            Err(e) => ProfileOutcome::Dropped {
-                reason: format!("it could not be stored: {e}"),
-            },
-        },
+        Ok(mut p) => {
+            // A user's profile counts as one run: it cannot outweigh (or, claiming many runs,
+            // keep out) what this machine records over an image other users may share.
+            if !caller.is_root() {
+                p.runs = p.runs.min(1);
+                for e in &mut p.entries {
+                    e.hits = e.hits.min(1);
+                }
+            }
+            match shared.store.adopt_profile(image, &p) {
+                Ok(o) => o,
+                Err(e) => ProfileOutcome::Dropped {
+                    reason: format!("it could not be stored: {e}"),
+                },
+            }
+        }
         Err(reason) => ProfileOutcome::Dropped { reason },
     };
     match &outcome {
