@@ -30,6 +30,11 @@ pub const RECORD_RUNS: u32 = 3;
 /// Runs that read none of the image's objects (`velo run true`) are recorded up to this many
 /// times, so that a profile is not settled empty by a few of them.
 pub const RECORD_RUNS_EMPTY: u32 = 10;
+/// The stack of a recording's thread: `done` parses the image (to keep only its objects), and
+/// the composefs reader recurses once per directory level (a deep tree takes ~11 MiB in a debug
+/// build); a thread that overflows its stack aborts the whole process (velo-mountd). Only the
+/// pages a thread touches are used.
+const RECORD_STACK: usize = 32 << 20;
 /// Read-ahead threads: opening an object waits on a directory and an inode block, so several
 /// at once keep the disk's queue full.
 pub const PREFETCH_THREADS: usize = 16;
@@ -97,6 +102,7 @@ impl Recording {
         let stopped = stop.try_clone().ok()?;
         let thread = std::thread::Builder::new()
             .name("record".into())
+            .stack_size(RECORD_STACK)
             .spawn(move || done(read_opens(&group, &stopped, window)))
             .ok()?;
         Some(Self {
