@@ -237,8 +237,10 @@ impl Store {
             }
         }
         report.images_kept = kept_images.len();
-        // Profiles whose image is gone (removed before this velo removed profiles with them).
+        // Profiles whose image is gone (removed before this velo removed profiles with them),
+        // and profiles a killed writer left half-written.
         if !opts.dry_run {
+            self.remove_stale_profile_tmps(std::time::Duration::from_secs(3600))?;
             let kept: HashSet<&Digest> = kept_images.iter().collect();
             for image in self.list_profiles()? {
                 if !kept.contains(&image) {

@@ -26,6 +26,8 @@ use crate::store::{Area, Store};
 pub const MAX_ENTRIES: usize = 65_536;
 /// A profile file is at most this large (65,536 entries take ~5.5 MB).
 pub const MAX_PROFILE_BYTES: u64 = 8 << 20;
+/// Profiles being written are staged under this prefix in `profiles/`.
+const PROFILE_TMP_PREFIX: &str = ".tmp-";
 /// The format version written and read.
 pub const PROFILE_VERSION: u32 = 1;
 
@@ -304,11 +306,57 @@ impl Store {
 
     /// Replaces the profile of `image` (atomically; not synced: a profile lost in a crash
     /// is only a slower start).
+    ///
+    /// Staged beside it (`profiles/.tmp-*`), not in `tmp/`: a profile is written in the
+    /// background (after a recorded run) and must not show up among the staging files of the
+    /// store's writers. What a killed writer leaves there, GC removes.
     pub fn write_profile(&self, image: &Digest, profile: &Profile) -> Result<()> {
         let dir = self.open_area(Area::Profiles)?;
         let name = image.to_hex();
         let path = self.area_path(Area::Profiles).join(&name);
-        self.replace_file(dir.as_fd(), &name, &profile.to_bytes(), false, &path)
+        let tmp = fsutil::unique_name(PROFILE_TMP_PREFIX);
+        let tmp_path = self.area_path(Area::Profiles).join(&tmp);
+        let written = fsutil::open_beneath(
+            dir.as_fd(),
+            &tmp,
+            OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY,
+            Mode::from_raw_mode(0o600),
+        )
+        .ctx("create", &tmp_path)
+        .and_then(|fd| {
+            fsutil::pwrite_all(fd.as_fd(), &profile.to_bytes(), 0).ctx("write", &tmp_path)
+        })
+        .and_then(|()| {
+            rustix::fs::renameat(dir.as_fd(), tmp.as_str(), dir.as_fd(), name.as_str())
+                .ctx("replace", &path)
+        });
+        if written.is_err() {
+            let _ = rustix::fs::unlinkat(dir.as_fd(), tmp.as_str(), rustix::fs::AtFlags::empty());
+        }
+        written
+    }
+
+    /// Removes what killed writers of profiles left (`profiles/.tmp-*` older than `age`).
+    pub(crate) fn remove_stale_profile_tmps(&self, age: std::time::Duration) -> Result<()> {
+        let dir = self.open_area(Area::Profiles)?;
+        let names = fsutil::list_dir(dir.as_fd()).ctx("list", self.area_path(Area::Profiles))?;
+        let now = std::time::SystemTime::now();
+        for name in names {
+            let Some(n) = name.to_str() else { continue };
+            if !n.starts_with(PROFILE_TMP_PREFIX) {
+                continue;
+            }
+            let Ok(st) = rustix::fs::statat(dir.as_fd(), n, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+            else {
+                continue;
+            };
+            let modified =
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(st.st_mtime.max(0) as u64);
+            if now.duration_since(modified).is_ok_and(|d| d > age) {
+                let _ = rustix::fs::unlinkat(dir.as_fd(), n, rustix::fs::AtFlags::empty());
+            }
+        }
+        Ok(())
     }
 
     /// Takes in a profile of `image` that came from elsewhere (checked with
@@ -453,6 +501,28 @@ mod tests {
         store.remove_profile(&image).unwrap();
         assert_eq!(store.read_profile(&image).unwrap(), None);
         store.remove_profile(&image).unwrap();
+        // Nothing is staged in tmp/, and nothing is left beside the profiles.
+        store
+            .write_profile(&image, &Profile::of_run(&[(d(3), 1)]))
+            .unwrap();
+        let names = |area: Area| -> Vec<String> {
+            std::fs::read_dir(store.area_path(area))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(names(Area::Profiles), vec![image.to_hex()]);
+        assert!(names(Area::Tmp).iter().all(|n| !n.starts_with("write-")));
+        // A writer killed mid-way left a staged profile: GC's sweep removes it once stale.
+        std::fs::write(store.area_path(Area::Profiles).join(".tmp-1-2-3"), b"{").unwrap();
+        store
+            .remove_stale_profile_tmps(std::time::Duration::from_secs(3600))
+            .unwrap();
+        assert_eq!(names(Area::Profiles).len(), 2);
+        store
+            .remove_stale_profile_tmps(std::time::Duration::ZERO)
+            .unwrap();
+        assert_eq!(names(Area::Profiles), vec![image.to_hex()]);
     }
 
     #[test]
