@@ -284,3 +284,36 @@ fn root_without_the_service_records_and_reads_ahead_and_so_does_velo_mount() {
     );
     mounted.umount();
 }
+
+/// A profile that cannot be read, or whose image is gone, is a leftover to fsck (not damage:
+/// it is only a hint), and `fsck --repair` removes it.
+#[test]
+fn fsck_reports_and_repairs_bad_profiles() {
+    let env = Env::new();
+    let image = env.snapshot_small("t");
+    let profiles = env.store.join("profiles");
+    fs::create_dir_all(&profiles).unwrap();
+    fs::write(profiles.join(&image), b"{\"version\":1").unwrap();
+    let orphan = "ab".repeat(32);
+    fs::write(
+        profiles.join(&orphan),
+        br#"{"version":1,"runs":1,"files":[]}"#,
+    )
+    .unwrap();
+    let r = env.json(&["fsck"]);
+    assert_eq!(r["clean"], true, "{r}");
+    let kinds: Vec<&str> = r["reclaimable"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["kind"].as_str().unwrap())
+        .collect();
+    assert!(kinds.contains(&"profile-corrupt"), "{r}");
+    assert!(kinds.contains(&"profile-orphan"), "{r}");
+    let r = env.json(&["fsck", "--repair"]);
+    assert_eq!(r["repaired"].as_array().unwrap().len(), 2, "{r}");
+    assert!(!profiles.join(&image).exists());
+    assert!(!profiles.join(&orphan).exists());
+    let r = env.json(&["fsck"]);
+    assert_eq!(r["reclaimable"].as_array().unwrap().len(), 0, "{r}");
+}

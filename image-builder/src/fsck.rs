@@ -59,6 +59,7 @@ pub fn fsck(
     damage.extend(store.special_files()?);
     let mut reclaimable = store.tmp_leftovers()?;
     reclaimable.extend(store.stale_mount_slots()?);
+    reclaimable.extend(store.check_profiles()?);
 
     let mut repaired = Vec::new();
     if repair {
@@ -82,7 +83,16 @@ pub fn fsck(
             let to = store.quarantine(kind, &digest)?;
             repaired.push(format!("moved {} to {}", f.path.display(), to.display()));
         }
-        if !reclaimable.is_empty() {
+        for f in reclaimable
+            .iter()
+            .filter(|f| f.kind.starts_with("profile-"))
+        {
+            if let Some(digest) = digest_from_path(Kind::Image, &f.path) {
+                store.remove_profile(&digest)?;
+                repaired.push(format!("removed {} ({})", f.path.display(), f.found));
+            }
+        }
+        if reclaimable.iter().any(|f| !f.kind.starts_with("profile-")) {
             match store.reclaim_tmp()? {
                 Some(n) => repaired.push(format!("removed {n} leftovers of interrupted work")),
                 None => {

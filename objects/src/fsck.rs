@@ -39,7 +39,11 @@ impl Finding {
     pub fn is_damage(&self) -> bool {
         !matches!(
             self.kind,
-            "tmp-leftover" | "dead-writer" | "stale-mount-record"
+            "tmp-leftover"
+                | "dead-writer"
+                | "stale-mount-record"
+                | "profile-corrupt"
+                | "profile-orphan"
         )
     }
 }
@@ -344,6 +348,42 @@ impl Store {
                 })
             })
             .collect())
+    }
+
+    /// Access profiles that cannot be read as one (`profile-corrupt`) or whose image is gone
+    /// (`profile-orphan`). Not damage: a profile is only a read-ahead hint, and readers ignore
+    /// a bad one; `fsck --repair` removes them ([`Store::remove_profile`]).
+    pub fn check_profiles(&self) -> Result<Vec<Finding>> {
+        let mut out = Vec::new();
+        for image in self.list_profiles()? {
+            let path = self.area_path(Area::Profiles).join(image.to_hex());
+            match self.read_profile(&image) {
+                Err(crate::StoreError::CorruptProfile { reason, .. }) => out.push(Finding {
+                    kind: "profile-corrupt",
+                    path,
+                    expected: "an access profile".into(),
+                    found: reason,
+                }),
+                Err(e) => return Err(e),
+                Ok(_) if !self.image_exists(&image) => out.push(Finding {
+                    kind: "profile-orphan",
+                    path,
+                    expected: format!("the profile of image {image}"),
+                    found: "its image is gone".into(),
+                }),
+                Ok(_) => {}
+            }
+        }
+        Ok(out)
+    }
+
+    fn image_exists(&self, image: &Digest) -> bool {
+        rustix::fs::statat(
+            self.images_fd(),
+            image.to_hex().as_str(),
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .is_ok()
     }
 
     /// Entries where velo keeps regular files of its own — ref history and last use, the cache,

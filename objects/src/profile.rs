@@ -567,6 +567,43 @@ mod tests {
         assert_eq!(store.read_profile(&image).unwrap(), Some(more));
     }
 
+    #[test]
+    fn fsck_names_corrupt_and_orphan_profiles_as_leftovers_not_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_create(dir.path().join("s")).unwrap();
+        let image = store
+            .store_bytes(crate::Kind::Image, b"not really an image")
+            .unwrap()
+            .digest;
+        store
+            .write_profile(&image, &Profile::of_run(&[(d(1), 1)]))
+            .unwrap();
+        assert_eq!(store.check_profiles().unwrap(), vec![]);
+        store
+            .write_profile(&d(9), &Profile::of_run(&[(d(1), 1)]))
+            .unwrap();
+        std::fs::write(store.area_path(Area::Profiles).join(image.to_hex()), b"[").unwrap();
+        let found = store.check_profiles().unwrap();
+        let kinds: Vec<(&str, String)> = found
+            .iter()
+            .map(|f| {
+                (
+                    f.kind,
+                    f.path.file_name().unwrap().to_string_lossy().into_owned(),
+                )
+            })
+            .collect();
+        assert!(
+            kinds.contains(&("profile-corrupt", image.to_hex())),
+            "{found:?}"
+        );
+        assert!(
+            kinds.contains(&("profile-orphan", d(9).to_hex())),
+            "{found:?}"
+        );
+        assert!(found.iter().all(|f| !f.is_damage()));
+    }
+
     proptest! {
         #[test]
         fn any_profile_round_trips(
