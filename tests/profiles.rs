@@ -317,3 +317,47 @@ fn fsck_reports_and_repairs_bad_profiles() {
     let r = env.json(&["fsck"]);
     assert_eq!(r["reclaimable"].as_array().unwrap().len(), 0, "{r}");
 }
+
+/// A settled profile follows the code: velo-mountd records one run in N again
+/// (`--profile-refresh-every`), and what the runs stopped reading ages out while what they
+/// read now comes in.
+#[test]
+fn a_settled_profile_follows_what_the_command_reads_now() {
+    if !can_mount("a_settled_profile_follows_what_the_command_reads_now") {
+        return;
+    }
+    let env = Env::new();
+    let project = project(&env);
+    let mountd = Mountd::start_with(&env, &["--profile-refresh-every", "2"]);
+    run(&env, &mountd, &project, "true");
+    let status: serde_json::Value = serde_json::from_slice(
+        &velo(&env, &mountd, &project, &["--json", "status"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let image = status[0]["image"].as_str().unwrap().to_owned();
+    // Settle it on a command that reads lib/a: each run is recorded until it has 3.
+    let mut runs = profile(&env, &mountd, &project, &image)["runs"]
+        .as_u64()
+        .unwrap();
+    while runs < 3 {
+        run(&env, &mountd, &project, "cat deps/lib/a > /dev/null");
+        runs = profile_with_runs(&env, &mountd, &project, &image, runs + 1)["runs"]
+            .as_u64()
+            .unwrap();
+    }
+    // The code changes: it reads lib/c now. One run in every two is recorded.
+    for _ in 0..3 {
+        run(&env, &mountd, &project, "cat deps/lib/c > /dev/null");
+        run(&env, &mountd, &project, "cat deps/lib/c > /dev/null");
+        runs = profile_with_runs(&env, &mountd, &project, &image, runs + 1)["runs"]
+            .as_u64()
+            .unwrap();
+    }
+    let p = profile(&env, &mountd, &project, &image);
+    let order: Vec<String> = files(&p).into_iter().map(|(f, _)| f).collect();
+    assert_eq!(order, ["lib/c"], "lib/a should have aged out: {p}");
+    mountd.stop();
+}

@@ -25,8 +25,12 @@ use velo_objects::{Digest, MAX_PROFILE_ENTRIES, Profile, Store};
 
 /// A run is recorded for at most this long: its start, not all of it.
 pub const RECORD_WINDOW: Duration = Duration::from_secs(20);
-/// An image's profile takes this many runs; later runs are not recorded.
+/// An image's profile takes this many runs; later runs are recorded only to refresh it (see
+/// [`DEFAULT_REFRESH_EVERY`]).
 pub const RECORD_RUNS: u32 = 3;
+/// velo-mountd records one run in this many over an image whose profile is settled, so that the
+/// profile follows what a project's code reads now ([`Profile::refresh_run`]).
+pub const DEFAULT_REFRESH_EVERY: u64 = 50;
 /// Runs that read none of the image's objects (`velo run true`) are recorded up to this many
 /// times, so that a profile is not settled empty by a few of them.
 pub const RECORD_RUNS_EMPTY: u32 = 10;
@@ -198,7 +202,10 @@ pub fn merge_recorded(store: &Store, image: &Digest, opened: &[Digest]) -> Optio
         .filter_map(|d| sizes.get(d).map(|s| (*d, *s)))
         .collect();
     let mut profile = store.read_profile(image).ok().flatten().unwrap_or_default();
-    if reads.is_empty() {
+    if !wants_recording_of(Some(&profile)) {
+        // A settled profile, recorded again to follow what the command reads now.
+        profile.refresh_run(&reads, RECORD_RUNS);
+    } else if reads.is_empty() {
         profile.runs = profile.runs.saturating_add(1);
     } else {
         profile.merge_run(&reads);

@@ -159,6 +159,26 @@ impl Profile {
         self.runs = self.runs.saturating_add(1);
     }
 
+    /// Adds a run recorded to refresh a settled profile: objects it read count once more (at
+    /// most `cap` times) and take its order into account; objects it did not read count once
+    /// less, and go when no run counts them any more — so what a project's code stopped
+    /// importing ages out over `cap` refreshes, and what it imports now comes in. A run that
+    /// read nothing changes nothing.
+    pub fn refresh_run(&mut self, reads: &[(Digest, u64)], cap: u32) {
+        if reads.is_empty() {
+            return;
+        }
+        let read: std::collections::HashSet<Digest> = reads.iter().map(|(d, _)| *d).collect();
+        self.merge_run(reads);
+        for e in &mut self.entries {
+            if !read.contains(&e.digest) {
+                e.hits = e.hits.saturating_sub(1);
+            }
+            e.hits = e.hits.min(cap.max(1));
+        }
+        self.entries.retain(|e| e.hits > 0);
+    }
+
     /// Keeps only the objects `keep` accepts (those of the profile's image), in order.
     pub fn retain(&mut self, mut keep: impl FnMut(&Digest) -> bool) {
         self.entries.retain(|e| keep(&e.digest));
@@ -431,6 +451,26 @@ mod tests {
         assert_eq!(p.runs, 3);
         let hits: Vec<u32> = p.entries.iter().map(|e| e.hits).collect();
         assert_eq!(hits, vec![3, 2, 3, 1]);
+    }
+
+    #[test]
+    fn refreshes_bring_in_what_runs_read_now_and_age_out_what_they_stopped_reading() {
+        let mut p = Profile::of_run(&[(d(1), 1), (d(2), 1)]);
+        p.merge_run(&[(d(1), 1), (d(2), 1)]);
+        p.merge_run(&[(d(1), 1), (d(2), 1)]);
+        // The code changed: it reads 1 and 3 now, no longer 2.
+        p.refresh_run(&[(d(1), 1), (d(3), 1)], 3);
+        let has = |p: &Profile, n: u8| p.entries.iter().any(|e| e.digest == d(n));
+        assert!(has(&p, 1) && has(&p, 2) && has(&p, 3));
+        p.refresh_run(&[(d(1), 1), (d(3), 1)], 3);
+        p.refresh_run(&[(d(1), 1), (d(3), 1)], 3);
+        assert!(!has(&p, 2), "2 should have aged out: {p:?}");
+        assert!(has(&p, 1) && has(&p, 3));
+        assert!(p.entries.iter().all(|e| e.hits <= 3));
+        // A run that read nothing (velo run true) changes nothing.
+        let before = p.clone();
+        p.refresh_run(&[], 3);
+        assert_eq!(p, before);
     }
 
     #[test]

@@ -37,6 +37,10 @@ struct Cli {
     /// 512M; 0 turns read-ahead off.
     #[arg(long, value_name = "SIZE", value_parser = parse_bytes, default_value = "1G")]
     prefetch_bytes: u64,
+    /// Record one run in this many over an image whose access profile is settled, so that the
+    /// profile follows what the project's code reads now; 0: never.
+    #[arg(long, value_name = "N", default_value_t = velo_mount::profile::DEFAULT_REFRESH_EVERY)]
+    profile_refresh_every: u64,
     /// Log more (repeat for more still).
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -78,6 +82,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         idle_exit,
         max_per_user: cli.max_per_user,
         prefetch_bytes: cli.prefetch_bytes,
+        profile_refresh_every: cli.profile_refresh_every,
         ..Default::default()
     };
     service::serve(store, listener, config)?;

@@ -66,6 +66,9 @@ pub struct Config {
     pub request_timeout: Duration,
     /// Bytes of page cache one read-ahead of an image's profile may fill (0: none).
     pub prefetch_bytes: u64,
+    /// One run in this many over an image whose profile is settled is recorded again (0:
+    /// never).
+    pub profile_refresh_every: u64,
 }
 
 impl Default for Config {
@@ -78,6 +81,7 @@ impl Default for Config {
             max_imports: 4,
             request_timeout: Duration::from_secs(30),
             prefetch_bytes: crate::profile::DEFAULT_PREFETCH_BYTES,
+            profile_refresh_every: crate::profile::DEFAULT_REFRESH_EVERY,
         }
     }
 }
@@ -250,7 +254,11 @@ pub fn serve(store: Store, listener: Listener, config: Config) -> Result<()> {
         .set_nonblocking(true)
         .map_err(|e| MountError::io("set up a socket pair for", "velo-mountd", e))?;
     let store_root = store.root().to_owned();
-    let profiles = profiles::Profiles::new(store_root.clone(), config.prefetch_bytes);
+    let profiles = profiles::Profiles::new(
+        store_root.clone(),
+        config.prefetch_bytes,
+        config.profile_refresh_every,
+    );
     let shared = Arc::new(Shared {
         store,
         config,

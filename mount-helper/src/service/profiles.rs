@@ -30,6 +30,10 @@ struct Inner {
     reading: Mutex<HashSet<Digest>>,
     /// Held while a recorded run is merged into a profile (read, merge, replace).
     merging: Mutex<()>,
+    /// Runs over each image since the service started, and one in how many of those over a
+    /// settled profile is recorded to refresh it (0: never).
+    lends: Mutex<HashMap<Digest, u64>>,
+    refresh_every: u64,
 }
 
 /// Runs recorded at once (over different images).
@@ -45,7 +49,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Profiles {
     /// Profiles of the store at `root`; read-ahead takes at most `budget` bytes per run.
-    pub(crate) fn new(root: PathBuf, budget: u64) -> Self {
+    pub(crate) fn new(root: PathBuf, budget: u64, refresh_every: u64) -> Self {
         Self {
             inner: Arc::new(Inner {
                 root,
@@ -54,6 +58,8 @@ impl Profiles {
                 recording: Mutex::new(HashSet::new()),
                 reading: Mutex::new(HashSet::new()),
                 merging: Mutex::new(()),
+                lends: Mutex::new(HashMap::new()),
+                refresh_every,
             }),
         }
     }
@@ -114,7 +120,14 @@ impl Profiles {
     /// recorded; the recording ends when the returned value is dropped (the run gave its mount
     /// back) or after [`RECORD_WINDOW`].
     pub(crate) fn record(&self, store: &Store, image: &Digest) -> Option<Recording> {
-        let wanted = profile::wants_recording_of(self.get(store, image).as_deref());
+        let n = {
+            let mut lends = lock(&self.inner.lends);
+            let n = lends.entry(*image).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let refresh = self.inner.refresh_every > 0 && n % self.inner.refresh_every == 0;
+        let wanted = refresh || profile::wants_recording_of(self.get(store, image).as_deref());
         {
             let mut recording = lock(&self.inner.recording);
             // Each recording adds an event to every object open while it lasts: a few at once.
