@@ -10,13 +10,13 @@ mod common;
 
 use std::fs;
 use std::io::Write;
-use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::mountd::{Mountd, TestUser};
+use common::profiles::{cached, digest_of, evict, files, object_of};
 use common::registry::Registry;
 use common::{Env, can_mount, describe, path_str};
 use serde_json::{Value, json};
@@ -59,56 +59,6 @@ fn as_user_json(user: &TestUser, mountd: &Mountd, dir: &Path, args: &[&str]) -> 
 /// `velo inspect IMAGE --profile --json` of `env`'s store, as root.
 fn profile(env: &Env, image: &str) -> Value {
     env.json(&["inspect", image, "--profile"])
-}
-
-/// The files a profile names, in order, as (path, hits).
-fn files(p: &Value) -> Vec<(String, u64)> {
-    p["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["paths"][0].as_str().unwrap_or("").to_owned(),
-                e["hits"].as_u64().unwrap(),
-            )
-        })
-        .collect()
-}
-
-/// The digest of the object behind `file` of the image (from its dumpfile).
-fn digest_of(env: &Env, image: &str, file: &str) -> Digest {
-    let dump = env.ok(&["inspect", image, "--dump"]);
-    let line = dump
-        .lines()
-        .find(|l| l.split(' ').next() == Some(file))
-        .unwrap_or_else(|| panic!("{file} not in the image:\n{dump}"));
-    let payload = line.split(' ').nth(8).unwrap();
-    Digest::parse(&payload.replace('/', "")).unwrap()
-}
-
-/// The store path of the object behind `file` of the image.
-fn object_of(env: &Env, image: &str, file: &str) -> PathBuf {
-    let hex = digest_of(env, image, file).to_hex();
-    env.store.join("objects").join(&hex[..2]).join(&hex[2..])
-}
-
-/// Whether any page of `path` is in the page cache (`fincore`: mincore(2), reads nothing in).
-fn cached(path: &Path) -> bool {
-    let out = Command::new("fincore")
-        .args(["--bytes", "--noheadings", "--output", "RES"])
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "fincore: {}", describe(&out));
-    String::from_utf8_lossy(&out.stdout).trim() != "0"
-}
-
-/// Drops `path`'s pages from the page cache (it is written and synced: clean pages go).
-fn evict(path: &Path) {
-    let f = fs::File::open(path).unwrap();
-    rustix::fs::fadvise(f.as_fd(), 0, None, rustix::fs::Advice::DontNeed).unwrap();
-    assert!(!cached(path), "{} stayed cached", path.display());
 }
 
 /// THE test of the issue: a profile recorded on one machine (store A, its velo-mountd, an

@@ -6,12 +6,12 @@
 mod common;
 
 use std::fs;
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::mountd::Mountd;
+use common::profiles::{cached, evict, files, object_of};
 use common::{Env, can_mount, describe};
 
 /// A project whose install writes four 16 KiB files of distinct bytes into `deps/lib/`.
@@ -45,6 +45,16 @@ fn run(env: &Env, mountd: &Mountd, project: &Path, script: &str) {
         "velo run {script}: {}",
         describe(&out)
     );
+}
+
+/// The image of the project's (one) deps dir, from `velo status`.
+fn image_of(env: &Env, mountd: &Mountd, project: &Path) -> String {
+    let out = velo(env, mountd, project, &["--json", "status"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "status: {}", describe(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    status[0]["image"].as_str().unwrap().to_owned()
 }
 
 fn profile(env: &Env, mountd: &Mountd, project: &Path, image: &str) -> serde_json::Value {
@@ -84,51 +94,6 @@ fn profile_with_runs(
     }
 }
 
-/// The files a profile names, in order, as (path, hits).
-fn files(p: &serde_json::Value) -> Vec<(String, u64)> {
-    p["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["paths"][0].as_str().unwrap().to_owned(),
-                e["hits"].as_u64().unwrap(),
-            )
-        })
-        .collect()
-}
-
-/// The store path of the object behind `file` of the image (from its dumpfile).
-fn object_of(env: &Env, image: &str, file: &str) -> PathBuf {
-    let dump = env.ok(&["inspect", image, "--dump"]);
-    let line = dump
-        .lines()
-        .find(|l| l.split(' ').next() == Some(file))
-        .unwrap_or_else(|| panic!("{file} not in the image:\n{dump}"));
-    let payload = line.split(' ').nth(8).unwrap();
-    env.store.join("objects").join(payload)
-}
-
-/// Whether any page of `path` is in the page cache (`fincore`, which uses mincore(2): a
-/// check that reads nothing in).
-fn cached(path: &Path) -> bool {
-    let out = Command::new("fincore")
-        .args(["--bytes", "--noheadings", "--output", "RES"])
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "fincore: {}", describe(&out));
-    String::from_utf8_lossy(&out.stdout).trim() != "0"
-}
-
-/// Drops `path`'s pages from the page cache (it is written and synced: clean pages go).
-fn evict(path: &Path) {
-    let f = fs::File::open(path).unwrap();
-    rustix::fs::fadvise(f.as_fd(), 0, None, rustix::fs::Advice::DontNeed).unwrap();
-    assert!(!cached(path), "{} stayed cached", path.display());
-}
-
 #[test]
 fn runs_are_recorded_in_first_read_order_and_merged() {
     if !can_mount("runs_are_recorded_in_first_read_order_and_merged") {
@@ -139,14 +104,7 @@ fn runs_are_recorded_in_first_read_order_and_merged() {
     let mountd = Mountd::start(&env);
     // The first run builds (no mount is lent for a build's own install).
     run(&env, &mountd, &project, "true");
-    let status: serde_json::Value = serde_json::from_slice(
-        &velo(&env, &mountd, &project, &["--json", "status"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    let image = status[0]["image"].as_str().unwrap().to_owned();
+    let image = image_of(&env, &mountd, &project);
     let before = profile(&env, &mountd, &project, &image);
     let first = before["runs"].as_u64().unwrap();
 
@@ -189,14 +147,7 @@ fn a_profiled_image_has_its_hot_files_read_ahead_when_it_is_lent() {
     let project = project(&env);
     let mountd = Mountd::start(&env);
     run(&env, &mountd, &project, "true");
-    let status: serde_json::Value = serde_json::from_slice(
-        &velo(&env, &mountd, &project, &["--json", "status"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    let image = status[0]["image"].as_str().unwrap().to_owned();
+    let image = image_of(&env, &mountd, &project);
     let runs = profile(&env, &mountd, &project, &image)["runs"]
         .as_u64()
         .unwrap();
@@ -330,14 +281,7 @@ fn a_settled_profile_follows_what_the_command_reads_now() {
     let project = project(&env);
     let mountd = Mountd::start_with(&env, &["--profile-refresh-every", "2"]);
     run(&env, &mountd, &project, "true");
-    let status: serde_json::Value = serde_json::from_slice(
-        &velo(&env, &mountd, &project, &["--json", "status"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    let image = status[0]["image"].as_str().unwrap().to_owned();
+    let image = image_of(&env, &mountd, &project);
     // Settle it on a command that reads lib/a: each run is recorded until it has 3.
     let mut runs = profile(&env, &mountd, &project, &image)["runs"]
         .as_u64()

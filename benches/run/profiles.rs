@@ -103,9 +103,8 @@ fn remove(path: &Path) {
 fn runs_of(path: &Path) -> u64 {
     std::fs::read(path)
         .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|v| v["runs"].as_u64())
-        .unwrap_or(0)
+        .and_then(|b| velo_objects::Profile::parse(&b).ok())
+        .map_or(0, |p| u64::from(p.runs))
 }
 
 /// Waits (at most two minutes) until the profile has at least `runs` runs; returns its bytes.
@@ -128,9 +127,9 @@ fn wait_for_runs(path: &Path, runs: u64) -> Vec<u8> {
 
 /// `bytes` with its run count set to `runs` (so that runs using it are not recorded).
 fn with_runs(bytes: &[u8], runs: u64) -> Vec<u8> {
-    let mut v: serde_json::Value = serde_json::from_slice(bytes).expect("profile json");
-    v["runs"] = runs.into();
-    serde_json::to_vec(&v).expect("profile json")
+    let mut p = velo_objects::Profile::parse(bytes).expect("a profile");
+    p.runs = u32::try_from(runs).expect("a run count");
+    p.to_bytes()
 }
 
 /// Records the profiles (velo-mountd does: the first runs over an image), returns them.
@@ -155,32 +154,19 @@ fn record(env: &Env, tree: &Tree, lang: Lang) -> Profiles {
     }
 }
 
-fn describe_profile(env: &Env, tree: &Tree, what: &str, bytes: &[u8]) -> u64 {
-    let v: serde_json::Value = serde_json::from_slice(bytes).expect("profile json");
-    let files = v["files"].as_array().map_or(0, Vec::len);
-    let size: u64 = v["files"]
-        .as_array()
-        .map(|f| f.iter().filter_map(|e| e[1].as_u64()).sum())
-        .unwrap_or(0);
-    let cached: u64 = v["files"]
-        .as_array()
-        .map(|f| {
-            f.iter()
-                .filter_map(|e| e[1].as_u64())
-                .map(|s| s.div_ceil(4096) * 4096)
-                .sum()
-        })
-        .unwrap_or(0);
+/// Prints what a profile holds; returns its bytes in the page cache.
+fn describe_profile(tree: &Tree, what: &str, bytes: &[u8]) -> u64 {
+    let p = velo_objects::Profile::parse(bytes).expect("a profile");
     println!(
-        "  {what}: {} runs, {files} of the tree's {} files, {:.1} MiB of its {:.1} MiB ({:.1} MiB in the page cache)",
-        v["runs"],
+        "  {what}: {} runs, {} of the tree's {} files, {:.1} MiB of its {:.1} MiB ({:.1} MiB in the page cache)",
+        p.runs,
+        p.entries.len(),
         tree.files,
-        size as f64 / 1048576.0,
+        p.bytes() as f64 / 1048576.0,
         tree.bytes as f64 / 1048576.0,
-        cached as f64 / 1048576.0
+        p.cached_bytes() as f64 / 1048576.0
     );
-    let _ = env;
-    cached
+    p.cached_bytes()
 }
 
 /// Every object file in the store.
@@ -245,9 +231,8 @@ pub fn cold_start(
         lang.name()
     );
     let profiles = record(env, tree, lang);
-    let profile_cached = describe_profile(env, tree, "profile of the imports", &profiles.main);
+    let profile_cached = describe_profile(tree, "profile of the imports", &profiles.main);
     describe_profile(
-        env,
         tree,
         &format!(
             "profile of another command ({})",

@@ -230,11 +230,6 @@ pub fn wants_recording_of(profile: Option<&Profile>) -> bool {
     }
 }
 
-/// [`wants_recording_of`] the profile in the store (a damaged one is replaced).
-pub fn wants_recording(store: &Store, image: &Digest) -> bool {
-    wants_recording_of(store.read_profile(image).ok().flatten().as_ref())
-}
-
 /// What a read-ahead did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PrefetchReport {

@@ -648,11 +648,18 @@ fn run_mounted(plan: &Plan, argv: &[OsString], before_command: &dyn Fn()) -> any
     );
     // What the command reads first, for the images whose profiles want more runs (fanotify
     // marks are in place before it starts; events are read on a thread).
+    // Each image's profile, read once: it decides the recording and the read-ahead.
+    let profiles: Vec<Option<velo_objects::Profile>> = plan
+        .mounts
+        .iter()
+        .map(|m| store.read_profile(&m.image).ok().flatten())
+        .collect();
     let recordings: Vec<velo_mount::profile::Recording> = plan
         .mounts
         .iter()
-        .filter(|m| velo_mount::profile::wants_recording(&store, &m.image))
-        .filter_map(|m| {
+        .zip(&profiles)
+        .filter(|(_, p)| velo_mount::profile::wants_recording_of(p.as_ref()))
+        .filter_map(|(m, _)| {
             let root = store.root().to_owned();
             let image = m.image;
             velo_mount::profile::Recording::start(
@@ -677,10 +684,11 @@ fn run_mounted(plan: &Plan, argv: &[OsString], before_command: &dyn Fn()) -> any
             cold |= !velo_mount::prefetch_image(&store, &m.image);
         }
         let mut profiled = false;
-        for m in &plan.mounts {
-            let report = velo_mount::profile::prefetch_profile(
+        for (m, p) in plan.mounts.iter().zip(&profiles) {
+            let Some(p) = p else { continue };
+            let report = velo_mount::profile::prefetch(
                 &store,
-                &m.image,
+                p,
                 budget,
                 velo_mount::profile::PREFETCH_THREADS,
             );

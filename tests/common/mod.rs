@@ -10,6 +10,8 @@ pub mod flaky_proxy;
 
 pub mod mountd;
 
+pub mod profiles;
+
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
