@@ -19,7 +19,8 @@ use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::fs::{Mode, OFlags};
+use velo_objects::fsutil;
 
 use crate::config::{Config, Unit};
 use crate::inputs::{self, Env};
@@ -252,46 +253,27 @@ pub fn agreed_record(recorded: &serde_json::Value, project: &Path) -> Option<ser
 
 /// Opens `rel` beneath `dir`, following no symlink and never leaving `dir` (the tree is the
 /// user's; root may be the one writing).
-fn open_beneath(dir: BorrowedFd<'_>, rel: &str, flags: OFlags) -> rustix::io::Result<OwnedFd> {
-    loop {
-        match rustix::fs::openat2(
-            dir,
-            rel,
-            flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
-        ) {
-            Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => continue,
-            other => return other,
-        }
-    }
+/// The directory `rel` beneath `dir`, symlinks refused.
+fn open_dir(dir: BorrowedFd<'_>, rel: &str) -> Option<OwnedFd> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW;
+    fsutil::open_beneath(dir, rel, flags, Mode::empty()).ok()
 }
 
-/// The names in the directory `fd`.
+/// The names in the directory `fd` that are UTF-8.
 fn names(fd: &OwnedFd) -> Vec<String> {
-    let Ok(dup) = rustix::io::fcntl_dupfd_cloexec(fd, 0) else {
-        return Vec::new();
-    };
-    let Ok(dir) = rustix::fs::Dir::new(dup) else {
-        return Vec::new();
-    };
-    dir.filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str().ok().map(str::to_owned))
-        .filter(|n| n != "." && n != "..")
+    fsutil::list_dir(fd.as_fd())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|n| n.into_string().ok())
         .collect()
 }
 
-/// The text of the small regular file `rel` beneath `dir` (at most 64 KiB).
+/// The text of the small regular file `rel` beneath `dir` (at most 64 KiB; a FIFO or device
+/// there is refused without blocking: the tree comes from the user's image, and root may be
+/// the one reading).
 fn read_small(dir: BorrowedFd<'_>, rel: &str) -> Option<String> {
-    use std::io::Read;
-    let fd = open_beneath(dir, rel, OFlags::RDONLY).ok()?;
-    let file = std::fs::File::from(fd);
-    if !file.metadata().ok()?.is_file() {
-        return None;
-    }
-    let mut text = String::new();
-    file.take(64 << 10).read_to_string(&mut text).ok()?;
-    Some(text)
+    let (fd, st) = fsutil::open_regular_beneath(dir, rel, OFlags::RDONLY, Mode::empty()).ok()?;
+    String::from_utf8(fsutil::read_capped(fd.as_fd(), &st, 64 << 10).ok()?).ok()
 }
 
 /// `%XX` escapes of a URL's path decoded.
@@ -350,12 +332,12 @@ fn agree_in(project: &Path, venv: &Path, prefix: Option<&str>) -> anyhow::Result
         Mode::empty(),
     )
     .with_context(|| format!("open {}", venv.display()))?;
-    let Ok(lib) = open_beneath(root.as_fd(), "lib", OFlags::RDONLY | OFlags::DIRECTORY) else {
+    let Some(lib) = open_dir(root.as_fd(), "lib") else {
         return Ok(()); // not a venv (yet)
     };
     for python in names(&lib).into_iter().filter(|n| n.starts_with("python")) {
         let rel = format!("lib/{python}/site-packages");
-        let Ok(site) = open_beneath(root.as_fd(), &rel, OFlags::RDONLY | OFlags::DIRECTORY) else {
+        let Some(site) = open_dir(root.as_fd(), &rel) else {
             continue;
         };
         // (Only the project's own dist-info is read where its name is known: a warm run
@@ -380,8 +362,13 @@ fn agree_in(project: &Path, venv: &Path, prefix: Option<&str>) -> anyhow::Result
             let Some(agreed) = agreed_record(&recorded, project) else {
                 continue;
             };
-            let fd = open_beneath(site.as_fd(), &rel, OFlags::WRONLY | OFlags::TRUNC)
-                .with_context(|| format!("open {} for writing", path.display()))?;
+            let (fd, _) = fsutil::open_regular_beneath(
+                site.as_fd(),
+                &rel,
+                OFlags::WRONLY | OFlags::TRUNC,
+                Mode::empty(),
+            )
+            .with_context(|| format!("open {} for writing", path.display()))?;
             let mut file = std::fs::File::from(fd);
             file.write_all(agreed.to_string().as_bytes())
                 .with_context(|| format!("write {}", path.display()))?;
@@ -398,6 +385,40 @@ fn agree_in(project: &Path, venv: &Path, prefix: Option<&str>) -> anyhow::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The venv comes from the user's image and root may be the one reading it: a FIFO where
+    /// uv's record belongs is refused, not opened (which would block the run forever).
+    #[test]
+    fn a_fifo_for_uvs_record_is_refused_without_blocking() {
+        #![allow(clippy::unwrap_used)]
+        let dir = tempfile::tempdir().unwrap();
+        let project = dir.path().join("proj");
+        std::fs::create_dir_all(&project).unwrap();
+        let info = dir
+            .path()
+            .join("venv/lib/python3.11/site-packages/vrproj-0.1.dist-info");
+        std::fs::create_dir_all(&info).unwrap();
+        let url = format!(
+            r#"{{"url":"file://{}","dir_info":{{"editable":true}}}}"#,
+            project.display()
+        );
+        std::fs::write(info.join("direct_url.json"), url).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            info.join("uv_cache.json"),
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        let venv = dir.path().join("venv");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(agree_in(&project, &venv, Some("vrproj")).is_ok());
+        });
+        let done = rx.recv_timeout(std::time::Duration::from_secs(30));
+        assert_eq!(done, Ok(true), "agreeing uv's record blocked on a FIFO");
+    }
 
     #[test]
     fn a_link_mode_set_anywhere_uv_reads_one_is_the_users_choice() {
